@@ -1,0 +1,27 @@
+# `make demo` and `make test` install whatever is missing into .venv, then run.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of torch; set TORCH_SPEC=torch (or a CUDA wheel) on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pds-installed
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pds sample --num-samples 16 --out demo-out --force
+	@echo "demo: images in demo-out/ (grid: demo-out/grid.png)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo-out .pytest_cache build *.egg-info

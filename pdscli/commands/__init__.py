@@ -1,0 +1,1 @@
+"""One module per `pds` command; each registers itself on `pdscli.cli.app`."""

@@ -1,0 +1,73 @@
+"""Sampling settings of a VE score model: what a sampler needs to know about the model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pdscli.errors import PdsError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    sigma_min: float
+    sigma_max: float
+    num_scales: int
+    snr: float
+    image_size: int
+    num_channels: int
+
+    def replace(self, **overrides) -> "SamplingSettings":
+        """A copy with the given fields replaced; None values are ignored (unset CLI flags)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown sampling settings: {sorted(unknown)}")
+        return dataclasses.replace(self, **given).validated()
+
+    def validated(self) -> "SamplingSettings":
+        if not (0 < self.sigma_min < self.sigma_max):
+            raise PdsError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+        if self.num_scales < 1:
+            raise PdsError(f"num_scales must be at least 1, got {self.num_scales}")
+        if self.snr <= 0:
+            raise PdsError(f"snr must be positive, got {self.snr}")
+        if self.image_size < 1 or self.num_channels < 1:
+            raise PdsError(f"bad image shape: size {self.image_size}, channels {self.num_channels}")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.num_channels, self.image_size, self.image_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # Names of the ONNX metadata properties that carry these settings.
+    METADATA_KEYS = ("sigma_min", "sigma_max", "num_scales", "snr", "image_size", "num_channels")
+
+    def to_metadata(self) -> dict[str, str]:
+        return {f"pds.{k}": repr(getattr(self, k)) for k in self.METADATA_KEYS}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], **overrides) -> "SamplingSettings":
+        """Settings from `pds.*` properties; flags in `overrides` win; missing ones are an error."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            given = overrides.get(field.name)
+            if given is not None:
+                values[field.name] = given
+                continue
+            raw = props.get(f"pds.{field.name}")
+            if raw is None:
+                continue
+            caster = int if field.type in (int, "int") else float
+            try:
+                values[field.name] = caster(float(raw)) if caster is int else caster(raw)
+            except ValueError:
+                raise PdsError(f"metadata property pds.{field.name}={raw!r} is not a number") from None
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise PdsError(f"the model carries no {', '.join('pds.' + m for m in missing)} metadata; pass {flags}")
+        return cls(**values).validated()

@@ -1,0 +1,52 @@
+"""Shared test helpers: the reference fixture, and running `pds` in-process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fixture_root() -> Path:
+    env = os.environ.get("PDS_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+FIXTURE = _fixture_root() / "fixtures" / "ncsnpp_small"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    """../shared/fixtures/ncsnpp_small: a checkpoint written by the reference implementation."""
+    if not (FIXTURE / "checkpoint.pth").exists():
+        pytest.skip(f"reference fixture not found at {FIXTURE} (set PDS_SHARED to the shared/ folder)")
+    return FIXTURE
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_pds(capsys):
+    """Run `pds ARGS...` in this process, as the console script does; returns exit code and output."""
+    from pdscli.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
