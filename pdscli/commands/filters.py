@@ -1,0 +1,85 @@
+"""`pds filters`: an image folder -> PDS filter statistics (.npz, preview PNG, optionally the reference's .npy files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pdscli.cli import app
+from pdscli.console import console, err_console
+
+EPILOG = (
+    "Examples:\n\n"
+    "  pds filters ~/data/ffhq --size 256                 (writes masks/ffhq-256.npz and masks/ffhq-256.png)\n\n"
+    "  pds filters ~/data/cifar10-png --preset cifar10 --limit 5000 --npy\n\n"
+    "  pds filters ~/data/church --engine engines/church.onnx --out masks/church.npz --force\n\n"
+    "Then: pds sample ... --masks masks/ffhq-256.npz. The .npz holds the raw statistics "
+    "freq = log(1 + mean|fft2 x|^2) and space = mean x^2 ([C,H,W]); --alpha is applied at sampling time."
+)
+
+
+@app.command(
+    "filters",
+    help=(
+        "Compute PDS filters (frequency and space statistics) from a folder of images "
+        "(PNG, JPEG, WebP, BMP, TIFF; recursive), resized and centre-cropped to the model's size."
+    ),
+    epilog=EPILOG,
+)
+def filters(
+    image_dir: Path = typer.Argument(..., help="Folder of training-like images (searched recursively).", show_default=False),
+    size: Optional[int] = typer.Option(None, "--size", help="Image side; default: from --preset / --engine."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Take --size and --channels from a named model config."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Take --size and --channels from an exported engine's metadata."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="1 (grey) or 3 (RGB); default 3, or the model's."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N images (sorted by path)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: CPU count, at most 8)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .npz (default masks/<folder>-<size>.npz)."),
+    npy: bool = typer.Option(False, "--npy", help="Also write the reference's freq_mask.npy and space_mask.npy (in a folder named after --out)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+):
+    from pdscli import filters as lib
+
+    size, channels = lib.resolve_shape(size=size, channels=channels, preset=preset, engine=engine)
+    out = out or lib.default_out_path(image_dir, size)
+    lib.check_outputs(out, npy=npy, force=force)  # before reading a large folder, not after
+    with _progress(quiet) as progress:
+        stats = lib.folder_statistics(image_dir, size=size, channels=channels, limit=limit, workers=workers, progress=progress)
+    paths = lib.write_filters(stats, out, npy=npy, force=force)
+    if as_json:
+        typer.echo(json.dumps({"filters": stats.describe(), "count": stats.count, "size": stats.size,
+                               "channels": stats.channels, "files": {k: str(v) for k, v in paths.items()}}))
+    else:
+        written = ", ".join(str(p) for p in paths.values())
+        console.print(f"{stats.describe()} -> {written}", highlight=False, soft_wrap=True)
+
+
+class _progress:
+    """A Rich bar on stderr fed by folder_statistics' progress(done, total); nothing with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bars, self.task = quiet, None, None
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bars = Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console)
+        self.bars.start()
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.bars.add_task("images", total=total)
+        self.bars.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bars:
+            self.bars.stop()
+        return False

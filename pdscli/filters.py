@@ -1,0 +1,248 @@
+"""PDS filters from an image folder: stream the images once, keep only running sums.
+
+The statistics are the reference recipe (mask_gen_demo.py), see `pdscli.precondition`:
+freq = log(1 + mean |fft2(x)|²) and space = mean x², each [C, H, W], over images in [0, 1].
+Memory does not grow with the folder: images are decoded in chunks by a thread pool (Pillow
+releases the GIL while decoding and resizing) and each chunk is folded into the accumulator
+before the next-but-one is read.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from pdscli.errors import PdsError
+from pdscli.fsutil import atomic_save_image, atomic_write_bytes, prepare_out_file
+from pdscli.images import list_images, load_image
+
+CHUNK = 64  # images per batch handed to the accumulator
+MASKS_DIR = Path("masks")
+
+
+def _read(path: Path, size: int, channels: int):
+    """One image as float [C, size, size], or the reason it cannot be read (never raises: one bad file must not stop a folder)."""
+    try:
+        return load_image(path, size=size, channels=channels)
+    except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, SyntaxError...
+        return f"{type(e).__name__}: {e}"
+
+
+def _decoded_chunks(files: list[Path], *, size: int, channels: int, workers: int, skipped: list, progress) -> Iterator[torch.Tensor]:
+    """Batches [B, C, size, size] float32 of the readable files; unreadable ones go to `skipped`."""
+    chunks = [files[k : k + CHUNK] for k in range(0, len(files), CHUNK)]
+    done = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # Keep one chunk decoding ahead of the one being accumulated, and no more: bounded memory.
+        ahead = [pool.submit(_read, p, size, channels) for p in chunks[0]] if chunks else []
+        for k, chunk in enumerate(chunks):
+            current = ahead
+            ahead = [pool.submit(_read, p, size, channels) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
+            images = []
+            for path, fut in zip(chunk, current):
+                result = fut.result()
+                if isinstance(result, str):
+                    skipped.append((path, result))
+                else:
+                    images.append(result)
+            done += len(chunk)
+            if progress:
+                progress(done, len(files))
+            if images:
+                yield torch.from_numpy(np.stack(images))
+
+
+def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None = None, workers: int | None = None,
+                      progress: Callable[[int, int], None] | None = None, warn: Callable[[str], None] | None = None):
+    """Filters (raw statistics) of the images under `folder`, resized and centre-cropped to `size`.
+
+    Files are taken in sorted order (deterministic); `limit` keeps the first N. Unreadable files
+    are skipped and reported through `warn` (default: a line on stderr). `progress(done, total)`
+    is called after each chunk.
+    """
+    from pdscli.precondition import compute_statistics
+
+    folder = Path(folder)
+    if size < 1:
+        raise PdsError(f"--size must be at least 1, got {size}")
+    if channels not in (1, 3):
+        raise PdsError(f"--channels must be 1 or 3, got {channels}")
+    if limit is not None and limit < 1:
+        raise PdsError(f"--limit must be at least 1, got {limit}")
+    if not folder.is_dir():
+        raise PdsError(f"{folder} is not a folder" if folder.exists() else f"no such folder: {folder}")
+    files = list_images(folder)
+    if not files:
+        raise PdsError(f"no images (PNG, JPEG, WebP, BMP, TIFF) found in {folder}")
+    files = files[:limit] if limit else files
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers < 1:
+        raise PdsError(f"--workers must be at least 1, got {workers}")
+
+    skipped: list = []
+    chunks = _decoded_chunks(files, size=size, channels=channels, workers=workers, skipped=skipped, progress=progress)
+    first = next(chunks, None)  # the accumulator must not see an empty stream: say why instead
+    if first is None:
+        path, reason = skipped[0]  # every file was either read or skipped
+        raise PdsError(f"none of the {len(files)} image files in {folder} could be read (first: {path.name}: {reason})")
+    filters = compute_statistics(itertools.chain([first], chunks), source=str(folder))
+    if skipped:
+        names = ", ".join(p.name for p, _ in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        (warn or _warn)(f"skipped {len(skipped)} unreadable file(s) of {len(files)}: {names}")
+    return filters
+
+
+def _warn(message: str) -> None:
+    from pdscli.console import err_console
+
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Writing.
+
+
+def default_out_path(folder, size: int) -> Path:
+    """masks/<folder name>-<size>.npz"""
+    name = Path(folder).resolve().name or "images"
+    return MASKS_DIR / f"{name}-{size}.npz"
+
+
+def output_paths(out, *, npy: bool) -> dict[str, Path]:
+    """Every file `write_filters` makes: the .npz, its preview PNG and, with --npy, the reference's two
+    .npy files in a folder named after the .npz (their names are the reference's, so they cannot sit side by side)."""
+    out = Path(out)
+    paths = {"npz": out, "preview": out.with_suffix(".png")}
+    if npy:
+        folder = out.with_suffix("")
+        paths["freq_npy"] = folder / "freq_mask.npy"
+        paths["space_npy"] = folder / "space_mask.npy"
+    return paths
+
+
+def check_outputs(out, *, npy: bool, force: bool) -> dict[str, Path]:
+    """Before reading a large folder: every output is new (or --force) and its folder writable."""
+    out = Path(out)
+    if out.suffix.lower() != ".npz":
+        raise PdsError(f"--out must name a .npz file, not {out}")
+    paths = output_paths(out, npy=npy)
+    for path in paths.values():
+        prepare_out_file(path, force=force)
+    return paths
+
+
+def write_filters(filters, out, *, npy: bool = False, force: bool = False) -> dict[str, Path]:
+    """The .npz (Filters.save), a preview PNG and optionally freq_mask.npy / space_mask.npy; all atomic."""
+    paths = check_outputs(out, npy=npy, force=force)
+    filters.save(paths["npz"])
+    atomic_save_image(paths["preview"], preview_image(filters))
+    if npy:
+        # The reference's layout: float32 [C, H, W], freq = log(1 + mean|fft2|²), space = mean x².
+        _save_npy(paths["freq_npy"], _as_numpy(filters.freq))
+        _save_npy(paths["space_npy"], _as_numpy(filters.space))
+    return paths
+
+
+def _as_numpy(a) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=np.float32)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def preview_image(filters, min_side: int = 192):
+    """Grey picture: the log spectrum (fft-shifted, DC in the centre) | the space statistic, channel-averaged."""
+    from PIL import Image
+
+    def normalised(a: np.ndarray) -> np.ndarray:
+        lo, hi = float(a.min()), float(a.max())
+        return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+    freq = normalised(np.fft.fftshift(_as_numpy(filters.freq).mean(axis=0)))
+    space = normalised(_as_numpy(filters.space).mean(axis=0))
+    h, w = freq.shape
+    gap = max(2, w // 16)
+    picture = np.ones((h, 2 * w + gap), np.float32)
+    picture[:, :w], picture[:, w + gap :] = freq, space
+    im = Image.fromarray(np.floor(picture * 255 + 0.5).astype(np.uint8))
+    scale = max(1, -(-min_side // h))  # nearest-neighbour zoom so small filters are visible
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
+
+
+# ----------------------------------------------------------------------------------------
+# The image shape, from flags or from the model the filters are for.
+
+
+def resolve_shape(*, size: int | None, channels: int | None, preset: str | None = None, engine=None) -> tuple[int, int]:
+    """(size, channels): the flags, else the model's (--preset / --engine); a flag that contradicts the model is an error."""
+    if preset and engine:
+        raise PdsError("--preset and --engine exclude each other: the size comes from one model")
+    model = None
+    if preset:
+        model = (f"preset {preset}", *preset_shape(preset))
+    elif engine:
+        model = (Path(engine).name, *engine_shape(engine))
+    if model:
+        name, model_size, model_channels = model
+        for flag, given, actual in (("--size", size, model_size), ("--channels", channels, model_channels)):
+            if given is not None and given != actual:
+                raise PdsError(f"{flag} {given} contradicts {name} ({model_channels}x{model_size}x{model_size} images); drop {flag}")
+        size, channels = model_size, model_channels
+    if size is None:
+        raise PdsError("give the image size: --size N, or --preset NAME / --engine FILE to take it from the model")
+    return int(size), int(channels if channels is not None else 3)
+
+
+def preset_shape(name: str) -> tuple[int, int]:
+    """(image_size, num_channels) of a named model config (pdscli.checkpoint's presets)."""
+    from pdscli.checkpoint import load_config, settings_from_config
+
+    settings = settings_from_config(load_config(preset=name))
+    return settings.image_size, settings.num_channels
+
+
+def engine_shape(path) -> tuple[int, int]:
+    """(image_size, num_channels) of an exported engine, read from its metadata without starting a runtime."""
+    path = Path(path)
+    if not path.is_file():
+        raise PdsError(f"engine file {path} does not exist")
+    if path.suffix.lower() == ".onnx":
+        props, dims = _onnx_header(path)
+    else:
+        from pdscli.engines.cache import read_manifest
+
+        props, dims = read_manifest(path).get("metadata", {}), None
+    try:
+        size = int(float(props["pds.image_size"])) if "pds.image_size" in props else int(dims[2])
+        channels = int(float(props["pds.num_channels"])) if "pds.num_channels" in props else int(dims[1])
+    except (TypeError, ValueError, IndexError):
+        raise PdsError(f"{path.name} does not say its image size; pass --size (and --channels)") from None
+    return size, channels
+
+
+def _onnx_header(path: Path):
+    """The `pds.*` metadata and input x's dims of an ONNX file (weights stay on disk)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise PdsError(f"cannot read {path.name} as an ONNX model ({type(e).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    dims = None
+    for inp in model.graph.input:
+        if inp.name == "x":
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+    return props, dims

@@ -1,0 +1,100 @@
+"""Images in and out: float [C, H, W] in [0, 1] <-> 8-bit pictures, grids, folder readers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pdscli.fsutil import atomic_save_image
+
+# What Pillow can read that people keep data sets in (same list as pdscli.datasets).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def to_numpy(x) -> np.ndarray:
+    """A torch tensor or array -> float32 numpy array on the CPU."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def to_uint8(x) -> np.ndarray:
+    """Float [..., C, H, W] in [0, 1] -> uint8 [..., H, W, C], rounded to nearest (as torchvision's save_image)."""
+    a = np.clip(to_numpy(x), 0.0, 1.0)
+    a = np.floor(a * 255.0 + 0.5).astype(np.uint8)
+    return np.moveaxis(a, -3, -1)
+
+
+def from_uint8(a: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] or [H, W, C] -> float32 [C, H, W] in [0, 1]."""
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32) / 255.0
+
+
+def to_pil(x):
+    """Float [C, H, W] in [0, 1] (C = 1 or 3) -> a PIL image (L or RGB)."""
+    from PIL import Image
+
+    a = to_uint8(x)
+    if a.shape[-1] == 1:
+        return Image.fromarray(np.ascontiguousarray(a[..., 0]))  # 2-D uint8 -> mode L
+    if a.shape[-1] != 3:
+        raise ValueError(f"cannot picture {a.shape[-1]} channels; need 1 or 3")
+    return Image.fromarray(np.ascontiguousarray(a))  # H x W x 3 uint8 -> mode RGB
+
+
+def save_png(path, x) -> None:
+    """Write float [C, H, W] in [0, 1] as an 8-bit PNG, atomically (no half-written file on Ctrl-C)."""
+    atomic_save_image(path, to_pil(x))
+
+
+def load_png(path) -> np.ndarray:
+    """A PNG written by `save_png` -> float32 [C, H, W] in [0, 1] (8-bit quantised)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return from_uint8(np.asarray(im))
+
+
+def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """Float [N, C, H, W] -> one float [C, H', W'] picture, `nrow` images per row (default: a square)."""
+    a = to_numpy(images)
+    n, c, h, w = a.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value, np.float32)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, y : y + h, x : x + w] = a[k]
+    return grid
+
+
+def list_images(folder) -> list[Path]:
+    """Image files under `folder`, recursively, sorted (so statistics are deterministic)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_image(path, *, size: int, channels: int = 3) -> np.ndarray:
+    """Read any Pillow image -> float32 [channels, size, size] in [0, 1].
+
+    Centre square crop, then resize to `size`: the same as resizing the shorter side to `size`
+    and centre-cropping, and the same preprocessing as `pdscli.datasets` (training data).
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        w, h = im.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+        if side != size:
+            # Lanczos when shrinking (anti-aliasing), bicubic when growing.
+            im = im.resize((size, size), Image.LANCZOS if side > size else Image.BICUBIC)
+        return from_uint8(np.asarray(im, dtype=np.uint8))
