@@ -6,6 +6,7 @@ import importlib
 import sys
 
 import typer
+from rich.markup import escape
 
 from pdscli import __version__
 from pdscli.console import err_console
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         # Standalone mode: Typer prints usage errors itself (exit 2) and calls sys.exit.
         app(args=argv, prog_name="pds")
     except PdsError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+        # escape: messages quote user text and brackets (`pip install "pds[trt]"`, `x [B,C,H,W]`), never markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from pdscli.errors import PdsError
+from pdscli.images import IMAGE_SUFFIXES  # one list of readable suffixes for training data and filters
 
 # Data sets known by name; anything else is taken as a folder path.
 BUILTIN_DATASETS = ("digits",)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def load_dataset(source: str, *, size: int, channels: int) -> torch.Tensor:
@@ -65,50 +65,37 @@ def load_digits(*, size: int, channels: int = 1) -> torch.Tensor:
 
 
 def image_files(folder) -> list[Path]:
-    """The images under `folder` (recursively), in a stable order."""
+    """The images under `folder` (recursively), in a stable order; a one-line error when there are none."""
+    from pdscli.images import list_images
+
     folder = Path(folder)
     if not folder.exists():
         hint = f" (built-in data sets: {', '.join(BUILTIN_DATASETS)})" if "/" not in str(folder) else ""
         raise PdsError(f"no such folder: {folder}{hint}")
     if not folder.is_dir():
         raise PdsError(f"{folder} is not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = list_images(folder)
     if not files:
         raise PdsError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {folder}")
     return files
 
 
 def load_image_folder(folder, *, size: int, channels: int) -> torch.Tensor:
-    """Every image in `folder`, center-cropped to a square and resized to `size`: float32 [N, C, size, size]."""
-    from PIL import Image
+    """Every image in `folder`, center-cropped to a square and resized to `size`: float32 [N, C, size, size].
+
+    The same preprocessing as `pds filters` (pdscli.images.load_image), so filters computed from a
+    folder match a model trained on it. A file that cannot be read is an error here, not a skip:
+    silently training on part of the data would make the recipe irreproducible.
+    """
+    from pdscli.images import load_image
 
     arrays = []
     for path in image_files(folder):
         try:
-            with Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                arrays.append(_square_resize(im, size))
-        except (OSError, ValueError) as e:
-            raise PdsError(f"cannot read image {path}: {e}") from None
-    out = np.stack(arrays)
-    if out.ndim == 3:  # grey: [N, H, W] -> [N, 1, H, W]
-        out = out[:, None]
-    else:
-        out = out.transpose(0, 3, 1, 2)
-    return torch.from_numpy(out).float().div_(255.0)
-
-
-def _square_resize(im, size: int) -> np.ndarray:
-    from PIL import Image
-
-    w, h = im.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side))
-    if side != size:
-        # Lanczos when shrinking (anti-aliasing), bicubic when growing.
-        im = im.resize((size, size), Image.LANCZOS if side > size else Image.BICUBIC)
-    return np.asarray(im, dtype=np.uint8)
+            arrays.append(load_image(path, size=size, channels=channels))
+        except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
+            raise PdsError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    return torch.from_numpy(np.stack(arrays))
 
 
 def max_pairwise_distance(x: torch.Tensor, chunk: int = 512) -> float:

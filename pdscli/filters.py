@@ -32,7 +32,8 @@ def _read(path: Path, size: int, channels: int):
     try:
         return load_image(path, size=size, channels=channels)
     except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, SyntaxError...
-        return f"{type(e).__name__}: {e}"
+        first_line = (str(e).strip().splitlines() or [""])[0]  # messages must stay one line
+        return f"{type(e).__name__}: {first_line}"
 
 
 def _decoded_chunks(files: list[Path], *, size: int, channels: int, workers: int, skipped: list, progress) -> Iterator[torch.Tensor]:
@@ -82,9 +83,9 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
     if not files:
         raise PdsError(f"no images (PNG, JPEG, WebP, BMP, TIFF) found in {folder}")
     files = files[:limit] if limit else files
-    workers = workers or min(8, os.cpu_count() or 1)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise PdsError(f"--workers must be at least 1, got {workers}")
+    workers = workers or min(8, os.cpu_count() or 1)
 
     skipped: list = []
     chunks = _decoded_chunks(files, size=size, channels=channels, workers=workers, skipped=skipped, progress=progress)
@@ -100,9 +101,12 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
 
 
 def _warn(message: str) -> None:
+    from rich.markup import escape
+
     from pdscli.console import err_console
 
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: file names may hold brackets, which Rich would read as markup.
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,9 +211,9 @@ def resolve_shape(*, size: int | None, channels: int | None, preset: str | None 
 
 def preset_shape(name: str) -> tuple[int, int]:
     """(image_size, num_channels) of a named model config (pdscli.checkpoint's presets)."""
-    from pdscli.checkpoint import load_config, settings_from_config
+    from pdscli.models.config import get_preset, settings_from_config
 
-    settings = settings_from_config(load_config(preset=name))
+    settings = settings_from_config(get_preset(name))
     return settings.image_size, settings.num_channels
 
 

@@ -9,8 +9,9 @@ makes it. A run is:
     run.json: once, on the main rank).
 
 `sample_indices` takes the exact list of indices this process must make and writes only
-files named after them, so a distributed driver can hand each rank `indices[rank::world]`
-and call `finalize` on rank 0 after a barrier.
+files named after them. A distributed driver (pdscli.distributed.Dist) does: rank 0 `begin`,
+barrier, every rank `sample_indices(job, dist.shard(pending_indices(...)))`, barrier, rank 0
+`finalize` (with the ranks' Stats summed).
 
 Files in the output folder:
     000012.png      sample 12, 8-bit (written as soon as its batch finishes)
@@ -112,6 +113,7 @@ class SampleJob:
             "seed": self.seed,
             "steps": len(steps.sigma),
             "sigma_max": float(steps.sigma_max),
+            "schedule": self.meta.get("schedule"),
             "snr": float(self.snr),
             "per_sample_step": self.per_sample_step,
             "alpha": self.meta.get("alpha") if self.precond is not None else None,
@@ -271,9 +273,7 @@ def _finite_check(indices: list[int]):
 
 def sample_indices(job: SampleJob, indices: list[int], *, sampler_fn=None, progress: Progress | None = None) -> Stats:
     """Make and write the samples `indices`, batch by batch. Writes only files named after them."""
-    from pdscli.sampling import get_sampler
-
-    sampler_fn = sampler_fn or get_sampler(job.sampler)
+    sampler_fn = sampler_fn or _resolve_sampler(job.sampler)
     progress = progress or Progress()
     score = _CountingScore(job.model.score)
     device = job.model.device
@@ -531,18 +531,20 @@ def open_model(spec: ModelSpec) -> ScoreModel:
 
         model = open_checkpoint(spec.checkpoint, spec.config, spec.preset, device=device,
                                 precision=spec.precision or "fp32", trust_checkpoint=spec.trust_checkpoint)
+        _check_shape_flags(spec, model)
     elif spec.model == "gaussian" or (spec.model is None and not _has_builtin()):
         from pdscli.analytic import gaussian_score_model
 
+        if spec.precision and spec.precision.lower() != "fp32":
+            raise PdsError(f"the analytic gaussian model has no network: --precision {spec.precision} does not apply")
         model = gaussian_score_model(spec.image_size or 32, spec.channels or 3, device=device)
-        spec.image_size = spec.channels = None  # used
     else:
         if not _has_builtin():
             raise PdsError("the built-in model is not part of this installation; use --model gaussian or --checkpoint")
         from pdscli.builtin import default_score_model
 
         model = default_score_model(device)
-    _check_shape_flags(spec, model)
+        _check_shape_flags(spec, model)
     if overrides:
         model = dataclasses.replace(model, settings=model.settings.replace(**overrides))
     return model
@@ -561,27 +563,35 @@ def _check_shape_flags(spec: ModelSpec, model: ScoreModel) -> None:
             raise PdsError(f"{flag} {given} does not match the model ({model.name} makes {s.num_channels}x{s.image_size}x{s.image_size} images)")
 
 
-def open_filters(masks=None, freq_mask=None, space_mask=None, *, settings):
-    """Filters from a `pds filters` .npz or the reference's .npy pair, checked against the model's shape; None if none given."""
-    from pdscli.fsutil import sha256_file
+def open_filters(masks=None, freq_mask=None, space_mask=None, *, settings, builtin: bool = False):
+    """Filters from a `pds filters` .npz, the reference's .npy pair or (builtin=True) the built-in
+    model's own, checked against the model's shape; (None, None) if none."""
+    from pdscli import precondition
 
     if masks and (freq_mask or space_mask):
         raise PdsError("--masks excludes --freq-mask / --space-mask: give the .npz or the .npy files")
-    if not (masks or freq_mask or space_mask):
-        return None, None
-    from pdscli import precondition
-
     for path in (masks, freq_mask, space_mask):
         if path and not Path(path).is_file():
             raise PdsError(f"filter file {path} does not exist")
     if masks:
-        filters = precondition.load_filters(masks)
-        files = [masks]
-    else:
+        filters, files = precondition.load_filters(masks), [masks]
+    elif freq_mask or space_mask:
         filters = precondition.load_reference_npy(freq_mask, space_mask, channels=settings.num_channels, size=settings.image_size)
         files = [p for p in (freq_mask, space_mask) if p]
+    elif builtin:
+        from pdscli import builtin as builtin_model
+
+        filters, files = builtin_model.default_filters(), [builtin_model.FILTERS]
+    else:
+        return None, None
     check_filters_fit(filters, settings)
-    info = {
+    return filters, _filters_info(filters, files)
+
+
+def _filters_info(filters, files) -> dict:
+    from pdscli.fsutil import sha256_file
+
+    return {
         "files": [str(p) for p in files],
         "sha256": "+".join(sha256_file(p)[:16] for p in files),
         "source": filters.source,
@@ -590,7 +600,6 @@ def open_filters(masks=None, freq_mask=None, space_mask=None, *, settings):
         "size": filters.size,
         "channels": filters.channels,
     }
-    return filters, info
 
 
 def check_filters_fit(filters, settings) -> None:
@@ -606,14 +615,34 @@ def check_filters_fit(filters, settings) -> None:
 def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
     from pdscli.sampling import get_sampler
 
-    name = name or ("pds" if has_filters else "pc")
-    get_sampler(name)  # unknown names fail here, before a slow model load
-    if name == "pds" and not has_filters:
+    chosen = name or ("pds" if has_filters else "pc")
+    get_sampler(chosen)  # unknown names fail here, before a slow model load
+    if chosen == "pds" and not has_filters:
         raise PdsError("the pds sampler needs filters: pass --masks FILE (from `pds filters`) or --freq-mask/--space-mask")
-    return name
+    if name == "pc" and has_filters:
+        # `pc` is the vanilla baseline; with a preconditioner it would silently be PDS.
+        raise PdsError("--sampler pc is vanilla predictor-corrector: drop the filters, or use --sampler pds")
+    return chosen
 
 
-def build_steps(settings, *, steps: int | None, speed_up: int | None):
+def uses_builtin(spec: "ModelSpec") -> bool:
+    """No model flag (or --model builtin) means the built-in model, where this installation has one."""
+    if spec.model == "builtin":
+        return True
+    return not (spec.checkpoint or spec.engine or spec.model) and _has_builtin()
+
+
+# The samplers of score_sde / PDS run on the reference's own grid; the others on a schedule.
+PC_FAMILY = ("pc", "pds", "predictor", "corrector")
+REFERENCE_GRID = "pc"
+
+
+def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: str = "pc", schedule: str | None = None):
+    """The step grid: `pc` = the reference's (pc_steps), else a pdscli.schedules grid of the same length.
+
+    Default: `pc` for the predictor-corrector family, `geometric` (score_sde's log-uniform spacing)
+    for the accelerated samplers.
+    """
     from pdscli.sampling import pc_steps
 
     if steps is not None and speed_up is not None:
@@ -622,52 +651,87 @@ def build_steps(settings, *, steps: int | None, speed_up: int | None):
         raise PdsError(f"--steps must be at least 1, got {steps}")
     if speed_up is not None and speed_up < 1:
         raise PdsError(f"--speed-up must be at least 1, got {speed_up}")
-    if speed_up is not None and settings.num_scales // speed_up < 1:
+    schedule = schedule or (REFERENCE_GRID if sampler in PC_FAMILY else "geometric")
+    if schedule == REFERENCE_GRID:
+        return pc_steps(settings, steps, speed_up=speed_up), schedule
+    from pdscli.schedules import SCHEDULES, make_steps
+
+    if schedule not in SCHEDULES:
+        raise PdsError(f"unknown schedule {schedule!r}; choose one of: {', '.join((REFERENCE_GRID, *SCHEDULES))}")
+    if speed_up is not None:
+        n = int(settings.num_scales / speed_up)
+    else:
+        n = steps if steps is not None else settings.num_scales
+    if n < 1:
         raise PdsError(f"--speed-up {speed_up} leaves no step of the model's {settings.num_scales}")
-    return pc_steps(settings, steps, speed_up=speed_up)
+    return make_steps(schedule, settings, n), schedule
 
 
 def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=None, alpha: float = 5.0,
               sampler: str | None = None, steps: int | None = None, speed_up: int | None = None,
+              schedule: str | None = None,
               snr: float | None = None, per_sample_step: bool = False, num_samples: int = 16,
               batch_size: int = 16, seed: int = 0, force: bool = False, resume: bool = False) -> SampleJob:
     """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
-    import time as _time
-
     if not alpha > 0:
         raise PdsError(f"--alpha must be positive, got {alpha}")
     if snr is not None and not snr > 0:
         raise PdsError(f"--snr must be positive, got {snr}")
     if steps is not None and steps < 1:
         raise PdsError(f"--steps must be at least 1, got {steps}")
+    if steps is not None and speed_up is not None:
+        raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
     if num_samples < 1 or batch_size < 1:
         raise PdsError(f"--num-samples and --batch-size must be at least 1, got {num_samples} and {batch_size}")
     if masks and (freq_mask or space_mask):
         raise PdsError("--masks excludes --freq-mask / --space-mask: give the .npz or the .npy files")
-    prepare_output(out, force=force, resume=resume)
-    has_filters = bool(masks or freq_mask or space_mask)
-    sampler = resolve_sampler_name(sampler, has_filters=has_filters)
+    with _removed_if_left_empty(out):
+        prepare_output(out, force=force, resume=resume)
+        filter_flags = bool(masks or freq_mask or space_mask)
+        # The built-in model runs as its docs say (PDS with its own filters, few steps) unless told otherwise.
+        builtin = uses_builtin(spec)
+        builtin_filters = builtin and not filter_flags and sampler in (None, "pds")
+        sampler = resolve_sampler_name(sampler, has_filters=filter_flags or builtin_filters)
+        if builtin and steps is None and speed_up is None:
+            from pdscli.builtin import DEFAULT_STEPS
 
-    t0 = _time.perf_counter()
-    model = open_model(spec)
-    load_s = _time.perf_counter() - t0
-    filters, filters_info = open_filters(masks, freq_mask, space_mask, settings=model.settings)
-    precond = None
-    if filters is not None:
-        from pdscli.precondition import Preconditioner
+            steps = DEFAULT_STEPS
 
-        precond = Preconditioner.from_filters(filters, alpha, model.device)
-    grid = build_steps(model.settings, steps=steps, speed_up=speed_up)
+        t0 = time.perf_counter()
+        model = open_model(spec)
+        load_s = time.perf_counter() - t0
+        filters, filters_info = open_filters(masks, freq_mask, space_mask, settings=model.settings, builtin=builtin_filters)
+        precond = None
+        if filters is not None:
+            from pdscli.precondition import Preconditioner
+
+            precond = Preconditioner.from_filters(filters, alpha, model.device)
+        grid, schedule = build_steps(model.settings, steps=steps, speed_up=speed_up, sampler=sampler, schedule=schedule)
     meta = {
-        "precision": spec.precision or model.info.get("precision", "fp32"),
+        "precision": model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
         "alpha": alpha if precond is not None else None,
         "filters": filters_info,
+        "schedule": schedule,
         "steps_requested": {"steps": steps, "speed_up": speed_up},
         "model_load_s": round(load_s, 4),
     }
     return SampleJob(model=model, sampler=sampler, steps=grid, out=Path(out), num_samples=num_samples,
                      batch_size=batch_size, seed=seed, precond=precond, snr=snr, per_sample_step=per_sample_step,
                      resume=resume, force=force, meta=meta)
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(out):
+    """The output folder is made early (to fail fast); a set-up error must not leave it behind, empty."""
+    out = Path(out)
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only succeeds when empty
+        raise
 
 
 def _resolve_sampler(name: str):

@@ -202,18 +202,10 @@ def _strip_module(state_dict: dict) -> dict:
 
 
 def save_training_checkpoint(path, state: TrainState) -> None:
-    """The score_sde layout (`optimizer`, `model`, `ema`, `step`), renamed into place in one step."""
+    """The score_sde layout (`optimizer`, `model`, `ema`, `step`); save_checkpoint renames it into place in one step."""
     from pdscli.checkpoint import save_checkpoint
-    from pdscli.fsutil import atomic_path
 
-    with atomic_path(path) as tmp:
-        save_checkpoint(
-            tmp,
-            state.net,
-            ema_params=state.ema.shadow,
-            optimizer_state=state.optimizer.state_dict(),
-            step=state.step,
-        )
+    save_checkpoint(path, state.net, ema_params=state.ema.shadow, optimizer_state=state.optimizer.state_dict(), step=state.step)
 
 
 def restore_training_checkpoint(path, state: TrainState) -> None:
@@ -232,3 +224,261 @@ def restore_training_checkpoint(path, state: TrainState) -> None:
             state.optimizer.load_state_dict(raw["optimizer"])
     except (KeyError, RuntimeError, ValueError, OSError) as e:
         raise PdsError(f"cannot resume from {path}: {str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainOptions:
+    """What `pds train` decides beyond the config. None = the config's value."""
+
+    iters: int | None = None  # total optimisation steps (training.n_iters)
+    batch_size: int | None = None  # training.batch_size
+    lr: float | None = None  # optim.lr
+    sigma_max: float | str | None = None  # model.sigma_max; "auto": the data's largest pairwise distance
+    image_size: int | None = None  # data.image_size
+    channels: int | None = None  # data.num_channels
+    seed: int | None = None  # default 0 for a new run, the saved seed on --resume
+    save_every: int | None = None  # steps between checkpoints (training.snapshot_freq_for_preemption)
+    log_every: int | None = None  # steps between log records (training.log_freq)
+    device: str = "cpu"
+    force: bool = False
+    resume: bool = False
+
+    def validate(self) -> "TrainOptions":
+        """The checks that need no data and no config: fail before anything slow happens."""
+        for flag, value in (("--iters", self.iters), ("--batch-size", self.batch_size), ("--image-size", self.image_size),
+                            ("--save-every", self.save_every), ("--log-every", self.log_every)):
+            if value is not None and value < 1:
+                raise PdsError(f"{flag} must be at least 1, got {value}")
+        if self.lr is not None and not self.lr > 0:
+            raise PdsError(f"--lr must be positive, got {self.lr}")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise PdsError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.sigma_max is not None and self.sigma_max != "auto" and not float(self.sigma_max) > 0:
+            raise PdsError(f"--sigma-max must be positive or `auto`, got {self.sigma_max}")
+        if self.force and self.resume:
+            raise PdsError("--force and --resume exclude each other: --force starts over, --resume continues")
+        return self
+
+
+BUILTIN_CONFIG = Path(__file__).parent / "data" / "digits-config.json"
+
+
+def default_config(source: str, config=None, preset: str | None = None) -> dict:
+    """The config a new run starts from: --config/--preset, else the built-in model's own for `digits`."""
+    from pdscli.models import load_config
+
+    if config is not None or preset is not None:
+        return load_config(config, preset)
+    if str(source) == "digits":
+        return load_config(BUILTIN_CONFIG)
+    raise PdsError(
+        f"pass --config FILE or --preset NAME to say what to train on {source}; "
+        f"a small starting point is the built-in model's config, {BUILTIN_CONFIG}"
+    )
+
+
+def apply_options(cfg: dict, opts: TrainOptions) -> dict:
+    """A copy of `cfg` with the flags written into it, so the saved config.json is the whole recipe."""
+    cfg = copy.deepcopy(cfg)
+    training, optim = cfg.setdefault("training", {}), cfg.setdefault("optim", {})
+    model, data = cfg["model"], cfg["data"]
+    for section, key, value in ((training, "n_iters", opts.iters), (training, "batch_size", opts.batch_size),
+                                (optim, "lr", opts.lr), (data, "image_size", opts.image_size),
+                                (data, "num_channels", opts.channels)):
+        if value is not None:
+            section[key] = value
+    if opts.sigma_max is not None and opts.sigma_max != "auto":
+        model["sigma_max"] = float(opts.sigma_max)
+    return cfg
+
+
+def data_sigma_max(data: torch.Tensor) -> float:
+    """Song & Ermon's rule, sigma_max = the largest pairwise distance, rounded up to read well in config.json."""
+    return float(math.ceil(max_pairwise_distance(data) * 10) / 10)
+
+
+def check_trainable(cfg: dict) -> None:
+    """What this trainer can do: score_sde's continuous VE objective for an NCSN++. Anything else is a user error."""
+    from pdscli.models import validate_config
+
+    validate_config(cfg)
+    training, model = cfg.get("training", {}), cfg["model"]
+    sde = str(training.get("sde", "vesde")).lower()
+    if sde != "vesde":
+        raise PdsError(f"training.sde is {sde!r}; `pds train` trains VE SDE models only (vesde)")
+    if not training.get("continuous", True):
+        raise PdsError("training.continuous is false; `pds train` trains continuous (sigma-conditioned) models only")
+    if str(model.get("embedding_type")).lower() != "fourier":
+        raise PdsError("model.embedding_type must be 'fourier' for a continuous VE model")
+    iters, batch = int(training.get("n_iters", 0)), int(training.get("batch_size", 0))
+    if iters < 1:
+        raise PdsError(f"--iters (training.n_iters) must be at least 1, got {iters}")
+    if batch < 1:
+        raise PdsError(f"--batch-size (training.batch_size) must be at least 1, got {batch}")
+    if not float(cfg.get("optim", {}).get("lr", 2e-4)) > 0:
+        raise PdsError(f"--lr (optim.lr) must be positive, got {cfg['optim']['lr']}")
+
+
+def max_pairwise_distance(data: torch.Tensor) -> float:
+    from pdscli.datasets import max_pairwise_distance as mpd
+
+    return mpd(data)
+
+
+def run_training(source: str, cfg: dict | None, out_dir, opts: TrainOptions, *, progress=None) -> TrainResult:
+    """Train on `source` (an image folder or `digits`) into `out_dir`; with opts.resume continue the run there.
+
+    `cfg` is the nested score_sde-layout config (ignored on --resume: the run's config.json wins).
+    `progress(step, total, loss, seconds)` is called after every step; None = quiet.
+    """
+    from pdscli.datasets import load_dataset
+    from pdscli.devices import resolve_device
+    from pdscli.fsutil import atomic_write_json, prepare_out_dir
+
+    opts.validate()
+    device = resolve_device(opts.device)
+    out = Path(out_dir)
+    if opts.resume:
+        cfg, record = _resumed_setup(out, source, opts)
+        cfg = apply_options(cfg, TrainOptions(iters=opts.iters))  # --resume --iters N: train on to step N
+    else:
+        _check_new_run(out, opts)
+        cfg = apply_options(cfg, opts)
+        record = {"source": str(source), "seed": 0 if opts.seed is None else int(opts.seed)}
+    check_trainable(cfg)
+    data = load_dataset(source, size=int(cfg["data"]["image_size"]), channels=int(cfg["data"]["num_channels"]))
+    if not opts.resume:
+        if opts.sigma_max == "auto":
+            cfg["model"]["sigma_max"] = data_sigma_max(data)
+        record.update(num_images=int(data.shape[0]), sigma_max_from_data=round(max_pairwise_distance(data), 4),
+                      torch_threads=torch.get_num_threads())
+        prepare_out_dir(out, force=opts.force)
+    atomic_write_json(out / CONFIG_NAME, cfg)
+
+    state = _new_state(cfg, device, seed=int(record["seed"]))
+    if opts.resume:
+        restore_training_checkpoint(out / CHECKPOINT_NAME, state)
+    return _loop(state, data.to(device), cfg, out, record, opts, progress)
+
+
+def _check_new_run(out: Path, opts: TrainOptions) -> None:
+    # The cheap check before loading data: the real one (prepare_out_dir) runs just before writing.
+    if out.is_dir() and any(out.iterdir()) and not opts.force:
+        raise PdsError(f"output folder {out} is not empty; pass --force to start over or --resume to continue")
+
+
+def _resumed_setup(out: Path, source: str, opts: TrainOptions) -> tuple[dict, dict]:
+    """The saved config and run record of the run in `out`, checked against the flags."""
+    if not (out / CHECKPOINT_NAME).is_file() or not (out / CONFIG_NAME).is_file():
+        raise PdsError(f"nothing to resume in {out}: no {CHECKPOINT_NAME} and {CONFIG_NAME} there")
+    fixed = [flag for flag, v in (("--batch-size", opts.batch_size), ("--lr", opts.lr), ("--sigma-max", opts.sigma_max)) if v is not None]
+    if fixed:
+        raise PdsError(f"{', '.join(fixed)}: a resumed run keeps the settings in {out / CONFIG_NAME}; start a new run to change them")
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    record = json.loads((out / SUMMARY_NAME).read_text()) if (out / SUMMARY_NAME).is_file() else {"source": str(source), "seed": 0}
+    if opts.seed is not None and int(opts.seed) != int(record["seed"]):
+        raise PdsError(f"--seed {opts.seed}: the run in {out} was started with seed {record['seed']}")
+    if str(record.get("source")) != str(source):
+        raise PdsError(f"the run in {out} trains on {record.get('source')!r}, not {str(source)!r}")
+    return cfg, record
+
+
+def _new_state(cfg: dict, device, *, seed: int) -> TrainState:
+    from pdscli.models import build_model
+
+    torch.manual_seed(seed)  # the initial weights are part of the recipe
+    net = build_model(cfg).to(device)
+    optimizer = make_optimizer(net.parameters(), cfg["optim"])
+    return TrainState(net=net, optimizer=optimizer, ema=EMA(net.parameters(), float(cfg["model"].get("ema_rate", 0.999))))
+
+
+class _LossLog:
+    """DIR/log.jsonl: one record per `every` steps with the mean loss over them (what a loss curve needs)."""
+
+    def __init__(self, path: Path, every: int, *, resume_step: int | None, seconds_before: float):
+        if resume_step is not None and path.is_file():
+            # Steps after the checkpoint are trained again: drop their records instead of doubling them.
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = open(path, "a" if resume_step is not None else "w")
+        self.every, self.seconds_before = every, seconds_before
+        self.window: list[float] = []
+        self.records: list[tuple[int, float]] = []
+
+    def add(self, step: int, loss: float, seconds: float, last: bool) -> None:
+        self.window.append(loss)
+        if step % self.every and not last:
+            return
+        mean = sum(self.window) / len(self.window)
+        self.window.clear()
+        self.records.append((step, mean))
+        self.file.write(json.dumps({"step": step, "loss": mean, "seconds": round(self.seconds_before + seconds, 3)}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _loop(state: TrainState, data: torch.Tensor, cfg: dict, out: Path, record: dict, opts: TrainOptions, progress) -> TrainResult:
+    from pdscli.fsutil import atomic_write_json
+
+    training = cfg["training"]
+    total, batch = int(training["n_iters"]), int(training["batch_size"])
+    lr = float(cfg["optim"].get("lr", 2e-4))
+    save_every = int(opts.save_every or training.get("snapshot_freq_for_preemption", 1000))
+    start, seed = state.step, int(record["seed"])
+    seconds_before = float(record.get("seconds", 0.0)) if opts.resume else 0.0
+    log = _LossLog(out / LOG_NAME, int(opts.log_every or training.get("log_freq", 50)),
+                   resume_step=start if opts.resume else None, seconds_before=seconds_before)
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        save_training_checkpoint(out / CHECKPOINT_NAME, state)
+        record.update(step=state.step, iters=total, batch_size=batch, seconds=round(seconds_before + time.perf_counter() - t0, 2),
+                      final_loss=log.records[-1][1] if log.records else record.get("final_loss"))
+        atomic_write_json(out / SUMMARY_NAME, record)
+
+    try:
+        while state.step < total:
+            loss = train_step(state, data, cfg, seed=seed, batch_size=batch, lr=lr)
+            if not math.isfinite(loss):
+                raise PdsError(f"the loss became {loss} at step {state.step}; lower --lr (or check the data)")
+            seconds = time.perf_counter() - t0
+            log.add(state.step, loss, seconds, last=state.step == total)
+            if progress is not None:
+                progress(state.step, total, loss, seconds)
+            if state.step % save_every == 0 and state.step < total:
+                save()
+        if state.step > start or not (out / SUMMARY_NAME).exists():
+            save()
+    finally:
+        log.close()
+    return TrainResult(out_dir=out, step=state.step, start_step=start, seconds=time.perf_counter() - t0,
+                       final_loss=log.records[-1][1] if log.records else None, losses=log.records)
+
+
+# ----------------------------------------------------------------------------- shipping a model
+
+
+def export_ema_weights(checkpoint, config, dst) -> dict:
+    """A sampling-only copy of a training checkpoint: the EMA weights as one plain state_dict.
+
+    What score_sde samples with (EMA shadows for the trainable parameters, the Fourier `W` and
+    buffers from `model`), without the raw weights, the Adam moments and a second copy in an
+    `ema` list: a quarter of the training checkpoint. `load_score_model` reads a plain
+    state_dict as it is. Returns {"step", "num_params", "bytes"}.
+    """
+    from pdscli.checkpoint import load_score_model
+    from pdscli.fsutil import atomic_path
+
+    net = load_score_model(checkpoint, config, weights="ema", device="cpu")
+    if net.checkpoint_info["weights"] != "ema":
+        raise PdsError(f"{checkpoint} holds no EMA weights")
+    weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    with atomic_path(dst) as tmp:
+        torch.save(weights, tmp)
+    return {"step": net.checkpoint_info["step"], "num_params": net.checkpoint_info["num_params"],
+            "bytes": Path(dst).stat().st_size}

@@ -15,8 +15,9 @@ MODEL, SAMPLER, OUTPUT, RUN = "Model", "Sampler", "Output", "Run"
 
 EPILOG = (
     "Examples:\n\n"
+    "  pds sample --num-samples 16 --out digits/        (the built-in model)\n\n"
     "  pds sample --model gaussian --steps 20 --num-samples 4 --out out/\n\n"
-    "  pds sample --checkpoint ffhq.pth --preset ffhq-256 --masks masks/ffhq-256.npz --speed-up 10\n\n"
+    "  pds sample --checkpoint checkpoint.pth --preset cifar10 --masks masks/cifar10-32.npz --speed-up 10\n\n"
     "  pds sample --engine engines/cifar10.onnx --steps 100 --num-samples 50000 --batch-size 500 --out fid/\n\n"
     "  pds sample --out out/ --resume      (finish an interrupted run)\n\n"
     "Writes NNNNNN.png per sample (as soon as its batch is done), grid.png, samples.npz "
@@ -29,7 +30,7 @@ EPILOG = (
     help=(
         "Sample images from a score model with the PDS (preconditioned) or vanilla predictor-corrector "
         "sampler, or an accelerated one. Model: --checkpoint with --config/--preset, --engine, or --model "
-        "gaussian; none = the built-in model."
+        "gaussian; none = the built-in digits model."
     ),
     epilog=EPILOG,
 )
@@ -39,7 +40,7 @@ def sample(
     preset: Optional[str] = typer.Option(None, "--preset", help="Named config of an official checkpoint, e.g. cifar10.", rich_help_panel=MODEL),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported engine: .onnx or TensorRT .plan.", rich_help_panel=MODEL),
     backend: Optional[str] = typer.Option(None, "--backend", help="Engine backend (passed to the engine loader), e.g. cpu, cuda, tensorrt.", rich_help_panel=MODEL),
-    model: Optional[str] = typer.Option(None, "--model", help="`gaussian` (exact analytic score) or `builtin`.", rich_help_panel=MODEL),
+    model: Optional[str] = typer.Option(None, "--model", help="`builtin` (the default: a small digits model, run with PDS, its own filters and 30 steps unless told otherwise) or `gaussian` (exact analytic score).", rich_help_panel=MODEL),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side of --model gaussian (default 32).", rich_help_panel=MODEL),
     channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian (default 3).", rich_help_panel=MODEL),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading (runs code from the file).", rich_help_panel=MODEL),
@@ -49,8 +50,9 @@ def sample(
     freq_mask: Optional[Path] = typer.Option(None, "--freq-mask", help="Reference freq_mask.npy [C,H,W].", rich_help_panel=SAMPLER),
     space_mask: Optional[Path] = typer.Option(None, "--space-mask", help="Reference space_mask.npy [C,H,W].", rich_help_panel=SAMPLER),
     alpha: float = typer.Option(5.0, "--alpha", help="Filter strength: filter = alpha / (m + alpha - 1); larger = weaker.", rich_help_panel=SAMPLER),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="pc, pds, predictor, corrector, ddim, accel-ode, ddpm, accel-sde. Default: pds with filters, else pc.", rich_help_panel=SAMPLER),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="pc, pds, predictor, corrector, or an accelerated one: ddim, accel-ode, accel-ode2, ddpm, accel-sde. Default: pds with filters, else pc.", rich_help_panel=SAMPLER),
     steps: Optional[int] = typer.Option(None, "--steps", help="Number of steps (default: the model's num_scales).", rich_help_panel=SAMPLER),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (default for the accelerated samplers) or edm.", rich_help_panel=SAMPLER),
     speed_up: Optional[int] = typer.Option(None, "--speed-up", help="Run num_scales / k steps (the reference's speed-up, eps times k too).", rich_help_panel=SAMPLER),
     snr: Optional[float] = typer.Option(None, "--snr", help="Corrector signal-to-noise ratio (default: the model's).", rich_help_panel=SAMPLER),
     sigma_min: Optional[float] = typer.Option(None, "--sigma-min", help="Override the model's sigma_min.", rich_help_panel=SAMPLER),
@@ -84,14 +86,14 @@ def sample(
     )
     job = runner.build_job(
         spec, out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler,
-        steps=steps, speed_up=speed_up, snr=snr, per_sample_step=per_sample_step, num_samples=num_samples,
+        steps=steps, speed_up=speed_up, schedule=schedule, snr=snr, per_sample_step=per_sample_step, num_samples=num_samples,
         batch_size=batch_size, seed=seed, force=force, resume=resume,
     )
     progress = runner.Progress() if quiet else runner.RichProgress()
     try:
         record = runner.run(job, progress=progress)
     except RunInterrupted as e:
-        err_console.print(str(e), highlight=False, soft_wrap=True)
+        err_console.print(str(e), highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(e.exit_code) from None
     if as_json:
         typer.echo(json.dumps({"out": str(job.out), **record}))

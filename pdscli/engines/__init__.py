@@ -32,12 +32,14 @@ def open_engine(
     backend: str | None = None,
     precision: str | None = None,
     overrides: dict | None = None,
+    cuda_graph: bool = False,
 ) -> ScoreModel:
     """Open an exported engine file as a ScoreModel.
 
     `overrides` are sampling settings from flags (sigma_min, ...; None = unset): they win over
     the file's metadata and fill in what it lacks. `precision`, when given, must match the
-    precision the file was exported at (an engine cannot change it).
+    precision the file was exported at (an engine cannot change it). `cuda_graph` captures
+    TensorRT engine calls in a CUDA graph (the first call's batch size is the graph's).
     """
     path = Path(path)
     if not path.exists():
@@ -55,7 +57,7 @@ def open_engine(
             raise PdsError(f"--backend {backend} cannot run a TensorRT engine ({path.name}); drop --backend")
         from pdscli.engines.tensorrt_engine import open_trt
 
-        return open_trt(path, device=device, precision=precision, overrides=overrides)
+        return open_trt(path, device=device, precision=precision, overrides=overrides, cuda_graph=cuda_graph)
     known = ", ".join(ONNX_SUFFIXES + TRT_SUFFIXES)
     raise PdsError(f"cannot tell the engine type of {path.name}: expected a file ending in {known}")
 

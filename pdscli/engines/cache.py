@@ -165,3 +165,11 @@ def build_lock(engine: str | os.PathLike):
         # while the second still holds the old one.
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def differences(manifest: dict, spec: BuildSpec, env: BuildEnv) -> list[str]:
+    """What differs between an existing engine's manifest and the engine about to be built."""
+    want = make_manifest(spec, env, engine_sha256="", metadata={})
+    fields = ("onnx_sha256", "precision", "profile", "builder_options", "tensorrt_version", "gpu_name",
+              "compute_capability")
+    return [f"{f} {manifest.get(f)!r} -> {want[f]!r}" for f in fields if manifest.get(f) != want[f]]

@@ -67,7 +67,7 @@ def create_session(model, providers: list, *, label: str):
         session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers)
     except Exception as e:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PdsError(f"cannot load {label} as an ONNX model: {first}") from None
+        raise PdsError(f"cannot load {label} as an ONNX model: {first[:400]}") from None
     if session.get_providers()[0] != wanted:
         # ORT silently falls back to the CPU when the CUDA / TensorRT libraries fail to load.
         raise PdsError(

@@ -104,7 +104,10 @@ class GaussianFourierProjection(nn.Module):
 
     def __init__(self, embedding_size: int = 256, scale: float = 1.0):
         super().__init__()
-        self.W = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+        # Drawn on the CPU, then moved: on the meta device, random draws and arithmetic go through
+        # Python decompositions that import torch's compiler stack (seconds).
+        w = torch.randn(embedding_size, device="cpu") * scale
+        self.W = nn.Parameter(w.to(torch.get_default_device()), requires_grad=False)
 
     def forward(self, log_sigma: torch.Tensor) -> torch.Tensor:
         # The reference's operation order, so float32 rounding matches it: the phases reach the

@@ -1,0 +1,384 @@
+"""score_sde checkpoints: read them strictly and safely, write them in the same layout.
+
+The layout score_sde's `save_checkpoint` writes (and `pds` writes back):
+
+    {"optimizer": Adam state_dict, "model": state_dict with "module." prefixes (raw weights),
+     "ema": {"decay", "num_updates", "shadow_params": [tensors, one per *trainable* parameter,
+             in parameter order, no names]}, "step": int}
+
+The weights score_sde samples with are the EMA shadows for the trainable parameters plus the
+non-trainable Fourier `W` and the `sigmas` buffer from "model"; `weights="ema"` does the same.
+A plain state_dict (with or without "module.") loads too.
+
+Files are opened with `torch.load(weights_only=True)`; a file that needs real unpickling is
+refused unless the user opts in (`trust_checkpoint`, the `--trust-checkpoint` flag). Every
+mismatch is an error that names it: nothing is ever loaded partially.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pdscli.errors import PdsError
+from pdscli.fsutil import atomic_path, sha256_file
+from pdscli.models.config import (
+    PRESET_NAMES,
+    config_summary,
+    get_preset,
+    resolve_config,
+    settings_from_config,
+)
+from pdscli.models.ncsnpp import NCSNpp, build_model
+from pdscli.score import ScoreModel
+
+PREFIX = "module."  # torch.nn.DataParallel's, present in every score_sde checkpoint
+WEIGHTS = ("ema", "raw")
+_TRUST_HINT = "if you trust its source, pass --trust-checkpoint to unpickle it"
+
+
+@dataclass
+class RawCheckpoint:
+    """What a checkpoint file holds, before any model is involved."""
+
+    state_dict: dict  # keys without "module."
+    ema: dict | None  # score_sde EMA state: decay, num_updates, shadow_params
+    step: int | None
+    layout: str  # "score_sde" or "state_dict"
+
+
+# ---- reading ----
+
+
+def read_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> RawCheckpoint:
+    path = Path(path)
+    return _parse(_torch_load(path, trust_checkpoint), path)
+
+
+def _torch_load(path: Path, trust: bool):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise PdsError(f"checkpoint {path} not found") from None
+    except IsADirectoryError:
+        raise PdsError(f"checkpoint {path} is a folder, not a file") from None
+    except OSError as e:
+        raise PdsError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    if not head:
+        raise PdsError(f"checkpoint {path} is empty")
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle stream starting with 0x80).
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise PdsError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        # The zip directory sits at the end of the file: a cut-off copy loses it first.
+        raise PdsError(f"checkpoint {path} is truncated or corrupt (its zip directory is missing); copy it again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        raise PdsError(_unpickling_message(path, str(e), trust)) from None
+    except Exception as e:  # torch.load fails in many ways on damaged files; all mean the same to a user
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PdsError(f"checkpoint {path} is truncated or corrupt ({detail[:200]})") from None
+
+
+def _unpickling_message(path: Path, text: str, trust: bool) -> str:
+    if trust:
+        return f"cannot unpickle checkpoint {path}: {text.strip().splitlines()[0][:200]}"
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"checkpoint {path} holds a Python object ({found.group(1)}) that torch.load(weights_only=True) "
+                f"refuses to load; {_TRUST_HINT}")
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = found.group(1).strip() if found else "not plain tensors"
+    return f"checkpoint {path} cannot be loaded safely with weights_only=True ({reason}); {_TRUST_HINT}"
+
+
+def _parse(obj, path: Path) -> RawCheckpoint:
+    if isinstance(obj, nn.Module):  # a whole pickled module (only reachable with --trust-checkpoint)
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise PdsError(f"{path} holds a {type(obj).__name__}, not a score_sde checkpoint or a state_dict")
+    if isinstance(obj.get("model"), Mapping):
+        state_dict, ema, step, layout = obj["model"], obj.get("ema"), obj.get("step"), "score_sde"
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state_dict, ema, step, layout = obj, None, None, "state_dict"
+    else:
+        keys = ", ".join(map(str, list(obj)[:8])) or "none"
+        raise PdsError(f"{path} is neither a score_sde checkpoint (no 'model' state_dict) nor a state_dict; "
+                       f"top-level keys: {keys}")
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise PdsError(f"{path}: state_dict entry {bad[0]!r} is not a tensor")
+    if ema is not None and not (isinstance(ema, Mapping) and isinstance(ema.get("shadow_params"), (list, tuple))):
+        raise PdsError(f"{path}: 'ema' is not a score_sde EMA state (decay, num_updates, shadow_params)")
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        step = step.item()
+    return RawCheckpoint(strip_prefix(state_dict), dict(ema) if ema is not None else None,
+                         int(step) if isinstance(step, (int, float)) else None, layout)
+
+
+def strip_prefix(state_dict: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """Drop DataParallel's "module." from every key that has it, keeping the order."""
+    return OrderedDict((k[len(PREFIX):] if k.startswith(PREFIX) else k, v) for k, v in state_dict.items())
+
+
+# ---- matching a checkpoint to configs ----
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_shapes(name: str) -> dict:
+    # Built on the meta device: structure only, no memory and no init.
+    model = build_model(get_preset(name), device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _ladder_fits(sigmas: torch.Tensor | None, cfg: dict) -> bool:
+    """Whether the checkpoint's `sigmas` buffer is the ladder the config describes (True if absent)."""
+    if sigmas is None:
+        return True
+    m = cfg["model"]
+    return (sigmas.ndim == 1 and sigmas.numel() == m["num_scales"]
+            and math.isclose(float(sigmas[0]), m["sigma_max"], rel_tol=1e-6)
+            and math.isclose(float(sigmas[-1]), m["sigma_min"], rel_tol=1e-6))
+
+
+def matching_presets(state_dict: Mapping) -> list[str]:
+    """The presets whose network has exactly these keys and shapes (and, if stored, this sigma ladder)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    return [name for name in PRESET_NAMES
+            if _preset_shapes(name) == shapes and _ladder_fits(state_dict.get("sigmas"), get_preset(name))]
+
+
+def _suggestion(state_dict: Mapping) -> str:
+    hits = matching_presets(state_dict)
+    if len(hits) == 1:
+        return f"it matches preset {hits[0]}: pass --preset {hits[0]}"
+    if hits:
+        return f"it matches presets {', '.join(hits)}: pass --preset with one of them"
+    return "it matches no preset: pass the --config it was trained with"
+
+
+def _check_fits(model: nn.Module, raw: RawCheckpoint, path: Path, label: str) -> None:
+    expected, found = model.state_dict(), raw.state_dict
+    reshaped = [f"{k} is {list(v.shape)} in the file but {list(expected[k].shape)} in the config"
+                for k, v in found.items() if k in expected and v.shape != expected[k].shape]
+    missing = [f"{k} is missing" for k in expected if k not in found]
+    unexpected = [f"{k} is unexpected" for k in found if k not in expected]
+    if reshaped or missing or unexpected:
+        counts = ", ".join(f"{len(items)} {what}" for items, what in
+                           ((reshaped, "shapes differ"), (missing, "keys missing"), (unexpected, "keys unexpected"))
+                           if items)
+        first = "; ".join((reshaped + missing + unexpected)[:2])
+        raise PdsError(f"checkpoint {path} does not fit config {label} ({counts}): {first}; "
+                       f"{_suggestion(found)}")
+    sigmas = raw.state_dict.get("sigmas")
+    if not _ladder_fits(sigmas, model.config):
+        m = model.config["model"]
+        raise PdsError(
+            f"checkpoint {path} was trained on {sigmas.numel()} noise levels from {float(sigmas[0]):g} down to "
+            f"{float(sigmas[-1]):g}, config {label} says {m['num_scales']} from {m['sigma_max']:g} down to "
+            f"{m['sigma_min']:g}; {_suggestion(raw.state_dict)}")
+
+
+def _resolve(raw: RawCheckpoint, path: Path, config, preset: str | None) -> tuple[dict, str, str | None]:
+    """(config, label, preset name or None); with neither config nor preset, the one preset that fits."""
+    if config is None and preset is None:
+        hits = matching_presets(raw.state_dict)
+        if len(hits) != 1:
+            found = f"it fits presets {', '.join(hits)}" if hits else "it fits no preset"
+            raise PdsError(f"which config is checkpoint {path}? {found}; pass --preset NAME or --config FILE")
+        preset = hits[0]
+    return resolve_config(config, preset)
+
+
+# ---- loading ----
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def _load_ema(model: nn.Module, ema: dict, path: Path) -> None:
+    shadow = list(ema["shadow_params"])
+    trainable = _trainable(model)
+    if len(shadow) != len(trainable):
+        raise PdsError(f"checkpoint {path}: the EMA holds {len(shadow)} tensors but the model has "
+                       f"{len(trainable)} trainable parameters (damaged file or other config; "
+                       f"--raw-weights skips the EMA)")
+    for i, ((name, param), tensor) in enumerate(zip(trainable, shadow)):
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != param.shape:
+            got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise PdsError(f"checkpoint {path}: EMA tensor {i} is {got} but {name} is {list(param.shape)}")
+    # Only after every tensor was checked, so a bad EMA never leaves a half-loaded model.
+    for (_, param), tensor in zip(trainable, shadow):
+        param.copy_(tensor)
+
+
+def _device(device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    from pdscli.devices import resolve_device
+
+    return resolve_device(device)
+
+
+def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = None, *, preset: str | None = None,
+                     weights: str = "ema", trust_checkpoint: bool = False, device: str | torch.device = "cpu") -> NCSNpp:
+    """An NCSN++ in eval mode with a checkpoint's weights; `model(x, sigma)` is the score.
+
+    `config`: a preset name, a JSON config file (fields it lacks come from `preset`) or a dict;
+    with neither config nor preset, the one preset whose shapes and noise levels fit.
+    `weights`: "ema" (what score_sde samples with; raw if the file has no EMA) or "raw".
+    The module carries `.config` (nested dict), `.settings` (SamplingSettings) and
+    `.checkpoint_info` (file, sha256, layout, weights used, step, parameter count, ...).
+    """
+    if weights not in WEIGHTS:
+        raise PdsError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    path = Path(checkpoint)
+    device = _device(device)
+    raw = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    cfg, label, preset_name = _resolve(raw, path, config, preset)
+
+    # Build the structure on meta and allocate it once on the device: no random init to throw away.
+    model = build_model(cfg, device="meta")
+    _check_fits(model, raw, path, label)
+    model.to_empty(device=device)
+    model.load_state_dict(raw.state_dict, strict=True)
+    model.reset_constants()
+
+    used = "raw" if raw.layout == "score_sde" else "state_dict"
+    if weights == "ema" and raw.ema is not None:
+        _load_ema(model, raw.ema, path)
+        used = "ema"
+    model.eval()
+    model.settings = settings_from_config(cfg)
+    model.checkpoint_info = {
+        "path": str(path),
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "size_bytes": path.stat().st_size,
+        "layout": raw.layout,
+        "weights": used,
+        "weights_requested": weights,
+        "ema_available": raw.ema is not None,
+        "ema_decay": raw.ema.get("decay") if raw.ema else None,
+        "ema_num_updates": raw.ema.get("num_updates") if raw.ema else None,
+        "step": raw.step,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "config": label,
+        "preset": preset_name,
+    }
+    return model
+
+
+class TorchScore:
+    """The score contract for a PyTorch module: `score(x, sigma)` under inference mode."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module(x, sigma)
+
+
+def open_checkpoint(checkpoint: str | Path, config: str | Path | dict | None = None, preset: str | None = None, *,
+                    device: str | torch.device, precision: str = "fp32", weights: str = "ema",
+                    trust_checkpoint: bool = False) -> ScoreModel:
+    """A checkpoint as a `ScoreModel` for the samplers; `precision` fp16/bf16 runs the body in half."""
+    from pdscli.devices import resolve_precision
+
+    dtype = resolve_precision(precision)
+    model = load_score_model(checkpoint, config, preset=preset, weights=weights,
+                             trust_checkpoint=trust_checkpoint, device=device)
+    model.set_precision(dtype)
+    info = model.checkpoint_info
+    return ScoreModel(
+        score=TorchScore(model),
+        settings=model.settings,
+        name=f"checkpoint:{info['file']}",
+        device=next(model.parameters()).device,
+        sha256=info["sha256"],
+        info={"backend": "torch", "precision": precision.lower(), "config": info["config"], "preset": info["preset"],
+              "weights": info["weights"], "step": info["step"], "num_params": info["num_params"]},
+    )
+
+
+def checkpoint_report(model: NCSNpp) -> dict:
+    """Everything `pds info` shows about a loaded checkpoint, JSON-ready."""
+    info = dict(model.checkpoint_info)
+    return {
+        "checkpoint": info.pop("path"),
+        **info,
+        "settings": model.settings.to_dict(),
+        "model": config_summary(model.config),
+    }
+
+
+# ---- writing ----
+
+
+def _cpu_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    # The layout is float32 weights (float64 sigmas) whatever precision the model ran in.
+    t = tensor.detach().to("cpu")
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()
+
+
+def _ema_state(model: nn.Module, ema_params, step: int) -> dict:
+    trainable = _trainable(model)
+    config = getattr(model, "config", None) or {}
+    decay = config.get("model", {}).get("ema_rate", 0.999)
+    num_updates = int(step)
+    if ema_params is None:
+        shadow = [p for _, p in trainable]  # no EMA kept: the raw weights stand in for it
+    elif isinstance(ema_params, Mapping):
+        shadow = list(ema_params["shadow_params"])
+        decay = ema_params.get("decay", decay)
+        num_updates = ema_params.get("num_updates", num_updates)
+    else:
+        shadow = list(ema_params)
+    if len(shadow) != len(trainable):
+        raise ValueError(f"ema_params has {len(shadow)} tensors, the model {len(trainable)} trainable parameters")
+    for (name, param), tensor in zip(trainable, shadow):
+        if tensor.shape != param.shape:
+            raise ValueError(f"EMA tensor for {name} is {list(tensor.shape)}, the parameter {list(param.shape)}")
+    return {"decay": decay, "num_updates": num_updates, "shadow_params": [_cpu_fp32(t) for t in shadow]}
+
+
+def _fresh_optimizer_state(model: nn.Module) -> dict:
+    # score_sde's restore calls optimizer.load_state_dict on this entry, so it must be a real
+    # optimizer state: the Adam the reference builds (over all parameters), before any step.
+    optim = (getattr(model, "config", None) or {}).get("optim", {})
+    adam = torch.optim.Adam(model.parameters(), lr=optim.get("lr", 2e-4), betas=(optim.get("beta1", 0.9), 0.999),
+                            eps=optim.get("eps", 1e-8), weight_decay=optim.get("weight_decay", 0))
+    return adam.state_dict()
+
+
+def save_checkpoint(path: str | Path, model: NCSNpp, *, ema_params=None, optimizer_state: dict | None = None,
+                    step: int = 0) -> None:
+    """Write `model` in score_sde's layout, atomically; `load_score_model` and score_sde both read it.
+
+    `ema_params`: the EMA shadows of the trainable parameters (a list in parameter order, or a
+    score_sde EMA state dict); None stores the model's own weights as the EMA.
+    `optimizer_state`: an optimizer `state_dict()`; None stores a fresh Adam state.
+    """
+    state = {
+        "optimizer": optimizer_state if optimizer_state is not None else _fresh_optimizer_state(model),
+        "model": OrderedDict((PREFIX + k, _cpu_fp32(v)) for k, v in model.state_dict().items()),
+        "ema": _ema_state(model, ema_params, step),
+        "step": int(step),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

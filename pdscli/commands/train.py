@@ -1,0 +1,135 @@
+"""`pds train`: flags -> pdscli.train.run_training. The logic lives in the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pdscli.cli import app
+from pdscli.console import console, err_console
+from pdscli.errors import PdsError
+
+EPILOG = (
+    "Examples:\n\n"
+    "  pds train digits --out runs/digits      (the built-in model's recipe: its config is the default for digits)\n\n"
+    "  pds train ~/data/faces --preset cifar10 --image-size 32 --iters 20000 --out runs/faces\n\n"
+    "  pds train digits --config my.json --sigma-max auto --iters 500 --out runs/try --force\n\n"
+    "  pds train digits --out runs/digits --resume --iters 8000      (continue to step 8000)\n\n"
+    "Writes DIR/config.json (the whole recipe), DIR/checkpoint.pth (score_sde layout, atomically replaced "
+    "every --save-every steps), DIR/log.jsonl (the loss) and DIR/train.json. Sample from it with "
+    "`pds sample --checkpoint DIR/checkpoint.pth --config DIR/config.json`."
+)
+
+
+@app.command(
+    "train",
+    help=(
+        "Train an NCSN++ score model with score_sde's continuous VE denoising score matching, on a folder of "
+        "images or the built-in `digits` data set (scikit-learn's, no download). Small and CPU-friendly; "
+        "see the Examples below."
+    ),
+    epilog=EPILOG,
+)
+def train(
+    source: str = typer.Argument(..., metavar="IMAGE_DIR_OR_DATASET", help="A folder of images, or `digits`."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config JSON in score_sde's layout (model/data/training/optim/sampling)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Named config (cifar10, ffhq-256, ...); a --config file goes over it."),
+    out: Path = typer.Option(Path("train-out"), "--out", "-o", help="Output folder for the run."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Total optimisation steps (default: training.n_iters)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step (default: training.batch_size)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate after warm-up (default: optim.lr)."),
+    sigma_max: Optional[str] = typer.Option(None, "--sigma-max", help="model.sigma_max, or `auto`: the data's largest pairwise distance."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Train at this size (data.image_size)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="1 (grey) or 3 (RGB) (data.num_channels)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the weights, batches and noise (default 0)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (default: training.snapshot_freq_for_preemption)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between loss records (default: training.log_freq)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
+    force: bool = typer.Option(False, "--force", help="Start over in a non-empty output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    import torch
+
+    from pdscli.train import TrainOptions, default_config, run_training
+
+    if threads is not None:
+        if threads < 1:
+            raise PdsError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    opts = TrainOptions(
+        iters=iters, batch_size=batch_size, lr=lr, sigma_max=_sigma_max(sigma_max), image_size=image_size,
+        channels=channels, seed=seed, save_every=save_every, log_every=log_every, device=device, force=force,
+        resume=resume,
+    )
+    opts.validate()
+    if resume and (config or preset):
+        raise PdsError(f"--config / --preset: a resumed run keeps its own config ({out / 'config.json'})")
+    cfg = None if resume else default_config(source, config, preset)
+    with _progress(quiet) as progress:
+        result = run_training(source, cfg, out, opts, progress=progress)
+    loss = f", loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    console.print(
+        f"trained steps {result.start_step}..{result.step} in {result.seconds:.1f} s{loss}: {out}/checkpoint.pth\n"
+        f"sample: pds sample --checkpoint {out}/checkpoint.pth --config {out}/config.json --steps 50",
+        highlight=False, soft_wrap=True,
+    )
+
+
+def _sigma_max(value: str | None):
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise PdsError(f"--sigma-max must be a number or `auto`, not {value!r}") from None
+
+
+class _progress:
+    """A Rich bar (loss, it/s, ETA) on a terminal; one line per 1% otherwise (logs of background runs)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.task = None
+        self.last_pct = -1
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        if err_console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[rate]} it/s"), TextColumn("eta"), TimeRemainingColumn(),
+                console=err_console, transient=False,
+            )
+            self.bar.start()
+        return self.update
+
+    def update(self, step: int, total: int, loss: float, seconds: float) -> None:
+        if self.task is None:
+            self.first = (step - 1, seconds)
+            if self.bar is not None:
+                self.task = self.bar.add_task("train", total=total, completed=step - 1, loss="-", rate="-")
+            else:
+                self.task = 0
+        done = step - self.first[0]
+        rate = done / max(seconds, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
+            return
+        pct = 100 * step // total
+        if pct != self.last_pct:
+            self.last_pct = pct
+            eta = (total - step) / rate if rate > 0 else float("nan")
+            err_console.print(f"step {step}/{total} loss {loss:.4f} {rate:.2f} it/s eta {eta:.0f} s", highlight=False)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False

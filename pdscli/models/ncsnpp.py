@@ -1,0 +1,345 @@
+"""NCSN++ (Song et al., score_sde), in pure PyTorch, with score_sde's state_dict.
+
+The modules sit in one flat `all_modules` list in the reference's construction order, because
+that order *is* the checkpoint format (`all_modules.<i>.<name>`). `forward` does not walk that
+list with a running index as the reference does: the constructor also records which module plays
+which role (plain Python lists, so nothing is registered twice), and `forward` reads as the U-Net.
+
+Call: `net(x, sigma)`, x [B, C, H, W] float32 in the data scale, sigma [B] float32; returns the
+score (the output divided by sigma when scale_by_sigma is on), float32.
+
+- Fourier embedding (every continuous VE config): sigma goes in as is, the net embeds log sigma.
+- Positional embedding (the discrete `cifar10_ncsnpp`): the net was trained on integer labels
+  into the sigma ladder `sigmas` (label 0 = sigma_max). An integer `sigma` tensor is taken as
+  those labels, as score_sde passes them; a float sigma is mapped to the nearest rung in log
+  space, label = round((N-1) * log(sigma_max/sigma) / log(sigma_max/sigma_min)), which is what
+  score_sde's discrete VE score function computes from t. The output is then divided by the
+  rung's sigma, as the reference does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pdscli.models import layers
+from pdscli.models.layers import SKIP_SCALE, Combine, Downsample, Upsample, group_norm
+
+
+def sigma_ladder(sigma_min: float, sigma_max: float, num_scales: int) -> np.ndarray:
+    """score_sde's `get_sigmas`: num_scales noise levels from sigma_max down to sigma_min, float64."""
+    return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales))
+
+
+@dataclass
+class _DownLevel:
+    blocks: list = field(default_factory=list)  # (resblock, attention or None)
+    downsample: nn.Module | None = None
+    pyramid: nn.Module | None = None  # Combine (input_skip) or a resampling conv (residual)
+
+
+@dataclass
+class _UpLevel:
+    blocks: list = field(default_factory=list)
+    attn: nn.Module | None = None
+    head_norm: nn.Module | None = None  # output_skip / residual head at this resolution
+    head_conv: nn.Module | None = None
+    pyramid_up: nn.Module | None = None  # residual: upsamples the pyramid to this resolution
+    upsample: nn.Module | None = None
+
+
+@dataclass
+class _Parts:
+    """Which module of `all_modules` plays which role. A plain object, so nothing is registered twice."""
+
+    fourier: nn.Module | None = None
+    time_mlp: list = field(default_factory=list)  # two Linears, or none when not conditional
+    conv_in: nn.Module | None = None
+    down_levels: list = field(default_factory=list)
+    mid: list = field(default_factory=list)  # resblock, attention, resblock
+    up_levels: list = field(default_factory=list)
+    out_norm: nn.Module | None = None  # final head unless progressive == 'output_skip'
+    out_conv: nn.Module | None = None
+
+
+class NCSNpp(nn.Module):
+    """NCSN++ built from a score_sde config as a nested dict (`model`, `data`, `training` sections)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        m, data = config["model"], config["data"]
+        self.act = act = layers.get_act(m["nonlinearity"])
+        self.register_buffer(
+            "sigmas", torch.tensor(sigma_ladder(m["sigma_min"], m["sigma_max"], m["num_scales"]), dtype=torch.float64)
+        )
+        self._log_sigma_max = math.log(m["sigma_max"])
+        self._log_sigma_ratio = math.log(m["sigma_max"] / m["sigma_min"])
+
+        self.nf = nf = m["nf"]
+        ch_mult = list(m["ch_mult"])
+        self.num_res_blocks = num_res_blocks = m["num_res_blocks"]
+        self.attn_resolutions = attn_resolutions = list(m["attn_resolutions"])
+        self.num_resolutions = num_resolutions = len(ch_mult)
+        resolutions = [data["image_size"] // 2**i for i in range(num_resolutions)]
+        self.centered = data["centered"]
+        self.scale_by_sigma = m["scale_by_sigma"]
+        self.conditional = conditional = m["conditional"]
+        self.skip_rescale = skip_rescale = m["skip_rescale"]
+        self.resblock_type = resblock_type = m["resblock_type"].lower()
+        self.progressive = progressive = m["progressive"].lower()
+        self.progressive_input = progressive_input = m["progressive_input"].lower()
+        self.embedding_type = embedding_type = m["embedding_type"].lower()
+        fir, fir_kernel, init_scale, dropout = m["fir"], m["fir_kernel"], m["init_scale"], m["dropout"]
+        combine_method = m["progressive_combine"].lower()
+        channels = data["num_channels"]
+        self.body_dtype = torch.float32
+
+        modules: list[nn.Module] = []
+        self.parts = parts = _Parts()
+
+        def add(module: nn.Module) -> nn.Module:
+            modules.append(module)
+            return module
+
+        # Noise-level embedding and the time MLP: kept float32 by set_precision.
+        self.positional = None
+        if embedding_type == "fourier":
+            parts.fourier = add(layers.GaussianFourierProjection(embedding_size=nf, scale=m["fourier_scale"]))
+            embed_dim = 2 * nf
+        elif embedding_type == "positional":
+            self.positional = layers.PositionalEmbedding(nf)
+            embed_dim = nf
+        else:
+            raise ValueError(f"embedding_type must be 'fourier' or 'positional', not {embedding_type!r}")
+        if conditional:
+            parts.time_mlp = [add(layers.dense(embed_dim, nf * 4)), add(layers.dense(nf * 4, nf * 4))]
+        temb_dim = nf * 4 if conditional else None
+
+        def attn_block(ch):
+            return layers.AttnBlock(ch, skip_rescale=skip_rescale, init_scale=init_scale)
+
+        if resblock_type == "ddpm":
+
+            def res_block(in_ch, out_ch=None, up=False, down=False):
+                return layers.ResBlockDDPM(act, in_ch, out_ch, temb_dim=temb_dim, dropout=dropout,
+                                           skip_rescale=skip_rescale, init_scale=init_scale)
+        elif resblock_type == "biggan":
+
+            def res_block(in_ch, out_ch=None, up=False, down=False):
+                return layers.ResBlockBigGAN(act, in_ch, out_ch, temb_dim=temb_dim, up=up, down=down,
+                                             dropout=dropout, fir=fir, fir_kernel=fir_kernel,
+                                             skip_rescale=skip_rescale, init_scale=init_scale)
+        else:
+            raise ValueError(f"resblock_type must be 'ddpm' or 'biggan', not {resblock_type!r}")
+
+        # The resampling of the image pyramids has no weights (not in all_modules).
+        self.pyramid_upsample = self.pyramid_downsample = None
+        if progressive == "output_skip":
+            self.pyramid_upsample = Upsample(channels, fir=fir, fir_kernel=fir_kernel, with_conv=False)
+        elif progressive not in ("none", "residual"):
+            raise ValueError(f"progressive must be 'none', 'output_skip' or 'residual', not {progressive!r}")
+        if progressive_input == "input_skip":
+            self.pyramid_downsample = Downsample(channels, fir=fir, fir_kernel=fir_kernel, with_conv=False)
+        elif progressive_input not in ("none", "residual"):
+            raise ValueError(f"progressive_input must be 'none', 'input_skip' or 'residual', not {progressive_input!r}")
+
+        # Downsampling path.
+        parts.conv_in = add(layers.conv3x3(channels, nf))
+        skip_channels = [nf]
+        in_ch, pyramid_ch = nf, channels
+        for i_level in range(num_resolutions):
+            level = _DownLevel()
+            for _ in range(num_res_blocks):
+                out_ch = nf * ch_mult[i_level]
+                block = add(res_block(in_ch, out_ch))
+                in_ch = out_ch
+                attn = add(attn_block(in_ch)) if resolutions[i_level] in attn_resolutions else None
+                level.blocks.append((block, attn))
+                skip_channels.append(in_ch)
+            if i_level != num_resolutions - 1:
+                if resblock_type == "ddpm":
+                    level.downsample = add(Downsample(in_ch, with_conv=m["resamp_with_conv"], fir=fir, fir_kernel=fir_kernel))
+                else:
+                    level.downsample = add(res_block(in_ch, down=True))
+                if progressive_input == "input_skip":
+                    level.pyramid = add(Combine(pyramid_ch, in_ch, method=combine_method))
+                    if combine_method == "cat":
+                        in_ch *= 2
+                elif progressive_input == "residual":
+                    level.pyramid = add(Downsample(pyramid_ch, in_ch, with_conv=True, fir=fir, fir_kernel=fir_kernel))
+                    pyramid_ch = in_ch
+                skip_channels.append(in_ch)
+            parts.down_levels.append(level)
+
+        # Middle.
+        in_ch = skip_channels[-1]
+        parts.mid = [add(res_block(in_ch)), add(attn_block(in_ch)), add(res_block(in_ch))]
+
+        # Upsampling path, from the coarsest resolution up.
+        pyramid_ch = 0
+        for i_level in reversed(range(num_resolutions)):
+            level = _UpLevel()
+            for _ in range(num_res_blocks + 1):
+                out_ch = nf * ch_mult[i_level]
+                level.blocks.append(add(res_block(in_ch + skip_channels.pop(), out_ch)))
+                in_ch = out_ch
+            if resolutions[i_level] in attn_resolutions:
+                level.attn = add(attn_block(in_ch))
+            coarsest = i_level == num_resolutions - 1
+            if progressive == "output_skip":
+                level.head_norm = add(group_norm(in_ch))
+                level.head_conv = add(layers.conv3x3(in_ch, channels, init_scale=init_scale))
+                pyramid_ch = channels
+            elif progressive == "residual" and coarsest:
+                level.head_norm = add(group_norm(in_ch))
+                level.head_conv = add(layers.conv3x3(in_ch, in_ch))
+                pyramid_ch = in_ch
+            elif progressive == "residual":
+                level.pyramid_up = add(Upsample(pyramid_ch, in_ch, with_conv=True, fir=fir, fir_kernel=fir_kernel))
+                pyramid_ch = in_ch
+            if i_level != 0:
+                if resblock_type == "ddpm":
+                    level.upsample = add(Upsample(in_ch, with_conv=m["resamp_with_conv"], fir=fir, fir_kernel=fir_kernel))
+                else:
+                    level.upsample = add(res_block(in_ch, up=True))
+            parts.up_levels.append(level)
+        assert not skip_channels
+
+        if progressive != "output_skip":
+            parts.out_norm = add(group_norm(in_ch))
+            parts.out_conv = add(layers.conv3x3(in_ch, channels, init_scale=init_scale))
+
+        self.all_modules = nn.ModuleList(modules)
+
+    # ---- precision ----
+
+    def noise_embedding_modules(self) -> list[nn.Module]:
+        """The modules that map sigma to the time embedding; they always run in float32."""
+        return [m for m in (self.parts.fourier, self.positional, *self.parts.time_mlp) if m is not None]
+
+    def set_precision(self, dtype: torch.dtype) -> "NCSNpp":
+        """Run the body in `dtype` (float32, float16 or bfloat16); inputs and outputs stay float32.
+
+        The noise embedding stays float32 (its phases reach the thousands: half precision would
+        scramble sin/cos), GroupNorm keeps float32 parameters and statistics, and the float64
+        sigma ladder is untouched. The body's weights are cast once, here.
+        """
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"precision must be float32, float16 or bfloat16, not {dtype}")
+        keep_fp32 = set(self.noise_embedding_modules())
+        for module in self.all_modules.modules():
+            is_leaf = next(module.children(), None) is None
+            if is_leaf and module not in keep_fp32 and not isinstance(module, nn.GroupNorm):
+                module.to(dtype)
+        for module in (self.pyramid_upsample, self.pyramid_downsample):
+            if module is not None:
+                module.to(dtype)
+        self.body_dtype = dtype
+        return self
+
+    def reset_constants(self) -> None:
+        """Recompute the non-persistent buffers (FIR kernels, positional frequencies), e.g. after `to_empty`."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_constants"):
+                module.reset_constants()
+
+    # ---- forward ----
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        temb, used_sigmas = self._embed_noise(sigma)
+        if not self.centered:
+            x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
+        h = self._unet(x.to(self.body_dtype), None if temb is None else temb.to(self.body_dtype))
+        h = h.float()
+        if self.scale_by_sigma:
+            h = h / used_sigmas.reshape(-1, 1, 1, 1)
+        return h
+
+    def _embed_noise(self, sigma: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(time embedding or None, the sigma the output is divided by), both float32."""
+        if self.parts.fourier is not None:
+            used_sigmas = sigma.float()
+            temb = self.parts.fourier(torch.log(used_sigmas))
+        else:
+            labels = sigma if not sigma.is_floating_point() else self._labels_from_sigma(sigma)
+            used_sigmas = self.sigmas[labels.long()].float()
+            temb = self.positional(labels)
+        if not self.parts.time_mlp:
+            return None, used_sigmas
+        first, second = self.parts.time_mlp
+        return second(self.act(first(temb))), used_sigmas
+
+    def _labels_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        position = (self._log_sigma_max - torch.log(sigma.double())) / self._log_sigma_ratio
+        labels = torch.round(position * (self.sigmas.shape[0] - 1)).long()
+        return labels.clamp(0, self.sigmas.shape[0] - 1)
+
+    def _resample(self, module: nn.Module, h: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        # BigGAN blocks resample and take the embedding; the DDPM path uses plain (up|down)samplers.
+        return module(h, temb) if self.resblock_type == "biggan" else module(h)
+
+    def _skip_sum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a + b) / SKIP_SCALE if self.skip_rescale else a + b
+
+    def _unet(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        parts = self.parts
+        input_pyramid = x
+        hs = [parts.conv_in(x)]
+        for level in parts.down_levels:
+            for block, attn in level.blocks:
+                h = block(hs[-1], temb)
+                hs.append(attn(h) if attn is not None else h)
+            if level.downsample is None:
+                continue
+            h = self._resample(level.downsample, hs[-1], temb)
+            if self.progressive_input == "input_skip":
+                input_pyramid = self.pyramid_downsample(input_pyramid)
+                h = level.pyramid(input_pyramid, h)
+            elif self.progressive_input == "residual":
+                input_pyramid = h = self._skip_sum(level.pyramid(input_pyramid), h)
+            hs.append(h)
+
+        block_a, attn, block_b = parts.mid
+        h = block_b(attn(block_a(hs[-1], temb)), temb)
+
+        pyramid = None
+        for level in parts.up_levels:
+            for block in level.blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+            if level.attn is not None:
+                h = level.attn(h)
+            if level.head_conv is not None:
+                head = level.head_conv(self.act(level.head_norm(h)))
+                if self.progressive == "output_skip" and pyramid is not None:
+                    pyramid = self.pyramid_upsample(pyramid) + head
+                else:
+                    pyramid = head
+            elif level.pyramid_up is not None:
+                pyramid = h = self._skip_sum(level.pyramid_up(pyramid), h)
+            if level.upsample is not None:
+                h = self._resample(level.upsample, h, temb)
+
+        if self.progressive == "output_skip":
+            return pyramid
+        return parts.out_conv(self.act(parts.out_norm(h)))
+
+
+def build_model(config: dict, *, device: str | torch.device | None = None) -> NCSNpp:
+    """A randomly initialised NCSN++ (the reference's init) for a validated config.
+
+    `device="meta"` builds the structure only: no memory, no init cost (shapes, parameter counts).
+    """
+    from pdscli.errors import PdsError
+    from pdscli.models.config import validate_config
+
+    validate_config(config)
+    try:
+        with torch.device(device if device is not None else "cpu"):
+            return NCSNpp(config)
+    except ValueError as e:  # e.g. channel counts GroupNorm cannot split into groups
+        raise PdsError(f"config does not describe a valid NCSN++: {e}") from None

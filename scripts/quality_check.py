@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Quality check of the built-in digits model: a check that can fail, and the figures for docs/builtin-model.md.
+
+A classifier trained on the real 8x8 digits (scikit-learn, logistic regression) labels the
+model's samples, downscaled back to 8x8. A good sampler makes samples that
+  - the classifier labels confidently (max class probability >= CONFIDENCE) in most cases, and
+  - spread over the ten classes: no class takes much more than a tenth (binomial 3-sigma bound
+    for the sample count) and the label entropy is near log(10).
+A third figure, the high-frequency energy ratio, says *why* a sampler fails: samples left with
+noise (too few steps) carry more energy in the outer half of the spectrum than the real digits.
+
+The classifier is trained on the real digits after the same 8 -> 16 -> 8 round trip the samples
+go through (bilinear up, area average down), so it sees the resampling blur it will be shown.
+
+    python scripts/quality_check.py                      # figures: vanilla 1000, PDS 30, vanilla 30, ...
+    python scripts/quality_check.py --quick              # a small, fast run (what tests/test_builtin.py checks)
+
+Writes docs/img/builtin-*.png (sample grids) and prints a Markdown table; --json FILE saves the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pdscli.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits  # noqa: E402
+
+CONFIDENCE = 0.8  # a sample counts as a recognisable digit when the classifier is this sure
+MIN_CONFIDENT_SHARE = 0.7  # real digits (held out): about 0.95; pure noise: about 0
+MIN_ENTROPY = 0.9  # label entropy / log(10); 1 = all classes equally often
+IMAGE_SIZE = 16
+
+
+# ---------------------------------------------------------------------------- the classifier
+
+
+def _roundtrip(images_8x8: np.ndarray) -> np.ndarray:
+    """8x8 -> the model's 16x16 -> 8x8, flattened: the view the classifier is trained and tested on."""
+    return downscale_to_8x8(upscale_digits(images_8x8, IMAGE_SIZE)).reshape(len(images_8x8), -1).numpy()
+
+
+def digit_classifier(seed: int = 0):
+    """(fitted classifier, info): logistic regression on all 1,797 real digits, plus its held-out figures."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    images, labels = load_digits_8x8()
+    x = _roundtrip(images)
+
+    def make():
+        return LogisticRegression(C=1.0, max_iter=5000)
+
+    # Held-out figures on a 25% split, so the thresholds above can be read against real data.
+    xtr, xte, ytr, yte = train_test_split(x, labels, test_size=0.25, random_state=seed, stratify=labels)
+    probe = make().fit(xtr, ytr)
+    proba = probe.predict_proba(xte)
+    info = {
+        "heldout_accuracy": float((proba.argmax(1) == yte).mean()),
+        "heldout_confident_share": float((proba.max(1) >= CONFIDENCE).mean()),
+    }
+    return make().fit(x, labels), info
+
+
+# ---------------------------------------------------------------------------- the figures
+
+
+def high_freq_energy(images: torch.Tensor) -> float:
+    """Mean |fft2|^2 outside the central half of the (centred) spectrum, per image: noise lives there."""
+    spec = torch.fft.fftshift(torch.fft.fft2(images.double()), dim=(-2, -1)).abs() ** 2
+    n = images.shape[-1]
+    yy, xx = torch.meshgrid(torch.arange(n) - n // 2, torch.arange(n) - n // 2, indexing="ij")
+    outer = torch.maximum(yy.abs(), xx.abs()) >= n // 4
+    return float(spec[..., outer].sum(-1).mean())
+
+
+_REAL_HF: list[float] = []
+
+
+def real_high_freq_energy() -> float:
+    if not _REAL_HF:
+        images, _ = load_digits_8x8()
+        _REAL_HF.append(high_freq_energy(upscale_digits(images, IMAGE_SIZE)))
+    return _REAL_HF[0]
+
+
+def evaluate(clf, images: torch.Tensor) -> dict:
+    """The figures of a set of samples [N, 1, 16, 16] in [0, 1]."""
+    x = downscale_to_8x8(images.clamp(0, 1)).reshape(len(images), -1).numpy()
+    proba = clf.predict_proba(x)
+    labels = proba.argmax(1)
+    counts = np.bincount(labels, minlength=10)
+    shares = counts / counts.sum()
+    nonzero = shares[shares > 0]
+    return {
+        "n": int(len(images)),
+        "confident_share": float((proba.max(1) >= CONFIDENCE).mean()),
+        "mean_confidence": float(proba.max(1).mean()),
+        "max_class_share": float(shares.max()),
+        "label_entropy": float(-(nonzero * np.log(nonzero)).sum() / math.log(10)),
+        "class_counts": counts.tolist(),
+        "high_freq_ratio": high_freq_energy(images.clamp(0, 1)) / real_high_freq_energy(),
+    }
+
+
+def max_share_bound(n: int) -> float:
+    """The largest class share a uniform label distribution reaches by chance: 0.1 + 3 binomial sigmas."""
+    return 0.1 + 3 * math.sqrt(0.1 * 0.9 / n)
+
+
+def failures(m: dict) -> list[str]:
+    """Why a set of samples fails the check (empty: it passes)."""
+    out = []
+    if m["confident_share"] < MIN_CONFIDENT_SHARE:
+        out.append(f"only {m['confident_share']:.0%} confidently classified (need {MIN_CONFIDENT_SHARE:.0%})")
+    if m["max_class_share"] > max_share_bound(m["n"]):
+        out.append(f"one class takes {m['max_class_share']:.0%} (at most {max_share_bound(m['n']):.0%})")
+    if m["label_entropy"] < MIN_ENTROPY:
+        out.append(f"label entropy {m['label_entropy']:.2f} (need {MIN_ENTROPY})")
+    return out
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def sample(model, *, sampler: str, steps: int, n: int, seed: int = 0, alpha: float | None = None,
+           batch_size: int = 128) -> tuple[torch.Tensor, float]:
+    """n samples [n, 1, 16, 16] clipped to [0, 1] with `sampler` ("pc" or "pds") at `steps` steps, and the seconds taken."""
+    from pdscli import builtin
+    from pdscli.noise import SampleNoise
+    from pdscli.sampling import get_sampler, pc_steps
+
+    precond = builtin.default_preconditioner(model.device, alpha or builtin.DEFAULT_ALPHA) if sampler == "pds" else None
+    grid = pc_steps(model.settings, steps)
+    run = get_sampler(sampler)
+    out, t0 = [], time.perf_counter()
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        noise = SampleNoise(seed, idx, model.settings.shape, model.device)
+        out.append(run(model.score, noise, grid, precond=precond, snr=model.settings.snr).clamp(0, 1).cpu())
+    return torch.cat(out), time.perf_counter() - t0
+
+
+def save_grid(images: torch.Tensor, path: Path, scale: int = 3, count: int = 64) -> None:
+    """The first `count` samples as one PNG, enlarged `scale` times (nearest) so 16x16 digits are visible."""
+    from PIL import Image
+
+    from pdscli.images import make_grid
+
+    grid = make_grid(images[:count], nrow=16, padding=1)
+    a = (np.clip(grid[0], 0, 1) * 255 + 0.5).astype(np.uint8)
+    im = Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+# ---------------------------------------------------------------------------- main
+
+FULL_RUNS = [("pc", 1000), ("pds", 30), ("pc", 30), ("pds", 20), ("pc", 100), ("pds", 50)]
+QUICK_RUNS = [("pds", 30), ("pc", 30)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-samples", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="64 samples, PDS and vanilla at 30 steps only")
+    ap.add_argument("--runs", default=None, help="comma list of sampler:steps, e.g. pc:1000,pds:30")
+    ap.add_argument("--alpha", type=float, default=None)
+    ap.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
+    ap.add_argument("--no-images", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from pdscli import builtin
+
+    runs = QUICK_RUNS if args.quick else FULL_RUNS
+    if args.runs:
+        runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+    n = 64 if args.quick and args.num_samples == 512 else args.num_samples
+    clf, clf_info = digit_classifier(args.seed)
+    model = builtin.default_score_model("cpu")
+    images, _ = load_digits_8x8()
+    real = evaluate(clf, upscale_digits(images, IMAGE_SIZE))
+    print(f"classifier: held-out accuracy {clf_info['heldout_accuracy']:.3f}, "
+          f"held-out confident share {clf_info['heldout_confident_share']:.3f}; "
+          f"all real digits: confident {real['confident_share']:.3f}, max class share {real['max_class_share']:.3f}",
+          flush=True)
+    results = {"classifier": clf_info, "real": real, "num_samples": n, "seed": args.seed,
+               "alpha": args.alpha or builtin.DEFAULT_ALPHA, "runs": []}
+    rows = []
+    for sampler, steps in runs:
+        x, seconds = sample(model, sampler=sampler, steps=steps, n=n, seed=args.seed, alpha=args.alpha)
+        m = evaluate(clf, x)
+        fails = failures(m)
+        m.update(sampler=sampler, steps=steps, nfe=2 * steps, seconds=round(seconds, 2), passes=not fails, failures=fails)
+        results["runs"].append(m)
+        if not args.no_images:
+            save_grid(x, args.img_dir / f"builtin-{sampler}-{steps}.png")
+        name = "PDS" if sampler == "pds" else "vanilla PC"
+        rows.append(f"| {name} | {steps} | {2 * steps} | {m['confident_share']:.1%} | {m['mean_confidence']:.3f} | "
+                    f"{m['max_class_share']:.1%} | {m['label_entropy']:.3f} | {m['high_freq_ratio']:.2f} | "
+                    f"{seconds:.1f} s | {'pass' if not fails else 'FAIL: ' + '; '.join(fails)} |")
+        print(rows[-1], flush=True)
+    print()
+    print("| sampler | steps | NFE | confident (p >= 0.8) | mean confidence | max class share | label entropy "
+          "| high-freq energy / data | time | check |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

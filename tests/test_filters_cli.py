@@ -1,0 +1,110 @@
+"""`pds filters` through the CLI: files written, sizes from a model, and bad inputs (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+from test_sample_cli import assert_user_error, tiny_onnx  # tests/ is on sys.path (pytest prepend mode)
+
+from pdscli.precondition import load_filters
+
+
+def image_dir(path, n=4, size=10):
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / f"{i}.png")
+    return path
+
+
+def test_filters_writes_npz_preview_and_npy(run_pds, tmp_path):
+    data = image_dir(tmp_path / "faces")
+    out = tmp_path / "m" / "faces.npz"
+    r = run_pds("filters", data, "--size", "8", "--out", out, "--npy", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    f = load_filters(out)
+    assert f.shape == (3, 8, 8) and f.count == 4 and f.source == str(data)
+    assert (tmp_path / "m" / "faces.png").is_file()
+    assert np.load(tmp_path / "m" / "faces" / "freq_mask.npy").shape == (3, 8, 8)
+    assert np.load(tmp_path / "m" / "faces" / "space_mask.npy").shape == (3, 8, 8)
+    assert str(out) in r.stdout
+
+
+def test_default_output_is_masks_folder_size(run_pds, tmp_path, monkeypatch):
+    data = image_dir(tmp_path / "church")
+    monkeypatch.chdir(tmp_path)
+    r = run_pds("filters", data, "--size", "8", "--channels", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["files"]["npz"] == "masks/church-8.npz" and summary["channels"] == 1
+    assert load_filters(tmp_path / "masks" / "church-8.npz").shape == (1, 8, 8)
+
+
+def test_the_filters_feed_pds_sample(run_pds, tmp_path):
+    data = image_dir(tmp_path / "d")
+    masks = tmp_path / "d.npz"
+    assert run_pds("filters", data, "--size", "8", "--out", masks, "--quiet").exit_code == 0
+    r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--steps", "3", "-n", "1",
+                "--masks", masks, "--out", tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_size_from_an_engine(run_pds, tmp_path):
+    data = image_dir(tmp_path / "d")
+    engine = tiny_onnx(tmp_path / "t.onnx", size=8)
+    r = run_pds("filters", data, "--engine", engine, "--out", tmp_path / "f.npz", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert load_filters(tmp_path / "f.npz").size == 8
+
+
+def test_size_is_required_without_a_model(run_pds, tmp_path):
+    assert_user_error(run_pds("filters", image_dir(tmp_path / "d")), "--size")
+
+
+def test_empty_folder(run_pds, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_pds("filters", tmp_path / "empty", "--size", "8", "--out", tmp_path / "f.npz"), "no images")
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_folder_of_corrupt_images(run_pds, tmp_path):
+    (tmp_path / "bad").mkdir()
+    for i in range(3):
+        (tmp_path / "bad" / f"{i}.png").write_bytes(b"\x89PNG truncated")
+    r = run_pds("filters", tmp_path / "bad", "--size", "8", "--out", tmp_path / "f.npz", "--quiet")
+    assert_user_error(r, "none of the 3 image files")
+
+
+def test_some_corrupt_images_warn_and_go_on(run_pds, tmp_path):
+    data = image_dir(tmp_path / "d")
+    (data / "zz.png").write_bytes(b"junk")
+    r = run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.npz", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert "skipped 1 unreadable file(s) of 5: zz.png" in r.stderr
+    assert load_filters(tmp_path / "f.npz").count == 4
+
+
+def test_existing_output_needs_force(run_pds, tmp_path):
+    data = image_dir(tmp_path / "d")
+    out = tmp_path / "f.npz"
+    out.write_bytes(b"keep me")
+    assert_user_error(run_pds("filters", data, "--size", "8", "--out", out, "--quiet"), "--force")
+    assert out.read_bytes() == b"keep me"
+    assert run_pds("filters", data, "--size", "8", "--out", out, "--quiet", "--force").exit_code == 0
+
+
+def test_unwritable_output(run_pds, tmp_path):
+    data = image_dir(tmp_path / "d")
+    (tmp_path / "file").write_text("x")
+    assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "file" / "f.npz"), "cannot create folder")
+
+
+def test_bad_numbers(run_pds, tmp_path):
+    data = image_dir(tmp_path / "d")
+    assert_user_error(run_pds("filters", data, "--size", "0", "--out", tmp_path / "f.npz"), "--size")
+    assert_user_error(run_pds("filters", data, "--size", "8", "--channels", "2", "--out", tmp_path / "f.npz"), "--channels")
+    assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.txt"), ".npz")
+    assert_user_error(run_pds("filters", data, "--size", "8", "--workers", "0", "--out", tmp_path / "f.npz"), "--workers")
+    assert_user_error(run_pds("filters", data, "--size", "8", "--limit", "0", "--out", tmp_path / "f.npz"), "--limit")

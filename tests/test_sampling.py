@@ -1,0 +1,425 @@
+"""The PC / PDS samplers against an independent transcription of the reference loop.
+
+The transcription below follows fudan-zvg/PDS sampling.py + sde_lib.py (VESDE, continuous
+score labels) line by line: float32 time grid, `discretize` with j = (t (N-1)).long(), masks
+loaded from .npy and applied with the reference's complex dft2d / idft2d, corrector then
+predictor, x_mean of the last step. Both sides are fed the same recorded noise sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pdscli.errors import PdsError
+from pdscli.noise import SampleNoise
+from pdscli.precondition import Preconditioner, compute_statistics, load_reference_npy
+from pdscli.sampling import (
+    NFE_PER_STEP,
+    SAMPLERS,
+    Steps,
+    corrector,
+    get_sampler,
+    nfe_count,
+    pc,
+    pc_steps,
+    pds,
+    predictor,
+)
+from pdscli.settings import SamplingSettings
+
+SHAPE = (2, 8, 8)
+BATCH = 3
+
+
+def _settings(**kw) -> SamplingSettings:
+    base = dict(sigma_min=0.01, sigma_max=20.0, num_scales=400, snr=0.16, image_size=SHAPE[1], num_channels=SHAPE[0])
+    base.update(kw)
+    return SamplingSettings(**base)
+
+
+# -- the transcription ----------------------------------------------------------------------
+
+
+def _dft2d(x):
+    return torch.fft.fft(torch.fft.fft(x, dim=2), dim=3)
+
+
+def _idft2d(x):
+    return torch.fft.ifft(torch.fft.ifft(x, dim=2), dim=3)
+
+
+def _reference_masks(freq_path, space_path, alpha, shape):
+    """get_sampling_fn's mask loading."""
+    c, h, w = shape
+    if space_path is not None:
+        space_mask = np.load(space_path).reshape([1, c, h, w])
+        space_mask /= space_mask.max()
+        space_mask = torch.from_numpy(space_mask)
+        space_mask = ((space_mask + alpha - 1) / alpha).pow(-1)
+    else:
+        space_mask = torch.ones(1)
+    if freq_path is not None:
+        freq_mask = np.load(freq_path).reshape([1, c, h, w])
+        freq_mask /= freq_mask.max()
+        freq_mask = (freq_mask + alpha - 1) / alpha
+        freq_mask = torch.from_numpy(freq_mask).pow(-1)
+    else:
+        freq_mask = 1
+    return freq_mask, space_mask
+
+
+def reference_sampler(model, draws, settings, *, speed_up=1, snr, freq_path=None, space_path=None, alpha=5.0,
+                      use_corrector=True, use_predictor=True, slip=None):
+    """The reference's pc_sampler; `model(x, sigma)` is the net called with continuous labels.
+    `slip` injects one deliberate mistake, to prove the comparison can fail."""
+    draws = iter(draws)
+    smin, smax = settings.sigma_min, settings.sigma_max
+    n = int(settings.num_scales / speed_up)
+    eps = 1e-5 * speed_up
+    discrete_sigmas = torch.exp(torch.linspace(np.log(smin), np.log(smax), n))
+    freq_mask, space_mask = _reference_masks(freq_path, space_path, alpha, SHAPE)
+
+    def score_fn(x, t):  # models/utils.py get_score_fn, VESDE, continuous=True
+        labels = smin * (smax / smin) ** t
+        return model(x, labels)
+
+    def discretize(x, t):  # VESDE.discretize, then RSDE.discretize (probability_flow=False)
+        timestep = (t * (n - 1) / 1).long()
+        if slip == "index":
+            timestep = (timestep + 1).clamp(max=n - 1)
+        sigma = discrete_sigmas[timestep]
+        adjacent = torch.where(timestep == 0, torch.zeros_like(t), discrete_sigmas[timestep - 1])
+        g = torch.sqrt(sigma**2 - adjacent**2)
+        score_t = t if slip != "discrete-sigma" else torch.log(sigma / smin) / math.log(smax / smin)
+        rev_f = torch.zeros_like(x) - g[:, None, None, None] ** 2 * score_fn(x, score_t)
+        return rev_f, g
+
+    def precondition_grad(v):
+        return _idft2d(freq_mask * _dft2d(space_mask.pow(2) * _idft2d(freq_mask * _dft2d(v)))).real.float()
+
+    def precondition_noise():
+        return _idft2d(_dft2d(next(draws) * space_mask) * freq_mask).real.float()
+
+    def corrector_update(x, t):  # LangevinCorrector.update_fn, n_steps = 1, VE: alpha = 1
+        grad = precondition_grad(score_fn(x, t))
+        noise = precondition_noise()
+        grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+        noise_norm = torch.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
+        step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * torch.ones_like(t)
+        x_mean = x + step_size[:, None, None, None] * grad
+        x = x_mean + torch.sqrt(step_size * 2)[:, None, None, None] * noise
+        return x, x_mean
+
+    def predictor_update(x, t):  # ReverseDiffusionPredictor.update_fn
+        f, g = discretize(x, t)
+        f = precondition_grad(f)
+        z = precondition_noise()
+        x_mean = x - f if slip != "sign" else x + f
+        x = x_mean + g[:, None, None, None] * z
+        return x, x_mean
+
+    x = _idft2d(_dft2d(next(draws) * space_mask) * freq_mask).real * smax
+    x = x.float()
+    timesteps = torch.linspace(1.0, eps, n)
+    corrector_mean = None
+    for i in range(n):
+        vec_t = torch.ones(x.shape[0]) * timesteps[i]
+        if slip == "order":
+            x, x_mean = predictor_update(x, vec_t)
+            x, x_mean = corrector_update(x, vec_t)
+            continue
+        if use_corrector:
+            x, x_mean = corrector_update(x, vec_t)
+            corrector_mean = x_mean
+        else:
+            x_mean = x  # NoneCorrector
+        if use_predictor:
+            x, x_mean = predictor_update(x, vec_t)
+        else:
+            x_mean = x  # NonePredictor returns (x, x)
+    return x_mean, corrector_mean
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+def toy_model(x, sigma):
+    """A nonlinear, sigma-dependent, spatially mixing 'score', so every slip shows."""
+    s = sigma.float()[:, None, None, None]
+    target = torch.linspace(0.2, 0.8, x[0].numel()).reshape(x.shape[1:])
+    pull = -(x - target) / (s**2 + 0.5)
+    mix = 0.3 * torch.tanh(torch.roll(x, 1, dims=-1) - x) / (1 + s)
+    return pull + mix
+
+
+class Recorder:
+    """A noise() that records what it hands out; `replay` repeats the sequence."""
+
+    def __init__(self, seed=0, batch=BATCH, shape=SHAPE):
+        self.noise = SampleNoise(seed, range(batch), shape)
+        self.draws = []
+
+    def __call__(self):
+        z = self.noise()
+        self.draws.append(z.clone())
+        return z
+
+
+@pytest.fixture(scope="module")
+def mask_files(tmp_path_factory):
+    """Reference-format freq_mask.npy / space_mask.npy from smooth random images."""
+    folder = tmp_path_factory.mktemp("masks")
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand((64, *SHAPE), generator=g)
+    images = (images + torch.roll(images, 1, dims=-1) + torch.roll(images, 1, dims=-2)) / 3  # some spectrum
+    images[:, :, 0, 0] = 0.0  # a black pixel: the space statistic reaches 0
+    filters = compute_statistics([images])
+    np.save(folder / "freq_mask.npy", filters.freq)
+    np.save(folder / "space_mask.npy", filters.space)
+    return folder / "freq_mask.npy", folder / "space_mask.npy"
+
+
+def _ours(fn, settings, *, speed_up, snr, precond=None):
+    rec = Recorder()
+    steps = pc_steps(settings, speed_up=speed_up)
+    out = fn(toy_model, rec, steps, precond=precond, snr=snr)
+    return out, rec.draws
+
+
+TOL = 1e-5  # relative to max(1, |x|): float32 FFTs (complex vs real) and a float64 vs float32 grid
+
+
+def _assert_close(a, b, tol=TOL):
+    err = float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+    assert err < tol, f"relative max difference {err:.3g}"
+
+
+# -- the sampler against the transcription --------------------------------------------------
+
+
+@pytest.mark.parametrize("speed_up", [10, 20])
+def test_pc_matches_reference(speed_up):
+    settings = _settings()
+    ours, draws = _ours(pc, settings, speed_up=speed_up, snr=0.16)
+    ref, _ = reference_sampler(toy_model, draws, settings, speed_up=speed_up, snr=0.16)
+    _assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("which", ["freq", "space", "both"])
+def test_pds_matches_reference(mask_files, which):
+    freq_path, space_path = mask_files
+    freq_path = freq_path if which in ("freq", "both") else None
+    space_path = space_path if which in ("space", "both") else None
+    settings, alpha = _settings(), 4.0
+    filters = load_reference_npy(freq_path, space_path, channels=SHAPE[0], size=SHAPE[1])
+    precond = Preconditioner.from_filters(filters, alpha=alpha)
+    ours, draws = _ours(pds, settings, speed_up=20, snr=0.2, precond=precond)
+    ref, _ = reference_sampler(toy_model, draws, settings, speed_up=20, snr=0.2, freq_path=freq_path,
+                               space_path=space_path, alpha=alpha)
+    _assert_close(ours, ref)
+
+
+def test_predictor_only_matches_reference(mask_files):
+    settings = _settings()
+    filters = load_reference_npy(*mask_files, channels=SHAPE[0], size=SHAPE[1])
+    ours, draws = _ours(predictor, settings, speed_up=20, snr=0.16, precond=Preconditioner.from_filters(filters))
+    ref, _ = reference_sampler(toy_model, draws, settings, speed_up=20, snr=0.16, freq_path=mask_files[0],
+                               space_path=mask_files[1], use_corrector=False)
+    _assert_close(ours, ref)
+
+
+def test_corrector_only_returns_the_last_corrector_mean():
+    settings = _settings()
+    ours, draws = _ours(corrector, settings, speed_up=20, snr=0.16)
+    ref_x, ref_corrector_mean = reference_sampler(toy_model, draws, settings, speed_up=20, snr=0.16, use_predictor=False)
+    _assert_close(ours, ref_corrector_mean)
+    # The reference returns x, i.e. with the last Langevin noise sqrt(2 step) z still in it; we return the mean.
+    # For a real score (|s| ~ |z| / sigma) that noise is about 2 snr sigma_min per pixel.
+    assert 0 < float((ours - ref_x).abs().max()) < 0.2
+
+
+@pytest.mark.parametrize("slip", ["index", "discrete-sigma", "sign", "order"])
+def test_the_comparison_catches_slips(mask_files, slip):
+    """A sign, index or order slip in the loop moves the result far beyond the tolerance."""
+    settings = _settings()
+    filters = load_reference_npy(*mask_files, channels=SHAPE[0], size=SHAPE[1])
+    precond = Preconditioner.from_filters(filters, alpha=4.0)
+    ours, draws = _ours(pds, settings, speed_up=20, snr=0.2, precond=precond)
+    ref, _ = reference_sampler(toy_model, draws, settings, speed_up=20, snr=0.2, freq_path=mask_files[0],
+                               space_path=mask_files[1], alpha=4.0, slip=slip)
+    err = float((ours - ref).abs().max() / max(1.0, float(ref.abs().max())))
+    assert not err < 20 * TOL, f"slip {slip!r} went unnoticed (difference {err:.3g})"
+
+
+# -- the grid --------------------------------------------------------------------------------
+
+
+def _reference_grid(settings, speed_up, dtype):
+    n = int(settings.num_scales / speed_up)
+    eps = 1e-5 * speed_up
+    t = torch.linspace(1.0, eps, n, dtype=dtype)
+    smin, smax = settings.sigma_min, settings.sigma_max
+    ladder = torch.exp(torch.linspace(np.log(smin), np.log(smax), n, dtype=dtype))
+    j = (t * (n - 1)).long()
+    lo = torch.where(j == 0, torch.zeros_like(t), ladder[j - 1])
+    return t, smin * (smax / smin) ** t, ladder[j], lo, j
+
+
+OFFICIAL = [(50.0, 1000), (348.0, 2000), (378.0, 2000), (1348.0, 2000)]
+
+
+@pytest.mark.parametrize("sigma_max,num_scales", OFFICIAL)
+@pytest.mark.parametrize("speed_up", [1, 2, 3, 10, 12, 20, 30, 66])
+def test_pc_steps_is_the_reference_grid(sigma_max, num_scales, speed_up):
+    settings = _settings(sigma_max=sigma_max, num_scales=num_scales)
+    steps = pc_steps(settings, speed_up=speed_up)
+    assert len(steps) == int(num_scales / speed_up)
+    assert steps.sigma.dtype == torch.float64 and steps.sigma_max == sigma_max
+    # Same arithmetic in float64: identical.
+    _, sigma, hi, lo, _ = _reference_grid(settings, speed_up, torch.float64)
+    torch.testing.assert_close(steps.sigma, sigma, rtol=1e-12, atol=0)
+    torch.testing.assert_close(steps.sigma_hi, hi, rtol=1e-12, atol=0)
+    torch.testing.assert_close(steps.sigma_lo, lo, rtol=1e-12, atol=0)
+    # The reference's float32: sigmas within float32 rounding, and the ladder index j the same
+    # except where float32 puts t (N - 1) within rounding of an integer (then either is right).
+    t32, sigma32, hi32, lo32, j32 = _reference_grid(settings, speed_up, torch.float32)
+    torch.testing.assert_close(steps.sigma, sigma32.double(), rtol=2e-5, atol=0)
+    j64 = torch.floor(torch.linspace(1.0, 1e-5 * speed_up, len(steps), dtype=torch.float64) * (len(steps) - 1)).long()
+    ambiguous = ((t32.double() * (len(steps) - 1)) - (t32.double() * (len(steps) - 1)).round()).abs() < 1e-3
+    ambiguous &= (t32.double() * (len(steps) - 1)).round() != 0
+    assert bool(((j32 == j64) | ambiguous).all())
+    same = j32 == j64
+    torch.testing.assert_close(steps.sigma_hi[same], hi32[same].double(), rtol=2e-5, atol=0)
+    torch.testing.assert_close(steps.sigma_lo[same], lo32[same].double(), rtol=2e-5, atol=1e-12)
+
+
+def test_pc_steps_shape_and_ends():
+    settings = _settings(num_scales=1000, sigma_max=50.0)
+    steps = pc_steps(settings)
+    assert len(steps) == 1000
+    assert steps.sigma[0] == pytest.approx(50.0) and steps.sigma_hi[0] == pytest.approx(50.0)
+    assert float(steps.sigma_lo[-1]) == 0.0 and steps.sigma_hi[-1] == pytest.approx(0.01)
+    assert steps.sigma[-1] == pytest.approx(0.01 * 5000 ** 1e-5)
+    assert bool((steps.sigma_hi > steps.sigma_lo).all())
+
+
+def test_pc_steps_steps_and_speed_up_agree():
+    settings = _settings(num_scales=2000, sigma_max=378.0)
+    a, b = pc_steps(settings, 100), pc_steps(settings, speed_up=20)
+    torch.testing.assert_close(a.sigma, b.sigma, rtol=0, atol=0)
+    torch.testing.assert_close(a.sigma_lo, b.sigma_lo, rtol=0, atol=0)
+    c = pc_steps(settings, 100, eps=1e-3)
+    assert c.sigma[-1] == pytest.approx(0.01 * 37800**1e-3)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(n_steps=10, speed_up=2), "not both"),
+    (dict(n_steps=0), "at least 1"),
+    (dict(speed_up=1000), "leaves no steps"),
+    (dict(speed_up=-1), "positive"),
+    (dict(n_steps=10, eps=0.0), "eps"),
+])
+def test_pc_steps_errors(kwargs, message):
+    with pytest.raises(PdsError, match=message):
+        pc_steps(_settings(), **kwargs)
+
+
+def test_steps_validation_and_conversion():
+    steps = Steps(10, [3.0, 2.0], np.array([3.0, 2.0]), torch.tensor([2.0, 0.0], dtype=torch.float32))
+    assert len(steps) == 2 and steps.sigma_lo.dtype == torch.float64 and isinstance(steps.sigma_max, float)
+    with pytest.raises(ValueError):
+        Steps(10, [3.0, 2.0], [3.0], [2.0, 0.0])
+
+
+# -- the loop's plumbing --------------------------------------------------------------------
+
+
+def _counting(model):
+    calls = []
+
+    def score(x, sigma):
+        assert sigma.dtype == torch.float32 and sigma.shape == (x.shape[0],) and sigma.device == x.device
+        assert x.dtype == torch.float32
+        calls.append(float(sigma[0]))
+        return model(x, sigma)
+
+    return score, calls
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_callback_nfe_and_sigmas(name):
+    settings = _settings()
+    steps = pc_steps(settings, 7)
+    score, calls = _counting(toy_model)
+    infos = []
+    out = get_sampler(name)(score, SampleNoise(0, range(2), SHAPE), steps, snr=0.16, callback=infos.append)
+    assert out.shape == (2, *SHAPE) and out.dtype == torch.float32
+    assert [info["i"] for info in infos] == list(range(7)) and all(info["n"] == 7 for info in infos)
+    assert infos[-1]["nfe"] == len(calls) == nfe_count(name, 7) == NFE_PER_STEP[name] * 7
+    assert {"i", "n", "sigma", "x", "nfe"} <= set(infos[0])
+    # Every score call at step i is at the continuous sigma(t_i).
+    per_step = NFE_PER_STEP[name]
+    expected = [float(s) for s in steps.sigma for _ in range(per_step)]
+    assert calls == pytest.approx(expected, rel=1e-6)
+
+
+def test_get_sampler_unknown_lists_choices():
+    with pytest.raises(PdsError, match="unknown sampler 'nope'.*pc, pds, predictor, corrector"):
+        get_sampler("nope")
+    assert get_sampler("pds") is pds
+
+
+def test_pds_without_preconditioner_is_pc():
+    settings = _settings()
+    steps = pc_steps(settings, 5)
+    a = pc(toy_model, SampleNoise(1, range(2), SHAPE), steps)
+    b = pds(toy_model, SampleNoise(1, range(2), SHAPE), steps, precond=None)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bad_snr():
+    with pytest.raises(PdsError, match="snr"):
+        pc(toy_model, SampleNoise(0, range(1), SHAPE), pc_steps(_settings(), 3), snr=0)
+
+
+# -- per-sample reproducibility -------------------------------------------------------------
+
+
+def _gaussian():
+    from pdscli.analytic import GaussianImageModel
+
+    return GaussianImageModel(8, 1, num_scales=200)
+
+
+@pytest.mark.parametrize("name", ["pc", "pds", "corrector"])
+def test_per_sample_step_makes_images_independent_of_the_batch(name):
+    model = _gaussian()
+    steps = pc_steps(model.settings, 15)
+    precond = Preconditioner.from_filters(compute_statistics([model.sample(64).clamp(0, 1)])) if name == "pds" else None
+    fn = get_sampler(name)
+    together = fn(model.score, SampleNoise(7, range(4), model.shape), steps, precond=precond, per_sample_step=True)
+    alone = torch.cat([
+        fn(model.score, SampleNoise(7, [i], model.shape), steps, precond=precond, per_sample_step=True) for i in range(4)
+    ])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_mean_step_couples_the_batch():
+    """The reference's batch-mean Langevin step: a sample's image depends on its batch mates."""
+    model = _gaussian()
+    steps = pc_steps(model.settings, 15)
+    together = pc(model.score, SampleNoise(7, range(4), model.shape), steps)
+    first = pc(model.score, SampleNoise(7, [0], model.shape), steps)
+    assert float((together[:1] - first).abs().max()) > 1e-4
+
+
+def test_predictor_never_depends_on_the_batch():
+    model = _gaussian()
+    steps = pc_steps(model.settings, 15)
+    together = predictor(model.score, SampleNoise(7, range(4), model.shape), steps)
+    alone = torch.cat([predictor(model.score, SampleNoise(7, [i], model.shape), steps) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
