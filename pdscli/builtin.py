@@ -39,11 +39,9 @@ def default_score_model(device="cpu"):
     """The built-in digits model as a ScoreModel named "builtin:digits"."""
     import dataclasses
 
-    import torch
+    from pdscli.checkpoint import open_checkpoint
 
-    from pdscli.checkpoint import load_score_model
-
-    model = load_score_model(_require(WEIGHTS), _require(CONFIG), device=torch.device(device))
+    model = open_checkpoint(_require(WEIGHTS), _require(CONFIG), device=device)
     info = {**model.info, "builtin": "digits", "doc": "docs/builtin-model.md"}
     return dataclasses.replace(model, name=NAME, info=info)
 

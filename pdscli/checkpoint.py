@@ -205,6 +205,20 @@ def _resolve(raw: RawCheckpoint, path: Path, config, preset: str | None) -> tupl
 # ---- loading ----
 
 
+def _materialize(model: NCSNpp, raw: RawCheckpoint, path: Path, label: str, device: torch.device) -> NCSNpp:
+    """Give a model built on the meta device the checkpoint's tensors, on `device`.
+
+    No random init to throw away, and no second copy of the weights. The tensors take the
+    model's dtypes (float32, float64 sigmas) whatever the file stored.
+    """
+    _check_fits(model, raw, path, label)
+    expected = model.state_dict()
+    tensors = {k: v.to(device=device, dtype=expected[k].dtype).contiguous() for k, v in raw.state_dict.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.reset_constants(device)
+    return model
+
+
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -251,12 +265,7 @@ def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = 
     raw = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
     cfg, label, preset_name = _resolve(raw, path, config, preset)
 
-    # Build the structure on meta and allocate it once on the device: no random init to throw away.
-    model = build_model(cfg, device="meta")
-    _check_fits(model, raw, path, label)
-    model.to_empty(device=device)
-    model.load_state_dict(raw.state_dict, strict=True)
-    model.reset_constants()
+    model = _materialize(build_model(cfg, device="meta"), raw, path, label, device)
 
     used = "raw" if raw.layout == "score_sde" else "state_dict"
     if weights == "ema" and raw.ema is not None:

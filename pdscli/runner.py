@@ -203,9 +203,16 @@ def pending_indices(out: Path, indices: list[int], *, resume: bool) -> list[int]
     return [i for i in indices if i not in done]
 
 
-def batches(indices: list[int], batch_size: int):
-    for k in range(0, len(indices), batch_size):
-        yield indices[k : k + batch_size]
+def batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    """Batches aligned to the run's grid: index i belongs to batch i // batch_size.
+
+    The reference's batch-mean Langevin step couples the samples of a batch, so a batch's
+    members must not depend on which indices are left (--resume) or on the rank that makes it.
+    """
+    groups: dict[int, list[int]] = {}
+    for i in indices:
+        groups.setdefault(i // batch_size, []).append(i)
+    return [groups[k] for k in sorted(groups)]
 
 
 def _float_path(out: Path, index: int) -> Path:
@@ -474,6 +481,70 @@ def run(job: SampleJob, *, progress: Progress | None = None, sampler_fn=None) ->
     finally:
         progress.close()
     return finalize(job, stats, started=started, resumed=resumed)
+
+
+def run_distributed(make_job, dist, *, progress: Progress | None = None, sampler_fn=None) -> dict | None:
+    """The same run across torchrun ranks; returns run.json's dict on rank 0, None elsewhere.
+
+    `make_job()` opens the model: rank 0 first (an engine it builds is then on disk), the
+    others after it. Whole aligned batches are dealt to ranks round-robin, so every image is
+    what a single process with the same --batch-size makes. A rank that dies leaves only
+    complete images (atomic writes); torchrun then stops the others and --resume finishes.
+    """
+    started = time.perf_counter()
+    with dist.main_first():
+        job = make_job()
+    dist.barrier()  # every rank has checked the (still empty) folder before rank 0 writes to it
+    sampler_fn = sampler_fn or _resolve_sampler(job.sampler)
+    if dist.is_main:
+        begin(job)
+    dist.barrier()  # --force has cleared the folder before anyone lists it
+    todo = pending_indices(job.out, plan_indices(job.num_samples), resume=job.resume)
+    dist.barrier()  # everyone has listed the folder before anyone writes to it
+    mine = batches(todo, job.batch_size)[dist.rank :: dist.world_size]
+    resumed = job.num_samples - len(todo)
+    rounds = dist.max(len(mine))  # before sampling: collectives must line up across ranks
+    shown = _GlobalProgress(progress if dist.is_main else Progress(), dist)
+    shown.start(job.num_samples, resumed, len(job.steps.sigma))
+    try:
+        stats = sample_indices(job, [i for b in mine for i in b], sampler_fn=sampler_fn, progress=shown)
+        shown.finish_rounds(rounds)
+    finally:
+        shown.close()
+    stats.made = dist.sum(stats.made)
+    stats.nfe_calls = dist.sum(stats.nfe_calls)
+    dist.barrier()
+    return finalize(job, stats, started=started, resumed=resumed) if dist.is_main else None
+
+
+class _GlobalProgress(Progress):
+    """Rank 0 shows the images made on all ranks: one all-reduce per batch round, every rank joining.
+
+    Ranks may have one batch fewer than others; `finish_rounds` joins the rounds they miss.
+    """
+
+    def __init__(self, inner: Progress, dist):
+        self.inner, self.dist, self.rounds = inner, dist, 0
+
+    def start(self, total, done, steps):
+        self.inner.start(total, done, steps)
+
+    def batch(self, indices):
+        self.inner.batch(indices)
+
+    def step(self, i, n, nfe_rate):
+        self.inner.step(i, n, nfe_rate)
+
+    def batch_done(self, count):
+        self.rounds += 1
+        self.inner.batch_done(self.dist.sum(count))
+
+    def finish_rounds(self, total_rounds: int) -> None:
+        while self.rounds < total_rounds:
+            self.batch_done(0)
+
+    def close(self):
+        self.inner.close()
 
 
 # ----------------------------------------------------------------------------------------

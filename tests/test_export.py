@@ -172,7 +172,7 @@ def test_cli_exports_the_fixture_checkpoint(run_pds, fixture_dir, tmp_path):
     assert "exists; pass --force" in _one_line_error(again)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("precision", ["fp16", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_reduced_precision_graph_keeps_the_time_embedding_fp32(precision, fixture_dir, tmp_path):
     from pdscli.checkpoint import load_score_model
 

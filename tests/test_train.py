@@ -19,7 +19,7 @@ def tiny_config(tmp_path, **training) -> str:
     cfg = json.loads(json.dumps(BUILTIN_CONFIG))
     cfg["data"]["image_size"] = 8
     cfg["model"].update(nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], num_scales=50, sigma_max=5.0)
-    cfg["training"].update(batch_size=8, n_iters=6, log_freq=2, snapshot_freq_for_preemption=3, **training)
+    cfg["training"].update({"batch_size": 8, "n_iters": 6, "log_freq": 2, "snapshot_freq_for_preemption": 3, **training})
     cfg["optim"].update(warmup=0, lr=2e-3)
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(cfg))

@@ -76,26 +76,35 @@ def sample(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.", rich_help_panel=OUTPUT),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (for scripts).", rich_help_panel=OUTPUT),
 ):
-    from pdscli import runner
+    from pdscli import distributed, runner
     from pdscli.runner import ModelSpec, RunInterrupted
 
+    # Under torchrun each rank joins the process group and takes its local GPU (or the CPU).
+    dist, device = distributed.setup(device)
     spec = ModelSpec(
         checkpoint=checkpoint, config=config, preset=preset, engine=engine, backend=backend, model=model,
         image_size=image_size, channels=channels, trust_checkpoint=trust_checkpoint, precision=precision,
         device=device, overrides=dict(sigma_min=sigma_min, sigma_max=sigma_max, num_scales=num_scales, snr=snr),
     )
-    job = runner.build_job(
+    make_job = lambda: runner.build_job(  # noqa: E731
         spec, out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler,
         steps=steps, speed_up=speed_up, schedule=schedule, snr=snr, per_sample_step=per_sample_step, num_samples=num_samples,
         batch_size=batch_size, seed=seed, force=force, resume=resume,
     )
-    progress = runner.Progress() if quiet else runner.RichProgress()
+    progress = runner.Progress() if quiet or not dist.is_main else runner.RichProgress()
     try:
-        record = runner.run(job, progress=progress)
+        if dist.active:
+            record = runner.run_distributed(make_job, dist, progress=progress)
+        else:
+            record = runner.run(make_job(), progress=progress)
     except RunInterrupted as e:
         err_console.print(str(e), highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(e.exit_code) from None
+    finally:
+        dist.close()
+    if record is None:  # not rank 0
+        return
     if as_json:
-        typer.echo(json.dumps({"out": str(job.out), **record}))
+        typer.echo(json.dumps({"out": str(out), **record}))
     else:
-        console.print(runner.summary_line(record, job.out), highlight=False, soft_wrap=True)
+        console.print(runner.summary_line(record, out), highlight=False, soft_wrap=True)

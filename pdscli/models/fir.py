@@ -69,12 +69,12 @@ class _FirModule(nn.Module):
     def kernel_size(self) -> int:
         return self.fir.shape[-1]
 
-    def reset_constants(self) -> None:
-        """(Re)compute the kernel, e.g. after the module was materialised from the meta device."""
+    def reset_constants(self, device: torch.device | None = None) -> None:
+        """(Re)compute the kernel, e.g. on `device` for a model built on the meta device."""
         k = fir_kernel_2d(self.taps) * self._gain
         if self._flip:
             k = torch.flip(k, dims=(0, 1))
-        self.fir = _depthwise(k, self.channels).to(device=self.fir.device, dtype=self.fir.dtype)
+        self.fir = _depthwise(k, self.channels).to(device=device or self.fir.device, dtype=self.fir.dtype)
 
 
 class FirUpsample(_FirModule):

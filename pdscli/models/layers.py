@@ -126,11 +126,11 @@ class PositionalEmbedding(nn.Module):
         self.register_buffer("freqs", torch.empty(0), persistent=False)
         self.reset_constants()
 
-    def reset_constants(self) -> None:
+    def reset_constants(self, device: torch.device | None = None) -> None:
         half = self.embedding_dim // 2
         step = math.log(self.max_positions) / (half - 1)
         freqs = torch.exp(torch.arange(half, dtype=torch.float32, device="cpu") * -step)
-        self.freqs = freqs.to(device=self.freqs.device, dtype=self.freqs.dtype)
+        self.freqs = freqs.to(device=device or self.freqs.device, dtype=self.freqs.dtype)
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         args = timesteps.float()[:, None] * self.freqs[None, :]

@@ -242,11 +242,14 @@ class NCSNpp(nn.Module):
         self.body_dtype = dtype
         return self
 
-    def reset_constants(self) -> None:
-        """Recompute the non-persistent buffers (FIR kernels, positional frequencies), e.g. after `to_empty`."""
+    def reset_constants(self, device: torch.device | None = None) -> None:
+        """Recompute the non-persistent buffers (FIR kernels, positional frequencies), on `device` if given.
+
+        A model built on the meta device gets its weights from a state_dict; these it gets here.
+        """
         for module in self.modules():
             if module is not self and hasattr(module, "reset_constants"):
-                module.reset_constants()
+                module.reset_constants(device)
 
     # ---- forward ----
 
