@@ -470,10 +470,20 @@ def backend_plan(cfg: BenchConfig, model: BenchModel) -> list[tuple[str, str | N
     plan = []
     for name in names:
         reason = unavailable_reason(name, model)
-        if reason is None and default and cfg.quick and name not in QUICK_BACKENDS:
-            reason = "not in --quick's default set (name it in --backends to measure it)"
+        if reason is None and default:
+            reason = _default_set_reason(name, model, cfg.quick)
         plan.append((name, reason))
     return plan
+
+
+def _default_set_reason(name: str, model: BenchModel, quick: bool) -> str | None:
+    """Why an available backend is still left out of the default set (naming it measures it)."""
+    if quick and name not in QUICK_BACKENDS:
+        return "not in --quick's default set (name it in --backends to measure it)"
+    if name == "fp16" and model.device.type == "cpu":
+        return ("fp16 is not a CPU deployment target: PyTorch runs its CPU convolutions on slow fallback "
+                "kernels (name it in --backends to measure it anyway)")
+    return None
 
 
 def unavailable_reason(name: str, model: BenchModel) -> str | None:
@@ -769,3 +779,710 @@ def fastest_nfe(entries: list[dict], batch: int) -> tuple[str, float] | None:
     best = [(e["name"], r["median_s"]) for e in entries if e["status"] == "ok" for r in e["batches"]
             if r["batch"] == batch]
     return min(best, key=lambda t: t[1]) if best else None
+
+
+# ----------------------------------------------------------------------------------------
+# The preconditioner PDS runs with, and part 2: its cost per score evaluation.
+
+
+def load_reference(cfg: BenchConfig, model: BenchModel) -> torch.Tensor:
+    """Up to --reference-limit images of --reference at the model's size: float64 [N, C, H, W]
+    in [0, 1], read as `pds filters` reads them (centre square crop, resize)."""
+    from pdscli.datasets import image_files
+    from pdscli.images import load_image
+
+    files = image_files(cfg.reference)[: cfg.reference_limit]
+    c, size, _ = model.shape
+    if c not in (1, 3):
+        raise PdsError(f"--reference needs a 1- or 3-channel model, this one has {c} channels")
+    images = []
+    for path in files:
+        try:
+            images.append(load_image(path, size=size, channels=c))
+        except Exception as e:  # Pillow raises many types for a broken file
+            raise PdsError(f"cannot read reference image {path}: {_one_line(e)}") from None
+    if len(images) < 2:
+        raise PdsError(f"--reference {cfg.reference} holds {len(images)} image; the statistic needs at least 2")
+    return torch.from_numpy(np.stack(images)).double()
+
+
+def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor | None):
+    """(Filters, info): --masks; the analytic model's exact spectrum; the built-in model's own;
+    statistics of --reference; else a synthetic natural-image spectrum, which times PDS
+    exactly as real filters would (the cost does not depend on the values) but makes no
+    meaningful images."""
+    from pdscli.precondition import Filters, compute_statistics, load_filters
+    from pdscli.runner import check_filters_fit
+
+    c, size, _ = model.shape
+    if cfg.masks is not None:
+        filters, source, meaningful = load_filters(cfg.masks), f"--masks {cfg.masks}", True
+    elif model.kind == ANALYTIC:
+        filters, source, meaningful = _spectrum_filters(model.gaussian), "the analytic model's exact spectrum", True
+    elif _is_builtin(model):
+        from pdscli import builtin
+
+        filters, source, meaningful = builtin.default_filters(), "the built-in model's own filters", True
+    elif reference is not None:
+        filters = compute_statistics([reference], source=str(cfg.reference))
+        source, meaningful = f"statistics of {len(reference)} --reference images", True
+    else:
+        from pdscli.analytic import GaussianImageModel
+
+        filters = _spectrum_filters(GaussianImageModel(size, c))
+        source, meaningful = "synthetic 1/f^2 spectrum (no --masks or --reference): right cost, images not meaningful", False
+    check_filters_fit(filters, model.settings)
+    return filters, {"source": source, "kinds": filters.kinds, "images_meaningful": meaningful}
+
+
+def _is_builtin(model: BenchModel) -> bool:
+    try:
+        from pdscli import builtin
+    except ImportError:
+        return False
+    return model.name == builtin.NAME and builtin.FILTERS.is_file()
+
+
+def _spectrum_filters(g):
+    """Frequency and space statistics of a stationary Gaussian model, exactly: the frequency
+    one from its spectrum, the space one flat (mean^2 + std^2 in every pixel), which gives the
+    identity space filter the data calls for, while PDS still pays for applying it."""
+    from pdscli.alpha import expected_freq_statistic
+    from pdscli.precondition import Filters
+
+    freq = expected_freq_statistic(g).astype(np.float32)
+    space = np.full(g.shape, g.mean**2 + g.std**2, dtype=np.float32)
+    return Filters(freq, space, size=g.image_size, channels=g.channels, source="exact spectrum of the analytic model")
+
+
+class PreconditionerCache:
+    """One Preconditioner per alpha (--alpha auto gives each step count its own)."""
+
+    def __init__(self, filters, alpha_flag: str, settings, device):
+        self.filters, self.alpha_flag, self.settings, self.device = filters, alpha_flag, settings, device
+        self._made: dict[float, object] = {}
+
+    def alpha(self, n_steps: int) -> float:
+        from pdscli.alpha import resolve_alpha
+
+        return resolve_alpha(self.alpha_flag, self.settings, n_steps)
+
+    def for_steps(self, n_steps: int):
+        from pdscli.precondition import Preconditioner
+
+        a = self.alpha(n_steps)
+        if a not in self._made:
+            self._made[a] = Preconditioner.from_filters(self.filters, a, self.device)
+        return self._made[a]
+
+
+def measure_overhead(cfg: BenchConfig, model: BenchModel, precond, entries: list[dict], e2e_name: str | None) -> dict:
+    """The preconditioner's cost per score evaluation, against one NFE of each backend.
+
+    Each PC / PDS update (corrector or predictor) evaluates the score once and applies
+    M M^T to it and M to one fresh draw, so (noise + grad) per NFE is exactly what PDS adds."""
+    rows = []
+    for b in cfg.batch_sizes:
+        z = torch.randn((b, *model.shape), generator=torch.Generator().manual_seed(cfg.seed)).to(model.device)
+        with torch.no_grad():
+            noise = time_calls(lambda: precond.noise(z), warmup=cfg.warmup, repeats=cfg.repeats, device=model.device)
+            grad = time_calls(lambda: precond.grad(z), warmup=cfg.warmup, repeats=cfg.repeats, device=model.device)
+        per_nfe = noise["median_s"] + grad["median_s"]
+        fractions = {e["name"]: per_nfe / m for e in entries if (m := nfe_median(entries, e["name"], b))}
+        fastest = fastest_nfe(entries, b)
+        rows.append({"batch": b, "noise": noise, "grad": grad, "per_nfe_s": per_nfe, "per_pc_step_s": 2 * per_nfe,
+                     "fraction_of_nfe": fractions,
+                     "fraction_of_e2e_backend_nfe": fractions.get(e2e_name),
+                     "fraction_of_fastest_nfe": per_nfe / fastest[1] if fastest else None,
+                     "fastest_backend": fastest[0] if fastest else None})
+    return {"status": "ok", "preconditioner": precond.describe(), "batches": rows,
+            "what": "per NFE: one M z (noise) and one M M^T g (grad); a PC/PDS step makes 2 NFEs and 2 of each"}
+
+
+# ----------------------------------------------------------------------------------------
+# Quality: the exact figure on the analytic model, the reference statistic on a network.
+
+
+class ExactQuality:
+    """Spectral KL to the analytic model's exact spectrum (pdscli.analytic, docs/exactness.md)."""
+
+    metric = "spectral_kl"
+    description = ("mean over all Fourier coefficients of KL(N(0, v_hat) || N(0, lam)): the samples' per-frequency "
+                   "variance against the exact one (0 = exact; the floor is what exact samples of the same count score)")
+
+    def __init__(self, gaussian, seed: int = 0):
+        self.g, self.seed, self._floors = gaussian, seed, {}
+
+    def measure(self, x: torch.Tensor) -> dict:
+        x = x.to(torch.float32)
+        value = self.g.spectral_kl(x)
+        high = float(self.g.variance_ratio_by_band(x, 4)[-1])
+        return {"metric": self.metric, "value": _finite_or_none(value), "high_band_variance_ratio": _finite_or_none(high),
+                "samples": int(x.shape[0]), "floor": self.floor(int(x.shape[0]))}
+
+    def floor(self, n: int) -> float:
+        if n not in self._floors:
+            exact = self.g.sample(n, torch.Generator(device=self.g.device).manual_seed(10_000 + self.seed))
+            self._floors[n] = float(self.g.spectral_kl(exact))
+        return self._floors[n]
+
+
+class ReferenceQuality:
+    """Spectral KL against a folder of reference images, in radial frequency bands.
+
+    With mu the reference's mean image and F the orthonormal 2-D DFT, the power of a set of
+    images in band b of channel c is P[c, b] = mean over images and coefficients of band b of
+    |F(x - mu)|^2. The statistic is the mean over (c, b) of 1/2 (r - 1 - ln r), r = P_gen / P_ref:
+    the analytic model's exactness figure with the reference's measured spectrum in place of
+    the exact one. It sees second-order statistics only (too much or too little energy per
+    frequency band, a brightness or colour shift through the DC band): the leftover noise or
+    over-smoothing of too few steps. It is blind to structure, phase and content."""
+
+    metric = "spectral_kl_vs_reference"
+    description = ("mean over channels and 8 radial frequency bands of KL between the generated and the reference "
+                   "power per band (second-order statistics only; not FID); the floor is what as many held-out "
+                   "reference images score against the rest")
+    BANDS = 8
+
+    def __init__(self, images: torch.Tensor, seed: int = 0):
+        self.images, self.seed, self._floors = images, seed, {}
+        self.mean = images.mean(dim=0)
+        size = images.shape[-1]
+        f = torch.fft.fftfreq(size, dtype=torch.float64)
+        radius = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+        self.band = torch.clamp((radius / 0.5 * self.BANDS).floor().long(), max=self.BANDS - 1)
+        self.ref_power = self.band_power(images)
+
+    def band_power(self, x: torch.Tensor) -> torch.Tensor:
+        """[C, BANDS] mean power of x - mu per radial band."""
+        coeff = torch.fft.fft2(x.double() - self.mean, norm="ortho")
+        power = (coeff.abs() ** 2).mean(dim=0)  # [C, H, W]
+        flat_band = self.band.reshape(-1)
+        out = torch.zeros(power.shape[0], self.BANDS, dtype=torch.float64)
+        out.index_add_(1, flat_band, power.reshape(power.shape[0], -1))
+        return out / torch.bincount(flat_band, minlength=self.BANDS).double()
+
+    def _kl(self, power: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+        r = power / ref
+        return float((0.5 * (r - 1 - torch.log(r))).mean()), float(r[:, -1].mean())
+
+    def measure(self, x: torch.Tensor) -> dict:
+        # Clipped to [0, 1] as saved images are: the reference images live there too.
+        value, high = self._kl(self.band_power(x.detach().cpu().clamp(0, 1)), self.ref_power)
+        return {"metric": self.metric, "value": _finite_or_none(value), "high_band_variance_ratio": _finite_or_none(high),
+                "samples": int(x.shape[0]), "floor": self.floor(int(x.shape[0]))}
+
+    def floor(self, n: int) -> float | None:
+        """n held-out reference images against the rest (None when there are too few to split)."""
+        if n not in self._floors:
+            total = self.images.shape[0]
+            if total < n + 2:
+                self._floors[n] = None
+            else:
+                order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))
+                held, rest = self.images[order[:n]], self.images[order[n:]]
+                self._floors[n] = self._kl(self.band_power(held), self.band_power(rest))[0]
+        return self._floors[n]
+
+
+def make_quality(model: BenchModel, reference: torch.Tensor | None, seed: int):
+    if model.kind == ANALYTIC:
+        return ExactQuality(model.gaussian, seed)
+    if reference is not None:
+        return ReferenceQuality(reference, seed)
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling runs: part 3 (end to end) and part 4 (samplers at equal NFE).
+
+
+class _Counting:
+    """Counts network calls, whatever the sampler reports about itself."""
+
+    def __init__(self, score):
+        self.score, self.calls = score, 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.score(x, sigma)
+
+
+def sample_and_time(score, sampler: str, steps, precond, *, cfg: BenchConfig, model: BenchModel, count: int) -> dict:
+    """`count` samples (indices 0..count-1, so every run sees the same noise) in batches of
+    --e2e-batch; every full batch is one timed run (synchronised wall clock around the sampler
+    call: the whole loop, network and sampler arithmetic and noise draws together)."""
+    from pdscli.noise import SampleNoise
+    from pdscli.sampling import get_sampler
+
+    fn, counting, batch = get_sampler(sampler), _Counting(score), cfg.e2e_batch
+    times, outs, batches = [], [], 0
+    for start in range(0, count, batch):
+        noise = SampleNoise(cfg.seed, range(start, min(count, start + batch)), model.shape, model.device)
+        _sync(model.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = fn(counting, noise, steps, precond=precond, snr=model.settings.snr)
+        _sync(model.device)
+        if len(noise) == batch:
+            times.append(time.perf_counter() - t0)
+        outs.append(x.detach().cpu())
+        batches += 1
+    samples = torch.cat(outs)
+    return {"timing": {**summarize(times), "times_s": times}, "nfe": counting.calls // batches, "samples": samples,
+            "finite": bool(torch.isfinite(samples).all())}
+
+
+def _run_record(label: str, sampler: str, steps, schedule: str, result: dict, cfg: BenchConfig, quality,
+                alpha: float | None) -> dict:
+    t = result["timing"]
+    return {"label": label, "sampler": sampler, "steps": len(steps), "schedule": schedule, "nfe": result["nfe"],
+            "alpha": alpha, "batch": cfg.e2e_batch, "timing": t, "per_image_s": t["median_s"] / cfg.e2e_batch,
+            "images_per_s": cfg.e2e_batch / t["median_s"], "finite": result["finite"],
+            "quality": quality.measure(result["samples"]) if quality is not None else None}
+
+
+def full_and_pds_steps(cfg: BenchConfig, settings) -> tuple[int, int]:
+    """(vanilla steps, PDS steps): the model's num_scales (--quick: at most 20) and 1/k of it, or --steps."""
+    full = cfg.full_steps or (min(settings.num_scales, QUICK_FULL_STEPS) if cfg.quick else settings.num_scales)
+    pds = cfg.steps if cfg.steps is not None else int(full / cfg.speed_up)
+    if pds < 1:
+        raise PdsError(f"--speed-up {cfg.speed_up:g} leaves no step of {full}")
+    return full, pds
+
+
+def sample_count(cfg: BenchConfig, quality) -> int:
+    return max(cfg.e2e_batch * cfg.e2e_repeats, cfg.quality_samples if quality is not None else 0)
+
+
+def run_end_to_end(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log) -> dict:
+    """Vanilla PC at the full step count and PDS at 1/k of it, same backend, batch and noise."""
+    from pdscli.sampling import pc_steps
+
+    full, n_pds = full_and_pds_steps(cfg, model.settings)
+    count = sample_count(cfg, quality)
+    runs = []
+    for label, sampler, n, precond, alpha in (("vanilla", "pc", full, None, None),
+                                              ("pds", "pds", n_pds, preconds.for_steps(n_pds), preconds.alpha(n_pds))):
+        log(f"end to end: {label} ({sampler}, {n} steps), {count} images in batches of {cfg.e2e_batch} ...")
+        steps = pc_steps(model.settings, n)
+        result = sample_and_time(score, sampler, steps, precond, cfg=cfg, model=model, count=count)
+        runs.append(_run_record(label, sampler, steps, "pc", result, cfg, quality, alpha))
+    vanilla, pds = runs
+    return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "runs": runs,
+            "speedup": vanilla["timing"]["median_s"] / pds["timing"]["median_s"],
+            "nfe_ratio": vanilla["nfe"] / pds["nfe"], "full_steps": full, "pds_steps": n_pds}
+
+
+def steps_for_budget(sampler: str, budget: int) -> int:
+    """The most steps whose NFE count fits `budget` (1 NFE per step when the sampler does not say)."""
+    from pdscli.sampling import nfe_count
+
+    n = budget
+    while n > 1 and (nfe_count(sampler, n) or n) > budget:
+        n -= 1
+    return n
+
+
+def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log) -> dict:
+    """Each --samplers entry at each --nfe budget: steps = the most that fit the budget, on the
+    sampler's own default grid (pc for the PC family, geometric for the accelerated ones)."""
+    from pdscli.runner import build_steps
+
+    count, rows = sample_count(cfg, quality), []
+    for name in cfg.samplers:
+        for budget in cfg.nfe:
+            n = steps_for_budget(name, budget)
+            try:
+                steps, schedule = build_steps(model.settings, steps=n, speed_up=None, sampler=name)
+            except PdsError as e:
+                rows.append({"sampler": name, "nfe_budget": budget, "steps": n, "status": "skipped", "reason": str(e)})
+                continue
+            precond, alpha = (preconds.for_steps(n), preconds.alpha(n)) if name == "pds" else (None, None)
+            log(f"samplers: {name} at {budget} NFE ({n} steps) ...")
+            result = sample_and_time(score, name, steps, precond, cfg=cfg, model=model, count=count)
+            rows.append({"nfe_budget": budget, "status": "ok",
+                         **_run_record(name, name, steps, schedule, result, cfg, quality, alpha)})
+    return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------
+# The whole run.
+
+
+def e2e_backend_name(cfg: BenchConfig, model: BenchModel, ok: list[str]) -> str | None:
+    """--e2e-backend, else the baseline (eager / analytic / engine) when it ran, else the first that ran."""
+    if cfg.e2e_backend is not None:
+        return cfg.e2e_backend
+    base = {ANALYTIC: ANALYTIC, ENGINE: ENGINE}.get(model.kind, "eager")
+    return base if base in ok or not ok else ok[0]
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run every requested part; returns the report (JSON-ready: plain dicts, lists, numbers)."""
+    from pdscli.devices import resolve_device
+
+    cfg = cfg.resolved()
+    device = resolve_device(cfg.device)
+    cache = ExportCache(cfg.cache_dir)
+    try:
+        with torch_threads(cfg.threads):
+            return _run(cfg, device, cache, log)
+    finally:
+        cache.close()
+
+
+def _run(cfg: BenchConfig, device: torch.device, cache: ExportCache, log) -> dict:
+    from pdscli.machine import describe_machine, load_average
+
+    started = time.perf_counter()
+    machine = describe_machine(device)
+    log("loading the model ...")
+    model = open_bench_model(cfg, device)
+    reference = load_reference(cfg, model) if cfg.reference is not None else None
+    quality = make_quality(model, reference, cfg.seed)
+    flops = count_flops(model, cfg.batch_sizes)
+    report = _report_head(cfg, model, machine, flops, quality)
+
+    entries, kept = run_backends(cfg, model, flops, cache, log) if "nfe" not in cfg.skip else ([], {})
+    add_speed_ratios(entries)
+    report["backends"] = entries
+    ok = [e["name"] for e in entries if e["status"] == "ok"]
+    e2e_name = e2e_backend_name(cfg, model, ok)
+    filters, filters_info = bench_filters(cfg, model, reference)
+    preconds = PreconditionerCache(filters, cfg.alpha, model.settings, device)
+    report["filters"] = filters_info
+
+    report["pds_overhead"] = _part("overhead", cfg, lambda: measure_overhead(
+        cfg, model, preconds.for_steps(full_and_pds_steps(cfg, model.settings)[1]), entries, e2e_name))
+    score, why = _e2e_score(cfg, model, e2e_name, kept, cache)
+    for key, part, fn in (("end_to_end", "e2e", run_end_to_end), ("samplers", "samplers", run_samplers)):
+        if part == "samplers" and not cfg.samplers:
+            report[key] = {"status": "skipped", "reason": "no --samplers given"}
+        elif score is None and part not in cfg.skip:
+            report[key] = {"status": "skipped", "reason": why}
+        else:
+            report[key] = _part(part, cfg, lambda fn=fn: {"backend": e2e_name, **fn(cfg, model, score, preconds, quality, log)})
+    machine["load_average_end"] = load_average()
+    report["warnings"] = consistency_warnings(report)
+    report["elapsed_s"] = time.perf_counter() - started
+    return report
+
+
+def _part(name: str, cfg: BenchConfig, fn: Callable[[], dict]) -> dict:
+    return {"status": "skipped", "reason": f"--skip {name}"} if name in cfg.skip else fn()
+
+
+def _e2e_score(cfg, model, name, kept, cache) -> tuple[Callable | None, str]:
+    """The score callable the sampling runs use: the measured backend object when it was kept
+    (already warm), else a fresh one. (None, why) when there is none."""
+    if name is None:
+        return None, "no backend ran"
+    if name in kept:
+        return kept[name].score_for(cfg.e2e_batch), ""
+    reason = unavailable_reason(name, model)
+    if reason is not None:
+        return None, f"--e2e-backend {name}: {reason}"
+    try:
+        backend = make_backend(name, model, cache, cfg.threads, cfg.batch_sizes)
+        score = backend.score_for(cfg.e2e_batch)
+        x, sigma = nfe_inputs(model.settings, cfg.e2e_batch, model.device, cfg.seed)
+        with torch.no_grad():
+            score(x, sigma)  # warm: compilation or capture must not land in the first timed run
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        return None, f"backend {name} failed: {_one_line(e)}"
+    return score, ""
+
+
+def _report_head(cfg: BenchConfig, model: BenchModel, machine: dict, flops: dict, quality) -> dict:
+    return {
+        "format": FORMAT,
+        "pds_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": cfg.command,
+        "machine": machine,
+        "settings": {**cfg.to_dict(), "device": str(model.device), "torch_threads": torch.get_num_threads(),
+                     "per_sample_step": False, "snr": model.settings.snr, **_precision_flags(model.device)},
+        "model": {"name": model.name, "kind": model.kind, "shape": list(model.shape),
+                  "sampling_settings": model.settings.to_dict(), **model.info},
+        "flops": {k: ({str(b): v for b, v in val.items()} if isinstance(val, dict) else val) for k, val in flops.items()},
+        "quality": {"metric": quality.metric, "description": quality.description} if quality is not None else
+                   {"metric": None, "description": "no quality figure: a network model needs --reference DIR"},
+    }
+
+
+def _precision_flags(device: torch.device) -> dict:
+    """TF32 silently changes what "fp32" means on Ampere and later: record it."""
+    if device.type != "cuda":
+        return {}
+    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def consistency_warnings(report: dict) -> list[str]:
+    """What a reader must know before trusting the figures: a loaded machine, a backend that
+    computes something else, a run faster than its own network calls (timing noise)."""
+    from pdscli.export import TOLERANCES
+
+    warnings = []
+    load, cores = report["machine"].get("load_average"), report["machine"].get("usable_cores") or 1
+    if load and load[0] > 0.75 * cores:
+        warnings.append(f"the machine was busy (load average {load[0]:g} on {cores} cores): CPU timings are slower "
+                        "and noisier than on an idle machine")
+    for e in report.get("backends", []):
+        for r in e.get("batches", []):
+            err = r.get("max_rel_err_vs_eager_fp32")
+            tol = TOLERANCES.get(e.get("precision") or "fp32", 1e-4) * 10
+            if err is not None and err > tol:
+                warnings.append(f"{e['name']} at batch {r['batch']} differs from eager fp32 by {err:.2g} (relative)")
+            if not r.get("finite", True):
+                warnings.append(f"{e['name']} at batch {r['batch']} returned NaN/Inf")
+    warnings += _e2e_warnings(report)
+    return warnings
+
+
+def _e2e_warnings(report: dict) -> list[str]:
+    e2e, out = report.get("end_to_end", {}), []
+    if e2e.get("status") != "ok":
+        return out
+    per_nfe = nfe_median(report.get("backends", []), e2e["backend"], e2e["batch"])
+    for run in e2e["runs"]:
+        if per_nfe:
+            run["network_s"] = run["nfe"] * per_nfe
+            run["network_share"] = run["network_s"] / run["timing"]["median_s"]
+            if run["network_share"] > CONSISTENCY_SLACK:
+                out.append(f"end-to-end {run['label']} took {run['timing']['median_s']:.3g} s, less than its "
+                           f"{run['nfe']} network calls at {per_nfe:.3g} s each: timing noise, treat both with care")
+        if not run["finite"]:
+            out.append(f"end-to-end {run['label']} produced NaN/Inf samples")
+    if report["filters"].get("images_meaningful") is False:
+        out.append("PDS ran with synthetic filters (no --masks or --reference): its timing is right, its images are not")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Reports: Rich tables, JSON, a plot.
+
+
+def _ms(seconds) -> str:
+    if seconds is None:
+        return "—"
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
+
+
+def _num(v, fmt: str = ".3g") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def _quality_text(q: dict | None) -> str:
+    if not q or q.get("value") is None:
+        return "—" if not q else "NaN"
+    floor = f" (floor {q['floor']:.2g})" if q.get("floor") is not None else ""
+    return f"{q['value']:.3g}{floor}"
+
+
+def render(report: dict) -> list:
+    """The report as Rich renderables: a header, then one table per part that ran."""
+    from rich.text import Text
+
+    from pdscli.machine import machine_summary
+
+    m, s = report["model"], report["settings"]
+    head = Text()
+    head.append(f"pds bench: {m['name']} ({m['kind']}, {'x'.join(map(str, m['shape']))})", style="bold")
+    head.append(f" on {s['device']}\nmachine: {machine_summary(report['machine'])}")
+    per_image = report["flops"].get("per_image")
+    if per_image:
+        head.append(f"\nmodel FLOPs per image per call: {per_image / 1e9:.3g} GFLOP ({report['flops']['method']})")
+    if report["quality"]["metric"]:
+        head.append(f"\nquality: {report['quality']['metric']} = {report['quality']['description']}")
+    out = [head]
+    for part in (_nfe_table, _skipped_table, _overhead_table, _e2e_table, _samplers_table):
+        table = part(report)
+        if table is not None:
+            out.append(table)
+    for w in report.get("warnings", []):
+        out.append(Text(f"warning: {w}", style="yellow"))
+    return out
+
+
+def _table(title: str, *columns: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", title_style="bold")
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    return table
+
+
+def _nfe_table(report: dict):
+    ok = [e for e in report.get("backends", []) if e["status"] == "ok"]
+    if not ok:
+        return None
+    base = next((k for k in ok[0]["batches"][0] if k.startswith("speedup_vs_")), "speedup_vs_eager")
+    table = _table(f"Network call (NFE) latency, {report['settings']['repeats']} timed calls after "
+                   f"{report['settings']['warmup']} warm-up", "backend", "batch", "median ms", "IQR ms", "min-max ms",
+                   "images/s", f"vs {base.removeprefix('speedup_vs_')}", "GFLOP/s", "rel err")
+    for e in ok:
+        for r in e["batches"]:
+            table.add_row(f"{e['name']} ({e.get('precision') or '?'})", str(r["batch"]), _ms(r["median_s"]),
+                          _ms(r["iqr_s"]), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}", _num(r["images_per_s"], ".4g"),
+                          _num(r.get(base), ".2f") + ("x" if r.get(base) else ""),
+                          _num(r["achieved_flops_per_s"] / 1e9 if r.get("achieved_flops_per_s") else None),
+                          _num(r.get("max_rel_err_vs_eager_fp32"), ".1e"))
+    return table
+
+
+def _skipped_table(report: dict):
+    rest = [e for e in report.get("backends", []) if e["status"] != "ok"]
+    if not rest:
+        return None
+    table = _table("Backends not measured", "backend", "status", "reason")
+    for e in rest:
+        table.add_row(e["name"], e["status"], e["reason"])
+    return table
+
+
+def _overhead_table(report: dict):
+    part = report.get("pds_overhead", {})
+    if part.get("status") != "ok":
+        return None
+    table = _table("PDS overhead per NFE (one M z + one M M^T g)", "batch", "M z ms", "M M^T g ms", "per NFE ms",
+                   "% of e2e-backend NFE", "% of fastest NFE")
+    for r in part["batches"]:
+        e2e, fastest = r.get("fraction_of_e2e_backend_nfe"), r.get("fraction_of_fastest_nfe")
+        table.add_row(str(r["batch"]), _ms(r["noise"]["median_s"]), _ms(r["grad"]["median_s"]), _ms(r["per_nfe_s"]),
+                      _num(e2e * 100 if e2e is not None else None, ".2g"),
+                      _num(fastest * 100 if fastest is not None else None, ".2g") +
+                      (f" ({r['fastest_backend']})" if r.get("fastest_backend") else ""))
+    return table
+
+
+def _e2e_table(report: dict):
+    part = report.get("end_to_end", {})
+    if part.get("status") != "ok":
+        return None
+    table = _table(f"End to end on {part['backend']}, batch {part['batch']}: PDS speedup {part['speedup']:.2f}x "
+                   f"(NFE ratio {part['nfe_ratio']:.2f}x)", "run", "steps", "NFE", "median s", "IQR s", "images/s",
+                   "quality")
+    for r in part["runs"]:
+        alpha = f", alpha {r['alpha']:g}" if r.get("alpha") is not None else ""
+        table.add_row(f"{r['label']} ({r['sampler']}{alpha})", str(r["steps"]), str(r["nfe"]),
+                      _num(r["timing"]["median_s"], ".4g"), _num(r["timing"]["iqr_s"], ".2g"),
+                      _num(r["images_per_s"], ".4g"), _quality_text(r["quality"]))
+    return table
+
+
+def _samplers_table(report: dict):
+    part = report.get("samplers", {})
+    if part.get("status") != "ok":
+        return None
+    table = _table(f"Samplers at equal NFE budgets, batch {part['batch']}", "sampler", "NFE budget", "steps", "NFE",
+                   "s/image", "images/s", "quality")
+    for r in part["rows"]:
+        if r["status"] != "ok":
+            table.add_row(r["sampler"], str(r["nfe_budget"]), str(r["steps"]), "—", "—", "—", f"skipped: {r['reason']}")
+            continue
+        table.add_row(r["sampler"], str(r["nfe_budget"]), str(r["steps"]), str(r["nfe"]), _num(r["per_image_s"], ".3g"),
+                      _num(r["images_per_s"], ".4g"), _quality_text(r["quality"]))
+    return table
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def check_outputs(json_path: str | None, plot: Path | None, force: bool) -> None:
+    """Output files are checked before the (long) run: writable, not overwritten without --force,
+    and matplotlib present for --plot."""
+    from pdscli.fsutil import prepare_out_file
+
+    if json_path not in (None, "-"):
+        prepare_out_file(Path(json_path), force=force)
+    if plot is not None:
+        if Path(plot).suffix.lower() not in PLOT_FORMATS:
+            raise PdsError(f"--plot writes {', '.join(PLOT_FORMATS)} files, not {Path(plot).name}")
+        _matplotlib()
+        prepare_out_file(Path(plot), force=force)
+
+
+def _matplotlib():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PdsError('--plot needs matplotlib: pip install "pds[plot]" (or pip install matplotlib)') from None
+    return Figure
+
+
+def to_json(report: dict) -> str:
+    """Strict JSON: NaN / Inf never appear (they are None in the report)."""
+    return json.dumps(report, indent=2, default=str, allow_nan=False) + "\n"
+
+
+def write_json(report: dict, path: str) -> None:
+    from pdscli.fsutil import atomic_write_text
+
+    atomic_write_text(path, to_json(report))
+
+
+def write_plot(report: dict, path: Path) -> None:
+    """Time per image and quality against NFE (one line per sampler), and per-call time per
+    image against batch size (one line per backend)."""
+    import io
+
+    from pdscli.fsutil import atomic_write_bytes
+
+    figure = _matplotlib()(figsize=(15, 4.5), layout="constrained")
+    series = _sampler_series(report)
+    axes = figure.subplots(1, 3)
+    _plot_lines(axes[0], series, "per_image_s", "seconds per image (end to end)")
+    _plot_lines(axes[1], series, "quality", report["quality"]["metric"] or "quality (none measured)")
+    _plot_backends(axes[2], report)
+    figure.suptitle(f"pds bench: {report['model']['name']} on {report['settings']['device']} "
+                    f"({report['machine']['cpu'] if not report['machine'].get('gpu') else report['machine']['gpu']['name']})")
+    buf = io.BytesIO()
+    figure.savefig(buf, format=Path(path).suffix.lstrip(".").lower(), dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _sampler_series(report: dict) -> dict[str, list[tuple[int, float | None, float | None]]]:
+    """label -> [(NFE, seconds per image, quality)] from the samplers and end-to-end parts."""
+    series: dict[str, list] = {}
+    for r in report.get("samplers", {}).get("rows", []):
+        if r.get("status") == "ok":
+            series.setdefault(r["sampler"], []).append((r["nfe"], r["per_image_s"], (r["quality"] or {}).get("value")))
+    for r in report.get("end_to_end", {}).get("runs", []):
+        series.setdefault(f"e2e {r['label']}", []).append((r["nfe"], r["per_image_s"], (r["quality"] or {}).get("value")))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def _plot_lines(ax, series: dict, what: str, ylabel: str) -> None:
+    index = 1 if what == "per_image_s" else 2
+    for label, points in series.items():
+        pts = [(p[0], p[index]) for p in points if p[index] is not None and p[index] > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("NFE per image")
+    ax.set_ylabel(ylabel)
+    _log_axes(ax)
+
+
+def _plot_backends(ax, report: dict) -> None:
+    for e in report.get("backends", []):
+        if e["status"] == "ok":
+            ax.plot([r["batch"] for r in e["batches"]], [r["per_image_s"] for r in e["batches"]], marker="o", label=e["name"])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("seconds per image per network call")
+    _log_axes(ax)
+
+
+def _log_axes(ax) -> None:
+    if ax.lines:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(True, which="both", alpha=0.3)

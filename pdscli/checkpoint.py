@@ -367,12 +367,22 @@ def _ema_state(model: nn.Module, ema_params, step: int) -> dict:
 
 
 def _fresh_optimizer_state(model: nn.Module) -> dict:
-    # score_sde's restore calls optimizer.load_state_dict on this entry, so it must be a real
-    # optimizer state: the Adam the reference builds (over all parameters), before any step.
+    """The state_dict of the Adam score_sde builds (over all parameters), before any step.
+
+    score_sde's restore calls `optimizer.load_state_dict` on this entry, so it must be a real
+    optimizer state. Written out rather than taken from a `torch.optim.Adam`, whose construction
+    imports torch's compiler stack (seconds); Adam fills in any newer per-group flags itself.
+    """
     optim = (getattr(model, "config", None) or {}).get("optim", {})
-    adam = torch.optim.Adam(model.parameters(), lr=optim.get("lr", 2e-4), betas=(optim.get("beta1", 0.9), 0.999),
-                            eps=optim.get("eps", 1e-8), weight_decay=optim.get("weight_decay", 0))
-    return adam.state_dict()
+    group = {
+        "lr": optim.get("lr", 2e-4),
+        "betas": (optim.get("beta1", 0.9), 0.999),
+        "eps": optim.get("eps", 1e-8),
+        "weight_decay": optim.get("weight_decay", 0),
+        "amsgrad": optim.get("amsgrad", False),
+        "params": list(range(sum(1 for _ in model.parameters()))),
+    }
+    return {"state": {}, "param_groups": [group]}
 
 
 def save_checkpoint(path: str | Path, model: NCSNpp, *, ema_params=None, optimizer_state: dict | None = None,

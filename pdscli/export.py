@@ -290,19 +290,25 @@ def parity_sigmas(settings: SamplingSettings, count: int) -> list[float]:
     return [math.exp(lo + (hi - lo) * i / (count - 1)) for i in range(count)]
 
 
-def parity_cases(settings: SamplingSettings, *, sigmas: int = 4, batches=(1, 4), seed: int = 0, device="cpu"):
-    """(x, sigma) batches as a sampler sees them: x = data in [0, 1] + sigma * noise.
+def parity_plan(levels: list[float], batches) -> list[list[float]]:
+    """The sigmas of each parity batch: the largest batch size covers every level (in as many
+    batches as it takes), each smaller size runs once, from the high-sigma end."""
+    *small, big = sorted(set(batches))
+    plan = [[levels[::-1][i % len(levels)] for i in range(b)] for b in small]
+    for start in range(0, len(levels), big):
+        plan.append([levels[(start + i) % len(levels)] for i in range(big)])
+    return plan
 
-    Each batch size cycles through the sigmas, so the sigmas are covered by the largest batch
-    and the batch dimension is exercised at two sizes."""
+
+def parity_cases(settings: SamplingSettings, *, sigmas: int = 4, batches=(1, 4), seed: int = 0, device="cpu"):
+    """(x, sigma) batches as a sampler sees them: x = data in [0, 1] + sigma * noise, at sigmas
+    log-spaced over [sigma_min, sigma_max] and at each of `batches` (the dynamic batch dimension)."""
     g = torch.Generator().manual_seed(seed)
-    levels = parity_sigmas(settings, sigmas)
-    cases, offset = [], 0
-    for b in batches:
-        sig = torch.tensor([levels[(offset + i) % len(levels)] for i in range(b)], dtype=torch.float32)
-        offset += b
-        x0 = torch.rand(b, *settings.shape, generator=g)
-        x = x0 + sig[:, None, None, None] * torch.randn(b, *settings.shape, generator=g)
+    cases = []
+    for row in parity_plan(parity_sigmas(settings, sigmas), batches):
+        sig = torch.tensor(row, dtype=torch.float32)
+        x0 = torch.rand(len(row), *settings.shape, generator=g)
+        x = x0 + sig[:, None, None, None] * torch.randn(len(row), *settings.shape, generator=g)
         cases.append((x.to(device), sig.to(device)))
     return cases
 

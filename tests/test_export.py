@@ -17,6 +17,7 @@ from pdscli.export import (
     BatchProfile,
     export_onnx,
     parity_cases,
+    parity_plan,
     parity_sigmas,
     promote_unsupported,
     to_onnx,
@@ -120,6 +121,11 @@ def test_parity_cases_cover_the_sigma_range():
     cases = parity_cases(TOY, sigmas=4, batches=(1, 4))
     assert [x.shape[0] for x, _ in cases] == [1, 4]
     assert sorted(cases[1][1].tolist()) == pytest.approx(levels, rel=1e-6)
+    assert cases[0][1].tolist() == pytest.approx([50.0])
+    # One batch size (a fixed-batch engine): still every level.
+    assert parity_plan([1.0, 2.0, 3.0], (1,)) == [[1.0], [2.0], [3.0]]
+    assert parity_plan([1.0, 2.0, 3.0], (2,)) == [[1.0, 2.0], [3.0, 1.0]]
+    assert parity_plan([1.0, 2.0, 3.0], (1, 2, 8)) == [[3.0], [3.0, 2.0], [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0]]
 
 
 @pytest.mark.parametrize(

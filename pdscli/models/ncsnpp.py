@@ -67,154 +67,152 @@ class _Parts:
 
 
 class NCSNpp(nn.Module):
-    """NCSN++ built from a score_sde config as a nested dict (`model`, `data`, `training` sections)."""
+    """NCSN++ built from a score_sde config as a nested dict (`model` and `data` sections)."""
 
     def __init__(self, config: dict):
         super().__init__()
         self.config = config
         m, data = config["model"], config["data"]
-        self.act = act = layers.get_act(m["nonlinearity"])
+        self.act = layers.get_act(m["nonlinearity"])
         self.register_buffer(
             "sigmas", torch.tensor(sigma_ladder(m["sigma_min"], m["sigma_max"], m["num_scales"]), dtype=torch.float64)
         )
         self._log_sigma_max = math.log(m["sigma_max"])
         self._log_sigma_ratio = math.log(m["sigma_max"] / m["sigma_min"])
-
-        self.nf = nf = m["nf"]
-        ch_mult = list(m["ch_mult"])
-        self.num_res_blocks = num_res_blocks = m["num_res_blocks"]
-        self.attn_resolutions = attn_resolutions = list(m["attn_resolutions"])
-        self.num_resolutions = num_resolutions = len(ch_mult)
-        resolutions = [data["image_size"] // 2**i for i in range(num_resolutions)]
         self.centered = data["centered"]
         self.scale_by_sigma = m["scale_by_sigma"]
-        self.conditional = conditional = m["conditional"]
-        self.skip_rescale = skip_rescale = m["skip_rescale"]
-        self.resblock_type = resblock_type = m["resblock_type"].lower()
-        self.progressive = progressive = m["progressive"].lower()
-        self.progressive_input = progressive_input = m["progressive_input"].lower()
-        self.embedding_type = embedding_type = m["embedding_type"].lower()
-        fir, fir_kernel, init_scale, dropout = m["fir"], m["fir_kernel"], m["init_scale"], m["dropout"]
-        combine_method = m["progressive_combine"].lower()
-        channels = data["num_channels"]
+        self.skip_rescale = m["skip_rescale"]
+        self.resblock_type = m["resblock_type"].lower()
+        self.progressive = m["progressive"].lower()
+        self.progressive_input = m["progressive_input"].lower()
         self.body_dtype = torch.float32
+        self._check_choices(m["embedding_type"].lower())
 
-        modules: list[nn.Module] = []
-        self.parts = parts = _Parts()
-
-        def add(module: nn.Module) -> nn.Module:
-            modules.append(module)
-            return module
-
-        # Noise-level embedding and the time MLP: kept float32 by set_precision.
+        self.parts = _Parts()
+        self.all_modules = nn.ModuleList()  # filled by _add, in the reference's order
         self.positional = None
-        if embedding_type == "fourier":
-            parts.fourier = add(layers.GaussianFourierProjection(embedding_size=nf, scale=m["fourier_scale"]))
+        self._add_noise_embedding(m)
+        self._add_pyramid_resamplers(m, data["num_channels"])
+        skip_channels = self._add_down_path(m, data)
+        in_ch = skip_channels[-1]
+        self.parts.mid = [self._add(self._res_block(in_ch)), self._add(self._attn_block(in_ch)),
+                          self._add(self._res_block(in_ch))]
+        self._add_up_path(m, data, skip_channels)
+
+    # ---- construction ----
+
+    def _check_choices(self, embedding_type: str) -> None:
+        choices = {"embedding_type": (embedding_type, ("fourier", "positional")),
+                   "resblock_type": (self.resblock_type, ("ddpm", "biggan")),
+                   "progressive": (self.progressive, ("none", "output_skip", "residual")),
+                   "progressive_input": (self.progressive_input, ("none", "input_skip", "residual"))}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+    def _add(self, module: nn.Module) -> nn.Module:
+        self.all_modules.append(module)
+        return module
+
+    def _res_block(self, in_ch: int, out_ch: int | None = None, *, up: bool = False, down: bool = False):
+        m = self.config["model"]
+        common = dict(temb_dim=4 * m["nf"] if m["conditional"] else None, dropout=m["dropout"],
+                      skip_rescale=self.skip_rescale, init_scale=m["init_scale"])
+        if self.resblock_type == "ddpm":  # resolution changes are separate modules there
+            return layers.ResBlockDDPM(self.act, in_ch, out_ch, **common)
+        return layers.ResBlockBigGAN(self.act, in_ch, out_ch, up=up, down=down, fir=m["fir"],
+                                     fir_kernel=m["fir_kernel"], **common)
+
+    def _attn_block(self, channels: int) -> layers.AttnBlock:
+        return layers.AttnBlock(channels, skip_rescale=self.skip_rescale, init_scale=self.config["model"]["init_scale"])
+
+    def _add_noise_embedding(self, m: dict) -> None:
+        nf = m["nf"]
+        if m["embedding_type"].lower() == "fourier":
+            self.parts.fourier = self._add(layers.GaussianFourierProjection(embedding_size=nf, scale=m["fourier_scale"]))
             embed_dim = 2 * nf
-        elif embedding_type == "positional":
+        else:  # the positional embedding has no weights: not in all_modules
             self.positional = layers.PositionalEmbedding(nf)
             embed_dim = nf
-        else:
-            raise ValueError(f"embedding_type must be 'fourier' or 'positional', not {embedding_type!r}")
-        if conditional:
-            parts.time_mlp = [add(layers.dense(embed_dim, nf * 4)), add(layers.dense(nf * 4, nf * 4))]
-        temb_dim = nf * 4 if conditional else None
+        if m["conditional"]:
+            self.parts.time_mlp = [self._add(layers.dense(embed_dim, nf * 4)), self._add(layers.dense(nf * 4, nf * 4))]
 
-        def attn_block(ch):
-            return layers.AttnBlock(ch, skip_rescale=skip_rescale, init_scale=init_scale)
-
-        if resblock_type == "ddpm":
-
-            def res_block(in_ch, out_ch=None, up=False, down=False):
-                return layers.ResBlockDDPM(act, in_ch, out_ch, temb_dim=temb_dim, dropout=dropout,
-                                           skip_rescale=skip_rescale, init_scale=init_scale)
-        elif resblock_type == "biggan":
-
-            def res_block(in_ch, out_ch=None, up=False, down=False):
-                return layers.ResBlockBigGAN(act, in_ch, out_ch, temb_dim=temb_dim, up=up, down=down,
-                                             dropout=dropout, fir=fir, fir_kernel=fir_kernel,
-                                             skip_rescale=skip_rescale, init_scale=init_scale)
-        else:
-            raise ValueError(f"resblock_type must be 'ddpm' or 'biggan', not {resblock_type!r}")
-
-        # The resampling of the image pyramids has no weights (not in all_modules).
+    def _add_pyramid_resamplers(self, m: dict, channels: int) -> None:
+        # Weightless, so registered beside all_modules as in the reference.
         self.pyramid_upsample = self.pyramid_downsample = None
-        if progressive == "output_skip":
-            self.pyramid_upsample = Upsample(channels, fir=fir, fir_kernel=fir_kernel, with_conv=False)
-        elif progressive not in ("none", "residual"):
-            raise ValueError(f"progressive must be 'none', 'output_skip' or 'residual', not {progressive!r}")
-        if progressive_input == "input_skip":
-            self.pyramid_downsample = Downsample(channels, fir=fir, fir_kernel=fir_kernel, with_conv=False)
-        elif progressive_input not in ("none", "residual"):
-            raise ValueError(f"progressive_input must be 'none', 'input_skip' or 'residual', not {progressive_input!r}")
+        if self.progressive == "output_skip":
+            self.pyramid_upsample = Upsample(channels, fir=m["fir"], fir_kernel=m["fir_kernel"])
+        if self.progressive_input == "input_skip":
+            self.pyramid_downsample = Downsample(channels, fir=m["fir"], fir_kernel=m["fir_kernel"])
 
-        # Downsampling path.
-        parts.conv_in = add(layers.conv3x3(channels, nf))
+    def _add_down_path(self, m: dict, data: dict) -> list[int]:
+        """Builds the encoder; returns the channel counts of the skip connections it leaves."""
+        nf, ch_mult, fir, fir_kernel = m["nf"], m["ch_mult"], m["fir"], m["fir_kernel"]
+        self.parts.conv_in = self._add(layers.conv3x3(data["num_channels"], nf))
         skip_channels = [nf]
-        in_ch, pyramid_ch = nf, channels
-        for i_level in range(num_resolutions):
+        in_ch, pyramid_ch = nf, data["num_channels"]
+        for i_level, mult in enumerate(ch_mult):
             level = _DownLevel()
-            for _ in range(num_res_blocks):
-                out_ch = nf * ch_mult[i_level]
-                block = add(res_block(in_ch, out_ch))
-                in_ch = out_ch
-                attn = add(attn_block(in_ch)) if resolutions[i_level] in attn_resolutions else None
+            resolution = data["image_size"] // 2**i_level
+            for _ in range(m["num_res_blocks"]):
+                block = self._add(self._res_block(in_ch, nf * mult))
+                in_ch = nf * mult
+                attn = self._add(self._attn_block(in_ch)) if resolution in m["attn_resolutions"] else None
                 level.blocks.append((block, attn))
                 skip_channels.append(in_ch)
-            if i_level != num_resolutions - 1:
-                if resblock_type == "ddpm":
-                    level.downsample = add(Downsample(in_ch, with_conv=m["resamp_with_conv"], fir=fir, fir_kernel=fir_kernel))
+            if i_level != len(ch_mult) - 1:
+                if self.resblock_type == "ddpm":
+                    level.downsample = self._add(Downsample(in_ch, with_conv=m["resamp_with_conv"], fir=fir,
+                                                            fir_kernel=fir_kernel))
                 else:
-                    level.downsample = add(res_block(in_ch, down=True))
-                if progressive_input == "input_skip":
-                    level.pyramid = add(Combine(pyramid_ch, in_ch, method=combine_method))
-                    if combine_method == "cat":
-                        in_ch *= 2
-                elif progressive_input == "residual":
-                    level.pyramid = add(Downsample(pyramid_ch, in_ch, with_conv=True, fir=fir, fir_kernel=fir_kernel))
+                    level.downsample = self._add(self._res_block(in_ch, down=True))
+                if self.progressive_input == "input_skip":
+                    method = m["progressive_combine"].lower()
+                    level.pyramid = self._add(Combine(pyramid_ch, in_ch, method=method))
+                    in_ch = 2 * in_ch if method == "cat" else in_ch
+                elif self.progressive_input == "residual":
+                    level.pyramid = self._add(Downsample(pyramid_ch, in_ch, with_conv=True, fir=fir,
+                                                         fir_kernel=fir_kernel))
                     pyramid_ch = in_ch
                 skip_channels.append(in_ch)
-            parts.down_levels.append(level)
+            self.parts.down_levels.append(level)
+        return skip_channels
 
-        # Middle.
-        in_ch = skip_channels[-1]
-        parts.mid = [add(res_block(in_ch)), add(attn_block(in_ch)), add(res_block(in_ch))]
-
-        # Upsampling path, from the coarsest resolution up.
-        pyramid_ch = 0
-        for i_level in reversed(range(num_resolutions)):
+    def _add_up_path(self, m: dict, data: dict, skip_channels: list[int]) -> None:
+        """Builds the decoder (coarsest resolution first), consuming `skip_channels`, and the output head."""
+        nf, ch_mult, fir, fir_kernel = m["nf"], m["ch_mult"], m["fir"], m["fir_kernel"]
+        channels, init_scale = data["num_channels"], m["init_scale"]
+        in_ch, pyramid_ch = skip_channels[-1], 0
+        for i_level in reversed(range(len(ch_mult))):
             level = _UpLevel()
-            for _ in range(num_res_blocks + 1):
-                out_ch = nf * ch_mult[i_level]
-                level.blocks.append(add(res_block(in_ch + skip_channels.pop(), out_ch)))
-                in_ch = out_ch
-            if resolutions[i_level] in attn_resolutions:
-                level.attn = add(attn_block(in_ch))
-            coarsest = i_level == num_resolutions - 1
-            if progressive == "output_skip":
-                level.head_norm = add(group_norm(in_ch))
-                level.head_conv = add(layers.conv3x3(in_ch, channels, init_scale=init_scale))
-                pyramid_ch = channels
-            elif progressive == "residual" and coarsest:
-                level.head_norm = add(group_norm(in_ch))
-                level.head_conv = add(layers.conv3x3(in_ch, in_ch))
+            for _ in range(m["num_res_blocks"] + 1):
+                level.blocks.append(self._add(self._res_block(in_ch + skip_channels.pop(), nf * ch_mult[i_level])))
+                in_ch = nf * ch_mult[i_level]
+            if data["image_size"] // 2**i_level in m["attn_resolutions"]:
+                level.attn = self._add(self._attn_block(in_ch))
+            coarsest = i_level == len(ch_mult) - 1
+            if self.progressive == "output_skip":
+                level.head_norm = self._add(group_norm(in_ch))
+                level.head_conv = self._add(layers.conv3x3(in_ch, channels, init_scale=init_scale))
+            elif self.progressive == "residual" and coarsest:
+                level.head_norm = self._add(group_norm(in_ch))
+                level.head_conv = self._add(layers.conv3x3(in_ch, in_ch))
                 pyramid_ch = in_ch
-            elif progressive == "residual":
-                level.pyramid_up = add(Upsample(pyramid_ch, in_ch, with_conv=True, fir=fir, fir_kernel=fir_kernel))
+            elif self.progressive == "residual":
+                level.pyramid_up = self._add(Upsample(pyramid_ch, in_ch, with_conv=True, fir=fir,
+                                                      fir_kernel=fir_kernel))
                 pyramid_ch = in_ch
             if i_level != 0:
-                if resblock_type == "ddpm":
-                    level.upsample = add(Upsample(in_ch, with_conv=m["resamp_with_conv"], fir=fir, fir_kernel=fir_kernel))
+                if self.resblock_type == "ddpm":
+                    level.upsample = self._add(Upsample(in_ch, with_conv=m["resamp_with_conv"], fir=fir,
+                                                        fir_kernel=fir_kernel))
                 else:
-                    level.upsample = add(res_block(in_ch, up=True))
-            parts.up_levels.append(level)
-        assert not skip_channels
-
-        if progressive != "output_skip":
-            parts.out_norm = add(group_norm(in_ch))
-            parts.out_conv = add(layers.conv3x3(in_ch, channels, init_scale=init_scale))
-
-        self.all_modules = nn.ModuleList(modules)
+                    level.upsample = self._add(self._res_block(in_ch, up=True))
+            self.parts.up_levels.append(level)
+        assert not skip_channels, "every skip connection is consumed"
+        if self.progressive != "output_skip":
+            self.parts.out_norm = self._add(group_norm(in_ch))
+            self.parts.out_conv = self._add(layers.conv3x3(in_ch, channels, init_scale=init_scale))
 
     # ---- precision ----
 
@@ -232,12 +230,10 @@ class NCSNpp(nn.Module):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"precision must be float32, float16 or bfloat16, not {dtype}")
         keep_fp32 = set(self.noise_embedding_modules())
-        for module in self.all_modules.modules():
+        for module in self.modules():
+            # Leaves hold all the weights and FIR kernels; the root holds only the sigma ladder.
             is_leaf = next(module.children(), None) is None
             if is_leaf and module not in keep_fp32 and not isinstance(module, nn.GroupNorm):
-                module.to(dtype)
-        for module in (self.pyramid_upsample, self.pyramid_downsample):
-            if module is not None:
                 module.to(dtype)
         self.body_dtype = dtype
         return self
