@@ -11,7 +11,7 @@ The rule (calibrated, see below and docs/samplers.md):
 
     h = ln(sigma_max / sigma_min) / (n_steps - 1)           the step in log sigma
     1 / (alpha - 1) = SLOPE * (h - H0)                        when h > H0
-    alpha = clip(that, ALPHA_MIN, ALPHA_MAX); ALPHA_MAX (= off, to 1e-4) when h <= H0
+    alpha = clip(that, ALPHA_MIN, ALPHA_MAX); ALPHA_MAX (= off, to 1e-6) when h <= H0
 
 Why this shape: vanilla PC's excess high-frequency variance is first order in h; PDS's bias is
 first order in the filter's excess (max filter - 1 ~ 1 / (alpha - 1)); cancelling the two gives
@@ -38,10 +38,10 @@ from pdscli.errors import PdsError
 
 ALPHA_REFERENCE = 5.0  # the reference implementation's fixed alpha
 ALPHA_MIN = 5.0  # never stronger than the reference: below ~3 the predictor diverges at 10-20 steps
-ALPHA_MAX = 1e4  # "off": the filter is within 1e-4 of 1 everywhere
+ALPHA_MAX = 1e6  # "off": the filter is within 1e-6 of 1 everywhere (exactly vanilla to float32 rounding)
 # Fitted by scripts/calibrate_alpha.py (tests/test_alpha.py re-checks them on the exact model).
-SLOPE = 0.8
-H0 = 0.03
+SLOPE = 0.775
+H0 = 0.035
 
 
 def log_step(n_steps: int, sigma_min: float, sigma_max: float) -> float:

@@ -68,9 +68,9 @@ MODELS = ("gaussian", "builtin")
 # Full runs are sized for a GPU; --quick is a smoke test of a minute or less on a CPU.
 DEFAULTS = {"batch_sizes": [1, 8, 32], "warmup": 3, "repeats": 20, "speed_up": 10.0, "e2e_repeats": 3,
             "quality_samples": 256, "nfe": [20, 50, 100], "reference_limit": 2000}
-QUICK = {"batch_sizes": [1, 4], "warmup": 1, "repeats": 3, "speed_up": 4.0, "e2e_repeats": 1,
+QUICK = {"batch_sizes": [1, 4], "warmup": 1, "repeats": 3, "speed_up": 2.0, "e2e_repeats": 1,
          "quality_samples": 32, "nfe": [10, 20], "reference_limit": 200}
-QUICK_FULL_STEPS = 20  # --quick's "full" step count: a smoke test, not the model's num_scales
+QUICK_FULL_STEPS = 40  # --quick's "full" step count: a smoke test, not the model's num_scales
 QUICK_BACKENDS = ("eager", ANALYTIC, ENGINE)
 # An end-to-end run may not be faster than its network calls by more than timing noise.
 CONSISTENCY_SLACK = 1.25
@@ -122,6 +122,8 @@ class BenchConfig:
     def resolved(self) -> "BenchConfig":
         """A copy with the defaults filled in (--quick's where --quick is on) and every flag checked."""
         cfg = copy.copy(self)
+        if cfg.steps is not None and cfg.speed_up is not None:
+            raise PdsError("--steps and --speed-up exclude each other: give PDS's step count or the speed-up")
         table = QUICK if cfg.quick else DEFAULTS
         for name, value in table.items():
             if getattr(cfg, name) is None:
@@ -806,6 +808,22 @@ def load_reference(cfg: BenchConfig, model: BenchModel) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).double()
 
 
+def reference_images(cfg: BenchConfig, model: BenchModel) -> tuple[torch.Tensor | None, str | None]:
+    """(images, where from): --reference; for the built-in model, the digits it was trained on
+    (scikit-learn's, shipped with it: no download); else (None, None)."""
+    if cfg.reference is not None:
+        return load_reference(cfg, model), f"--reference {cfg.reference}"
+    if not _is_builtin(model):
+        return None, None
+    from pdscli.datasets import load_digits
+
+    try:
+        images = load_digits(size=model.shape[1], channels=model.shape[0])
+    except PdsError:  # scikit-learn missing: no quality figure rather than no bench
+        return None, None
+    return images[: cfg.reference_limit].double(), "the built-in model's training data (scikit-learn digits)"
+
+
 def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor | None):
     """(Filters, info): --masks; the analytic model's exact spectrum; the built-in model's own;
     statistics of --reference; else a synthetic natural-image spectrum, which times PDS
@@ -824,7 +842,7 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
 
         filters, source, meaningful = builtin.default_filters(), "the built-in model's own filters", True
     elif reference is not None:
-        filters = compute_statistics([reference], source=str(cfg.reference))
+        filters = compute_statistics([reference.clamp(0, 1)], source=str(cfg.reference))
         source, meaningful = f"statistics of {len(reference)} --reference images", True
     else:
         from pdscli.analytic import GaussianImageModel
@@ -1139,10 +1157,11 @@ def _run(cfg: BenchConfig, device: torch.device, cache: ExportCache, log) -> dic
     machine = describe_machine(device)
     log("loading the model ...")
     model = open_bench_model(cfg, device)
-    reference = load_reference(cfg, model) if cfg.reference is not None else None
+    reference, reference_source = reference_images(cfg, model)
     quality = make_quality(model, reference, cfg.seed)
     flops = count_flops(model, cfg.batch_sizes)
     report = _report_head(cfg, model, machine, flops, quality)
+    report["quality"]["reference"] = reference_source
 
     entries, kept = run_backends(cfg, model, flops, cache, log) if "nfe" not in cfg.skip else ([], {})
     add_speed_ratios(entries)
@@ -1309,12 +1328,12 @@ def render(report: dict) -> list:
     return out
 
 
-def _table(title: str, *columns: str):
+def _table(title: str, *columns: str, numbers: bool = True):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", title_style="bold")
     for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if i == 0 else "right")
+        table.add_column(c, justify="right" if numbers and i > 0 else "left")
     return table
 
 
@@ -1340,7 +1359,7 @@ def _skipped_table(report: dict):
     rest = [e for e in report.get("backends", []) if e["status"] != "ok"]
     if not rest:
         return None
-    table = _table("Backends not measured", "backend", "status", "reason")
+    table = _table("Backends not measured", "backend", "status", "reason", numbers=False)
     for e in rest:
         table.add_row(e["name"], e["status"], e["reason"])
     return table
@@ -1454,7 +1473,8 @@ def _sampler_series(report: dict) -> dict[str, list[tuple[int, float | None, flo
         if r.get("status") == "ok":
             series.setdefault(r["sampler"], []).append((r["nfe"], r["per_image_s"], (r["quality"] or {}).get("value")))
     for r in report.get("end_to_end", {}).get("runs", []):
-        series.setdefault(f"e2e {r['label']}", []).append((r["nfe"], r["per_image_s"], (r["quality"] or {}).get("value")))
+        series.setdefault(f"end to end: {r['label']}", []).append(
+            (r["nfe"], r["per_image_s"], (r["quality"] or {}).get("value")))
     return {k: sorted(v) for k, v in series.items()}
 
 
@@ -1463,7 +1483,10 @@ def _plot_lines(ax, series: dict, what: str, ylabel: str) -> None:
     for label, points in series.items():
         pts = [(p[0], p[index]) for p in points if p[index] is not None and p[index] > 0]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
+            # The end-to-end runs are single points (full steps, 1/k of them): stars, no line.
+            single = label.startswith("end to end")
+            ax.plot(*zip(*pts), marker="*" if single else "o", markersize=12 if single else 6,
+                    linestyle="none" if single else "-", label=label)
     ax.set_xlabel("NFE per image")
     ax.set_ylabel(ylabel)
     _log_axes(ax)
@@ -1479,9 +1502,16 @@ def _plot_backends(ax, report: dict) -> None:
 
 
 def _log_axes(ax) -> None:
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     if ax.lines:
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # Plain numbers (20, 50, 100) rather than 2x10^1 on the NFE and batch axes.
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ticks = sorted({x for line in ax.lines for x in line.get_xdata()})
+        ax.set_xticks(ticks)
         ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)

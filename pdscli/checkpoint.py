@@ -88,8 +88,10 @@ def _torch_load(path: Path, trust: bool):
     except pickle.UnpicklingError as e:
         raise PdsError(_unpickling_message(path, str(e), trust)) from None
     except Exception as e:  # torch.load fails in many ways on damaged files; all mean the same to a user
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PdsError(f"checkpoint {path} is truncated or corrupt ({detail[:200]})") from None
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if trust and isinstance(e, (ModuleNotFoundError, AttributeError)):
+            raise PdsError(f"cannot unpickle checkpoint {path}: it refers to code that is not installed ({detail})") from None
+        raise PdsError(f"checkpoint {path} is truncated or corrupt ({detail})") from None
 
 
 def _unpickling_message(path: Path, text: str, trust: bool) -> str:
@@ -254,7 +256,9 @@ def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = 
 
     `config`: a preset name, a JSON config file (fields it lacks come from `preset`) or a dict;
     with neither config nor preset, the one preset whose shapes and noise levels fit.
-    `weights`: "ema" (what score_sde samples with; raw if the file has no EMA) or "raw".
+    `weights`: "ema" (what score_sde samples with) or "raw". `checkpoint_info["weights"]` says
+    what was used: "ema", "raw" (also when the file has no EMA), or "state_dict" (a plain
+    state_dict, used as stored).
     The module carries `.config` (nested dict), `.settings` (SamplingSettings) and
     `.checkpoint_info` (file, sha256, layout, weights used, step, parameter count, ...).
     """

@@ -465,8 +465,9 @@ def load_source(checkpoint=None, config=None, preset=None, *, random_weights=Fal
         from pdscli.models import build_model, load_config, settings_from_config
 
         cfg = load_config(config, preset)
-        torch.manual_seed(seed)  # build_model's init draws from the global generator
-        net = randomize(build_model(cfg), seed)
+        with torch.random.fork_rng(devices=[]):  # build_model's init draws from the global generator
+            torch.manual_seed(seed)
+            net = randomize(build_model(cfg), seed)
         settings = settings_from_config(cfg)
         stem = f"{preset or Path(config).stem}-random"
         meta = export_metadata(settings, precision="", preset=preset, weights=f"random(seed={seed})")
@@ -554,7 +555,7 @@ def run_export(*, checkpoint=None, config=None, preset=None, fmt="onnx", precisi
                log: Callable[[str], None] = lambda s: None) -> dict:
     """`pds export`: checks everything cheap first (format, TensorRT, output path), then exports."""
     from pdscli.devices import resolve_device
-    from pdscli.fsutil import check_writable, prepare_out_file, sha256_file
+    from pdscli.fsutil import prepare_out_file, sha256_file
 
     fmt, precision = fmt.lower(), precision.lower()
     if fmt not in FORMATS:
@@ -569,12 +570,12 @@ def run_export(*, checkpoint=None, config=None, preset=None, fmt="onnx", precisi
         require_tensorrt(trt_device)
     out = Path(out) if out is not None else default_out(
         source_stem(checkpoint, config, preset, random_weights), precision, fmt)
-    if fmt == "onnx":
-        prepare_out_file(out, force=force)
-    else:
-        # An existing engine may be a cache hit: whether --force is needed is decided at build time.
-        prepare_out_file(out, force=True)
-        check_writable(out.parent)
+    suffixes = (".onnx",) if fmt == "onnx" else (".plan", ".engine")
+    if out.suffix.lower() not in suffixes:
+        # open_engine tells the engine type from the suffix: a misnamed file could not be opened.
+        raise PdsError(f"--out for --format {fmt} must end in {' or '.join(suffixes)}, not {out.name!r}")
+    # An existing engine may be a cache hit: whether it needs --force is decided at build time.
+    prepare_out_file(out, force=force or fmt == "trt")
     batches, tol = profile.parity_batches(), TOLERANCES[precision] if tolerance is None else tolerance
     source = load_source(checkpoint, config, preset, random_weights=random_weights, weights=weights,
                          trust_checkpoint=trust_checkpoint)

@@ -293,3 +293,8 @@ def test_cli_random_weights_exclude_a_checkpoint(run_pds, fixture_dir, tmp_path)
     line = _one_line_error(run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--preset", "cifar10",
                                    "--random-weights", "--out", tmp_path / "m.onnx"))
     assert "exclude each other" in line
+
+
+def test_cli_out_suffix_must_name_the_format(run_pds, tmp_path):
+    line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", tmp_path / "m.plan"))
+    assert "must end in .onnx" in line

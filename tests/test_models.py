@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -115,6 +114,8 @@ def test_partial_config_without_preset_names_missing_fields(tmp_path):
         (json.dumps({"model": {"progressive": "sideways"}}), "progressive"),
         (json.dumps({"model": {"name": "ddpm"}}), "ncsnpp"),
         (json.dumps({"data": {"image_size": 30}}), "divisible"),
+        (json.dumps({"sampling": {"snr": "high"}}), "positive number"),
+        (json.dumps({"model": []}), "must be an object"),
     ],
 )
 def test_bad_config_files(tmp_path, text, message):

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from pdscli.cli import app
 from pdscli.console import console, err_console
@@ -58,10 +59,10 @@ def bench(
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed calls per measurement (default 20; --quick 3).", rich_help_panel=MEASURE),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and ONNX Runtime (default: torch's).", rich_help_panel=MEASURE),
     skip: Optional[str] = typer.Option(None, "--skip", help="Parts to leave out: nfe, overhead, e2e, samplers.", rich_help_panel=MEASURE),
-    quick: bool = typer.Option(False, "--quick", help="Smoke run: batches 1,4, 3 repeats, vanilla at <= 20 steps, 32 quality samples.", rich_help_panel=MEASURE),
-    speed_up: Optional[float] = typer.Option(None, "--speed-up", help="PDS runs full-steps / k steps (default 10; --quick 4).", rich_help_panel=SAMPLING),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: batches 1,4, 3 repeats, vanilla at <= 40 steps, 32 quality samples.", rich_help_panel=MEASURE),
+    speed_up: Optional[float] = typer.Option(None, "--speed-up", help="PDS runs full-steps / k steps (default 10; --quick 2).", rich_help_panel=SAMPLING),
     steps: Optional[int] = typer.Option(None, "--steps", help="PDS step count instead of --speed-up.", rich_help_panel=SAMPLING),
-    full_steps: Optional[int] = typer.Option(None, "--full-steps", help="Vanilla PC's step count (default: the model's num_scales; --quick: at most 20).", rich_help_panel=SAMPLING),
+    full_steps: Optional[int] = typer.Option(None, "--full-steps", help="Vanilla PC's step count (default: the model's num_scales; --quick: at most 40).", rich_help_panel=SAMPLING),
     alpha: str = typer.Option("5", "--alpha", help="PDS filter strength, a number or auto.", rich_help_panel=SAMPLING),
     masks: Optional[Path] = typer.Option(None, "--masks", help="PDS filters .npz (from `pds filters`). Default: exact (gaussian), the built-in's, from --reference, else synthetic (timing only).", rich_help_panel=SAMPLING),
     samplers: Optional[str] = typer.Option(None, "--samplers", help="Compare samplers at equal NFE budgets, e.g. pc,pds,ddim,accel-ode.", rich_help_panel=SAMPLING),
@@ -106,7 +107,8 @@ def bench(
         # Tables need room: a pipe or a file gets 140 columns instead of Rich's default 80.
         out = Console(stderr=json_out == "-", width=140)
     for item in lib.render(report):
-        out.print(item)
+        # Lines of text must not wrap (a CPU name split in two); tables fit the width.
+        out.print(item, soft_wrap=isinstance(item, Text))
     if json_out == "-":
         typer.echo(lib.to_json(report), nl=False)
     elif json_out:

@@ -171,8 +171,16 @@ def missing_fields(cfg: dict) -> list[str]:
     return missing
 
 
+def validate_sections(cfg: dict, source: str = "config") -> None:
+    # Checked before merging too: a section that is not an object would replace the preset's.
+    for section in ("model", "data", "training", "sampling"):
+        if section in cfg and not isinstance(cfg[section], dict):
+            raise PdsError(f"{source}: '{section}' must be an object (a section of fields)")
+
+
 def validate_config(cfg: dict, source: str = "config") -> dict:
     """Check that `cfg` describes a VE NCSN++ this package can build; returns it unchanged."""
+    validate_sections(cfg, source)
     missing = missing_fields(cfg)
     if missing:
         raise PdsError(
@@ -198,7 +206,11 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     if data["image_size"] % 2 ** (len(ch_mult) - 1):
         raise PdsError(f"{source}: data.image_size {data['image_size']} is not divisible by "
                        f"2**{len(ch_mult) - 1} (one halving per extra model.ch_mult entry)")
-    if not (0 < m["sigma_min"] < m["sigma_max"]):
+    for section, name in (("model", "sigma_min"), ("model", "sigma_max"), ("sampling", "snr")):
+        value = cfg[section][name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise PdsError(f"{source}: {section}.{name} must be a positive number, not {value!r}")
+    if not m["sigma_min"] < m["sigma_max"]:
         raise PdsError(f"{source}: need 0 < model.sigma_min < model.sigma_max, got {m['sigma_min']} and {m['sigma_max']}")
     return cfg
 
@@ -231,9 +243,6 @@ def read_config_json(path: str | Path) -> dict:
         raise PdsError(f"config file {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(cfg, dict):
         raise PdsError(f"config file {path} must hold a JSON object with model/data/sampling sections")
-    for section in REQUIRED_FIELDS:
-        if section in cfg and not isinstance(cfg[section], dict):
-            raise PdsError(f"config file {path}: '{section}' must be an object")
     return cfg
 
 
@@ -250,6 +259,7 @@ def load_config(config: str | Path | dict | None, preset: str | None = None) -> 
         return base
     user = copy.deepcopy(config) if isinstance(config, dict) else read_config_json(config)
     source = "config" if isinstance(config, dict) else f"config file {config}"
+    validate_sections(user, source)
     cfg = deep_merge(base, user) if base is not None else user
     return validate_config(cfg, source)
 

@@ -72,10 +72,13 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that always normalises in float32.
 
     Half-precision statistics over large feature maps lose too much; the parameters stay
-    float32 when the body runs in fp16/bf16 (`NCSNpp.set_precision`). In fp32 the casts are no-ops.
+    float32 when the body runs in fp16/bf16 (`NCSNpp.set_precision`). On float32 input it is
+    plain nn.GroupNorm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # no casts at all, so none show up in exported graphs
+            return super().forward(x)
         h = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         return h.to(x.dtype)
 
@@ -268,6 +271,24 @@ class ResBlockDDPM(nn.Module):
         return (x + h) / SKIP_SCALE if self.skip_rescale else x + h
 
 
+class _Nearest2x(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class _Mean2x2(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, 2, stride=2)
+
+
+def _block_resampler(channels: int, up: bool, down: bool, fir: bool, fir_kernel) -> nn.Module | None:
+    if up:
+        return FirUpsample(channels, fir_kernel) if fir else _Nearest2x()
+    if down:
+        return FirDownsample(channels, fir_kernel) if fir else _Mean2x2()
+    return None
+
+
 class ResBlockBigGAN(nn.Module):
     """BigGAN-style residual block that can also resample by 2 (score_sde `ResnetBlockBigGANpp`)."""
 
@@ -305,21 +326,3 @@ class ResBlockBigGAN(nn.Module):
         if self.has_shortcut:
             x = self.Conv_2(x)
         return (x + h) / SKIP_SCALE if self.skip_rescale else x + h
-
-
-class _Nearest2x(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2, mode="nearest")
-
-
-class _Mean2x2(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, 2, stride=2)
-
-
-def _block_resampler(channels: int, up: bool, down: bool, fir: bool, fir_kernel) -> nn.Module | None:
-    if up:
-        return FirUpsample(channels, fir_kernel) if fir else _Nearest2x()
-    if down:
-        return FirDownsample(channels, fir_kernel) if fir else _Mean2x2()
-    return None

@@ -253,16 +253,21 @@ class NCSNpp(nn.Module):
         temb, used_sigmas = self._embed_noise(sigma)
         if not self.centered:
             x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
-        h = self._unet(x.to(self.body_dtype), None if temb is None else temb.to(self.body_dtype))
-        h = h.float()
-        if self.scale_by_sigma:
+        h = self._unet(self._to_body(x), None if temb is None else self._to_body(temb))
+        if h.dtype != torch.float32:
+            h = h.float()
+        if self.scale_by_sigma:  # in float32: sigma_min = 0.01 makes the output 100x larger
             h = h / used_sigmas.reshape(-1, 1, 1, 1)
         return h
+
+    def _to_body(self, t: torch.Tensor) -> torch.Tensor:
+        # Cast only when needed, so a float32 export carries no no-op Cast nodes.
+        return t if t.dtype == self.body_dtype else t.to(self.body_dtype)
 
     def _embed_noise(self, sigma: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(time embedding or None, the sigma the output is divided by), both float32."""
         if self.parts.fourier is not None:
-            used_sigmas = sigma.float()
+            used_sigmas = sigma if sigma.dtype == torch.float32 else sigma.float()
             temb = self.parts.fourier(torch.log(used_sigmas))
         else:
             labels = sigma if not sigma.is_floating_point() else self._labels_from_sigma(sigma)
@@ -274,7 +279,8 @@ class NCSNpp(nn.Module):
         return second(self.act(first(temb))), used_sigmas
 
     def _labels_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        position = (self._log_sigma_max - torch.log(sigma.double())) / self._log_sigma_ratio
+        # float32, not float64: TensorRT has no doubles, and rungs are far apart next to its rounding.
+        position = (self._log_sigma_max - torch.log(sigma.float())) / self._log_sigma_ratio
         labels = torch.round(position * (self.sigmas.shape[0] - 1)).long()
         return labels.clamp(0, self.sigmas.shape[0] - 1)
 

@@ -1,0 +1,358 @@
+"""`pds bench`: quick runs on the CPU (analytic model, the reference NCSN++ fixture, a tiny random
+architecture), checked for the report's structure and for numbers that are positive and agree
+with each other. No test asserts a speed: the machine may be shared and slow."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from pdscli import bench
+from pdscli.errors import PdsError
+
+QUICK = ["--quick", "--threads", "1", "--quiet"]
+
+
+def _stats_ok(t: dict, repeats: int | None = None) -> None:
+    """A timing summary: positive, ordered, and computed from the raw times it carries."""
+    times = t["times_s"]
+    assert times and all(v > 0 for v in times)
+    if repeats is not None:
+        assert len(times) == repeats == t["count"]
+    assert t["min_s"] <= t["q1_s"] <= t["median_s"] <= t["q3_s"] <= t["max_s"]
+    assert t["iqr_s"] == pytest.approx(t["q3_s"] - t["q1_s"])
+    assert t["median_s"] == pytest.approx(sorted(times)[len(times) // 2] if len(times) % 2 else
+                                          (sorted(times)[len(times) // 2 - 1] + sorted(times)[len(times) // 2]) / 2)
+
+
+def _check_machine(report: dict) -> None:
+    m = report["machine"]
+    assert m["cpu"] and m["usable_cores"] >= 1 and m["torch_threads"] == 1
+    assert m["libraries"]["torch"] == torch.__version__
+    assert {"onnxruntime", "onnx", "tensorrt", "numpy", "pds"} <= set(m["libraries"])
+    assert "gpu" in m  # None on a CPU machine, a dict with name/driver/cuda on a GPU one
+
+
+def _check_backends(report: dict, names: list[str], batches: list[int], repeats: int) -> None:
+    ok = {e["name"]: e for e in report["backends"] if e["status"] == "ok"}
+    assert sorted(ok) == sorted(names), report["backends"]
+    for e in ok.values():
+        assert [r["batch"] for r in e["batches"]] == batches
+        for r in e["batches"]:
+            _stats_ok(r, repeats)
+            assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"])
+            assert r["per_image_s"] == pytest.approx(r["median_s"] / r["batch"])
+            assert r["finite"]
+
+
+def _check_e2e(report: dict, full: int, pds_steps: int, nfe_per_step: int = 2) -> dict:
+    e2e = report["end_to_end"]
+    assert e2e["status"] == "ok"
+    vanilla, pds = e2e["runs"]
+    assert (vanilla["sampler"], pds["sampler"]) == ("pc", "pds")
+    assert (vanilla["steps"], pds["steps"]) == (full, pds_steps)
+    assert vanilla["nfe"] == nfe_per_step * full and pds["nfe"] == nfe_per_step * pds_steps
+    for run in (vanilla, pds):
+        _stats_ok(run["timing"])
+        assert run["images_per_s"] == pytest.approx(e2e["batch"] / run["timing"]["median_s"])
+        # An end-to-end run makes `nfe` network calls: it cannot be much faster than that many of
+        # the fastest call measured at its batch size (0.5: timing noise on a shared machine).
+        fastest = min(r["median_s"] for e in report["backends"] if e["status"] == "ok"
+                      for r in e["batches"] if r["batch"] == e2e["batch"])
+        assert run["timing"]["median_s"] >= 0.5 * run["nfe"] * fastest
+    assert e2e["speedup"] == pytest.approx(vanilla["timing"]["median_s"] / pds["timing"]["median_s"])
+    assert e2e["nfe_ratio"] == pytest.approx(full / pds_steps)
+    return e2e
+
+
+# --- the analytic model ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gaussian_report(tmp_path_factory):
+    """One quick run on the analytic model with every part, JSON and plot, shared by the tests below."""
+    from pdscli.cli import main
+
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--model", "gaussian", "--image-size", "16", *QUICK, "--samplers", "pc,pds,ddim,accel-ode2",
+            "--nfe", "10,20", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+    try:
+        main(args)
+    except SystemExit as e:
+        assert e.code in (0, None), e.code
+    return json.loads((out / "bench.json").read_text()), out
+
+
+def test_gaussian_report_structure(gaussian_report):
+    report, _ = gaussian_report
+    assert report["format"] == bench.FORMAT
+    assert report["command"].startswith("pds bench --model gaussian")
+    _check_machine(report)
+    assert report["model"]["kind"] == "analytic" and report["model"]["shape"] == [3, 16, 16]
+    assert report["settings"]["quick"] and report["settings"]["batch_sizes"] == [1, 4]
+    _check_backends(report, ["analytic"], [1, 4], repeats=3)
+    assert report["flops"]["per_call"] is None and "FFT" in report["flops"]["note"]
+
+
+def test_gaussian_pds_overhead_is_measured_per_batch(gaussian_report):
+    report, _ = gaussian_report
+    part = report["pds_overhead"]
+    assert part["status"] == "ok" and [r["batch"] for r in part["batches"]] == [1, 4]
+    for r in part["batches"]:
+        _stats_ok(r["noise"], 3)
+        _stats_ok(r["grad"], 3)
+        assert r["per_nfe_s"] == pytest.approx(r["noise"]["median_s"] + r["grad"]["median_s"])
+        nfe = bench.nfe_median(report["backends"], "analytic", r["batch"])
+        assert r["fraction_of_nfe"]["analytic"] == pytest.approx(r["per_nfe_s"] / nfe)
+
+
+def test_gaussian_end_to_end_has_speed_and_exact_quality(gaussian_report):
+    report, _ = gaussian_report
+    e2e = _check_e2e(report, full=40, pds_steps=20)
+    assert e2e["backend"] == "analytic" and e2e["batch"] == 4 and e2e["samples"] == 32
+    for run in e2e["runs"]:
+        q = run["quality"]
+        assert q["metric"] == "spectral_kl" and q["samples"] == 32
+        assert q["value"] > 0 and 0 < q["floor"] < 0.05  # ~1/(4n) for n exact samples
+    assert e2e["runs"][1]["alpha"] == 5.0
+    assert report["filters"]["images_meaningful"] is True
+
+
+def test_gaussian_samplers_at_equal_nfe(gaussian_report):
+    report, _ = gaussian_report
+    rows = report["samplers"]["rows"]
+    assert [(r["sampler"], r["nfe_budget"]) for r in rows] == [
+        (s, b) for s in ("pc", "pds", "ddim", "accel-ode2") for b in (10, 20)]
+    for r in rows:
+        assert r["status"] == "ok"
+        assert r["nfe"] <= r["nfe_budget"]
+        assert r["quality"]["value"] is not None and r["per_image_s"] > 0
+    by = {(r["sampler"], r["nfe_budget"]): r for r in rows}
+    assert by[("pc", 20)]["steps"] == 10 and by[("pc", 20)]["nfe"] == 20
+    assert by[("ddim", 20)]["steps"] == 20 and by[("ddim", 20)]["schedule"] == "geometric"
+    assert by[("accel-ode2", 20)]["steps"] == 10 and by[("accel-ode2", 20)]["nfe"] == 19
+    assert by[("pds", 10)]["alpha"] == 5.0 and by[("pc", 10)]["alpha"] is None
+
+
+def test_gaussian_plot_is_written(gaussian_report):
+    _, out = gaussian_report
+    data = (out / "bench.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 600 and height > 200
+
+
+def test_json_to_stdout_keeps_stdout_parseable(run_pds):
+    r = run_pds("bench", "--model", "gaussian", "--image-size", "8", "--channels", "1", *QUICK,
+                "--skip", "overhead,e2e", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["end_to_end"]["status"] == "skipped" and report["pds_overhead"]["reason"] == "--skip overhead"
+    assert "Network call (NFE) latency" in r.stderr  # the tables moved to stderr
+    assert report["machine"]["cpu"] in r.stderr  # the machine is named in the human report too
+
+
+# --- NCSN++ networks -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    """24 PNGs of smooth 32x32 colour images: a stand-in data set for --reference."""
+    from pdscli.analytic import GaussianImageModel
+    from pdscli.images import save_png
+
+    folder = tmp_path_factory.mktemp("reference")
+    g = GaussianImageModel(32, 3, power=1.5)
+    for i, x in enumerate(g.sample(24, torch.Generator().manual_seed(3)).clamp(0, 1)):
+        save_png(folder / f"{i:03d}.png", x)
+    return folder
+
+
+def test_fixture_network_quick(run_pds, fixture_dir, reference_dir):
+    r = run_pds("bench", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
+                *QUICK, "--backends", "eager,bf16,cuda-graph,trt-fp16,analytic", "--batch-sizes", "1,2",
+                "--full-steps", "8", "--speed-up", "4", "--reference", reference_dir, "--quality-samples", "8", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    _check_machine(report)
+    assert report["model"]["kind"] == "network" and report["model"]["num_params"] == 320_793
+    _check_backends(report, ["eager", "bf16"], [1, 2], repeats=3)
+    skipped = {e["name"]: e["reason"] for e in report["backends"] if e["status"] == "skipped"}
+    if not torch.cuda.is_available():
+        assert "--device cuda" in skipped["cuda-graph"]
+    assert "analytic" in skipped and "trt-fp16" in skipped
+
+    # FLOPs: counted per batch, linear in the batch, and FLOP/s = FLOPs / median time.
+    flops = report["flops"]["per_call"]
+    assert flops["1"] > 1e7 and flops["2"] == 2 * flops["1"]
+    for e in report["backends"]:
+        for row in e.get("batches", []):
+            assert row["flops_per_call"] == flops[str(row["batch"])]
+            assert row["achieved_flops_per_s"] == pytest.approx(row["flops_per_call"] / row["median_s"])
+    errors = {e["name"]: e["batches"][0]["max_rel_err_vs_eager_fp32"] for e in report["backends"] if e["status"] == "ok"}
+    assert errors["eager"] == 0 and 0 < errors["bf16"] < 0.1
+
+    overhead = report["pds_overhead"]["batches"]
+    assert all(0 < row["fraction_of_nfe"]["eager"] for row in overhead)
+    _check_e2e(report, full=8, pds_steps=2)
+    assert report["filters"]["source"].startswith("statistics of 24 --reference images")
+    for run in report["end_to_end"]["runs"]:
+        q = run["quality"]
+        assert q["metric"] == "spectral_kl_vs_reference" and q["value"] is not None and q["value"] >= 0
+        assert q["floor"] is None or q["floor"] >= 0
+
+
+def _tiny_config(fixture_dir, tmp_path):
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    cfg["data"]["image_size"] = 16
+    cfg["model"].update(nf=8, ch_mult=[1, 2], attn_resolutions=[8], num_scales=100)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_random_weights_architecture(run_pds, fixture_dir, tmp_path):
+    config = _tiny_config(fixture_dir, tmp_path)
+    r = run_pds("bench", "--config", config, "--random-weights", *QUICK, "--batch-sizes", "2",
+                "--samplers", "ddim", "--nfe", "4", "--plot", tmp_path / "p.svg")
+    assert r.exit_code == 0, r.stderr
+    assert "random:tiny" in r.stdout and "PDS speedup" in r.stdout and "Samplers at equal NFE" in r.stdout
+    assert "synthetic" in r.stdout  # PDS's filters are made up here, and the report says so
+    assert (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+
+
+@pytest.mark.slow
+def test_onnx_cpu_backend_matches_eager(run_pds, fixture_dir, tmp_path):
+    r = run_pds("bench", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
+                *QUICK, "--backends", "eager,onnx-cpu", "--batch-sizes", "2", "--skip", "e2e,overhead",
+                "--cache-dir", tmp_path / "cache", "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    onnx = next(e for e in report["backends"] if e["name"] == "onnx-cpu")
+    assert onnx["status"] == "ok", onnx
+    assert onnx["provider"] == "CPUExecutionProvider" and onnx["intra_op_threads"] == 1
+    assert onnx["batches"][0]["max_rel_err_vs_eager_fp32"] < 1e-4
+    assert list((tmp_path / "cache").glob("*-fp32.onnx"))  # kept for the next run
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_backends_use_cuda_events(run_pds, fixture_dir, tmp_path):
+    r = run_pds("bench", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
+                "--device", "cuda", *QUICK, "--backends", "eager,fp16,cuda-graph", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["machine"]["gpu"]["name"]
+    for e in report["backends"]:
+        assert e["status"] == "ok", e
+        assert all(row["clock"] == "cuda-events" and row["wall_mean_s"] > 0 for row in e["batches"])
+
+
+# --- user errors: one line, exit code 2, before any model is loaded ---------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "eager,warp-drive"], "unknown 'warp-drive'"),
+    (["--batch-sizes", "1,x"], "--batch-sizes takes comma-separated whole numbers"),
+    (["--batch-sizes", "0"], "at least 1"),
+    (["--skip", "lunch"], "--skip: unknown 'lunch'"),
+    (["--samplers", "pc,magic"], "unknown sampler 'magic'"),
+    (["--steps", "10", "--speed-up", "4"], "exclude each other"),
+    (["--random-weights"], "--random-weights builds an architecture"),
+    (["--preset", "cifar10"], "--config / --preset describe a --checkpoint"),
+    (["--model", "gaussian", "--reference", "."], "--reference is for network models"),
+    (["--model", "gaussian", "--engine", "x.onnx"], "choose one model"),
+    (["--alpha", "strong"], "--alpha must be a number or 'auto'"),
+    (["--model", "gaussian", "--plot", "out.gif"], "--plot writes .png, .pdf, .svg"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_user_errors(run_pds, args, message):
+    r = run_pds("bench", *args)
+    assert r.exit_code == 2
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_existing_json_needs_force(run_pds, tmp_path):
+    target = tmp_path / "b.json"
+    target.write_text("{}")
+    r = run_pds("bench", "--model", "gaussian", *QUICK, "--json", target)
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert target.read_text() == "{}"
+
+
+# --- the pieces ----------------------------------------------------------------------------
+
+
+def test_summarize_and_time_calls():
+    s = bench.summarize([3.0, 1.0, 2.0, 4.0])
+    assert (s["median_s"], s["min_s"], s["max_s"], s["count"]) == (2.5, 1.0, 4.0, 4)
+    assert s["q1_s"] == pytest.approx(1.75) and s["iqr_s"] == pytest.approx(1.5)
+    calls = []
+    t = bench.time_calls(lambda: calls.append(1), warmup=2, repeats=5, device=torch.device("cpu"))
+    assert len(calls) == 7 and t["count"] == 5 and t["clock"] == "perf_counter" and t["first_call_s"] >= 0
+
+
+@pytest.mark.parametrize("sampler, budget, steps", [("pc", 20, 10), ("pc", 21, 10), ("ddim", 20, 20),
+                                                     ("accel-ode2", 20, 10), ("predictor", 7, 7)])
+def test_steps_for_budget(sampler, budget, steps):
+    assert bench.steps_for_budget(sampler, budget) == steps
+
+
+def test_reference_statistic_is_zero_on_itself_and_sees_leftover_noise():
+    from pdscli.analytic import GaussianImageModel
+
+    g = GaussianImageModel(16, 3)
+    images = g.sample(400, torch.Generator().manual_seed(0)).clamp(0, 1).double()
+    q = bench.ReferenceQuality(images)
+    assert q.measure(images)["value"] == pytest.approx(0, abs=1e-12)
+    fresh = g.sample(100, torch.Generator().manual_seed(1)).clamp(0, 1)
+    noisy = (fresh + 0.1 * torch.randn(fresh.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    clean, dirty = q.measure(fresh), q.measure(noisy)
+    assert clean["value"] < 0.05 and dirty["value"] > 5 * clean["value"]
+    assert dirty["high_band_variance_ratio"] > 1.5  # the extra energy sits at high frequencies
+    assert 0 <= clean["floor"] < 0.05
+
+
+def test_exact_quality_of_exact_samples_is_near_its_floor():
+    from pdscli.analytic import GaussianImageModel
+
+    g = GaussianImageModel(16, 1)
+    q = bench.ExactQuality(g)
+    x = g.sample(256, torch.Generator().manual_seed(5))
+    m = q.measure(x)
+    assert m["floor"] == pytest.approx(1 / (4 * 256), rel=0.5) and m["value"] == pytest.approx(m["floor"], rel=0.5)
+
+
+def test_backend_plan_reasons():
+    from pdscli.settings import SamplingSettings
+
+    settings = SamplingSettings(0.01, 50.0, 1000, 0.16, 8, 3)
+    net = bench.BenchModel("network", lambda x, s: x, settings, torch.device("cpu"), "n")
+    cfg = bench.BenchConfig(model=None, quick=False).resolved()
+    plan = dict(bench.backend_plan(cfg, net))
+    assert list(plan) == list(bench.NETWORK_BACKENDS)
+    assert plan["eager"] is None and plan["bf16"] is None
+    assert "--device cuda" in plan["cuda-graph"] and "--device cuda" in plan["trt-fp16"]
+    assert "CPU deployment" in plan["fp16"] and "GPU" in plan["onnx-cuda"]
+    quick = dict(bench.backend_plan(bench.BenchConfig(quick=True).resolved(), net))
+    assert quick["eager"] is None and "--quick" in quick["bf16"]
+    analytic = bench.BenchModel("analytic", lambda x, s: x, settings, torch.device("cpu"), "gaussian")
+    assert bench.backend_plan(cfg, analytic) == [("analytic", None)]
+
+
+def test_json_is_strict():
+    with pytest.raises(ValueError):
+        bench.to_json({"x": math.nan})
+    assert bench._finite_or_none(math.inf) is None and bench._finite_or_none(2) == 2.0
+
+
+def test_config_errors_are_pds_errors():
+    with pytest.raises(PdsError, match="--e2e-backend"):
+        bench.BenchConfig(e2e_backend="fastest").resolved()
+    cfg = bench.BenchConfig(batch_sizes=[1, 2], e2e_batch=3).resolved()
+    assert cfg.batch_sizes == [1, 2, 3]  # the e2e batch is always measured per NFE too
