@@ -68,8 +68,8 @@ MODELS = ("gaussian", "builtin")
 # Full runs are sized for a GPU; --quick is a smoke test of a minute or less on a CPU.
 DEFAULTS = {"batch_sizes": [1, 8, 32], "warmup": 3, "repeats": 20, "speed_up": 10.0, "e2e_repeats": 3,
             "quality_samples": 256, "nfe": [20, 50, 100], "reference_limit": 2000}
-QUICK = {"batch_sizes": [1, 4], "warmup": 1, "repeats": 3, "speed_up": 2.0, "e2e_repeats": 1,
-         "quality_samples": 32, "nfe": [10, 20], "reference_limit": 200}
+QUICK = {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "speed_up": 2.0, "e2e_repeats": 1,
+         "quality_samples": 16, "nfe": [10, 20], "reference_limit": 200}
 QUICK_FULL_STEPS = 40  # --quick's "full" step count: a smoke test, not the model's num_scales
 QUICK_BACKENDS = ("eager", ANALYTIC, ENGINE)
 # An end-to-end run may not be faster than its network calls by more than timing noise.
@@ -224,7 +224,7 @@ def _check_model_flags(cfg: BenchConfig) -> None:
         raise PdsError("--config / --preset describe a --checkpoint, or an architecture with --random-weights")
     if cfg.engine_backend and not cfg.engine:
         raise PdsError("--engine-backend applies to --engine files only")
-    if (cfg.image_size or cfg.channels) and cfg.model != "gaussian" and not cfg.engine and given:
+    if (cfg.image_size or cfg.channels) and cfg.model != "gaussian" and not cfg.engine:
         raise PdsError("--image-size / --channels apply to --model gaussian (or an --engine without metadata)")
     if cfg.reference is not None and cfg.model == "gaussian":
         raise PdsError("--reference is for network models: the analytic model's quality figure is exact already")
@@ -565,6 +565,8 @@ class ExportCache:
         # The parity check is skipped here: the bench measures every backend's error itself.
         meta = export_metadata(model.settings, precision=precision, preset=model.info.get("preset"),
                                checkpoint_sha256=model.info.get("sha256"))
+        # A copy, exported on the CPU: export_onnx moves the module it is given, and the original
+        # must stay where the other backends run it.
         data = export_onnx(copy.deepcopy(model.net).cpu().eval(), model.settings, precision=precision,
                            metadata=meta, check=False).data
         atomic_write_bytes(path, data)
@@ -1026,29 +1028,46 @@ class _Counting:
         return self.score(x, sigma)
 
 
-def sample_and_time(score, sampler: str, steps, precond, *, cfg: BenchConfig, model: BenchModel, count: int) -> dict:
-    """`count` samples (indices 0..count-1, so every run sees the same noise) in batches of
-    --e2e-batch; every full batch is one timed run (synchronised wall clock around the sampler
-    call: the whole loop, network and sampler arithmetic and noise draws together)."""
-    from pdscli.noise import SampleNoise
-    from pdscli.sampling import get_sampler
+class SamplingRun:
+    """One sampler configuration, run batch by batch: samples of indices 0..count-1 (so every
+    configuration sees the same noise), each full batch timed (synchronised wall clock around
+    the sampler call: network, sampler arithmetic and noise draws together)."""
 
-    fn, counting, batch = get_sampler(sampler), _Counting(score), cfg.e2e_batch
-    times, outs, batches = [], [], 0
-    for start in range(0, count, batch):
-        noise = SampleNoise(cfg.seed, range(start, min(count, start + batch)), model.shape, model.device)
+    def __init__(self, score, sampler: str, steps, precond, *, cfg: BenchConfig, model: BenchModel):
+        from pdscli.sampling import get_sampler
+
+        self.fn, self.counting, self.steps, self.precond = get_sampler(sampler), _Counting(score), steps, precond
+        self.cfg, self.model = cfg, model
+        self.times, self.outs, self.batches = [], [], 0
+
+    def run_batch(self, start: int, count: int) -> None:
+        from pdscli.noise import SampleNoise
+
+        batch, model = self.cfg.e2e_batch, self.model
+        noise = SampleNoise(self.cfg.seed, range(start, min(count, start + batch)), model.shape, model.device)
         _sync(model.device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = fn(counting, noise, steps, precond=precond, snr=model.settings.snr)
+            x = self.fn(self.counting, noise, self.steps, precond=self.precond, snr=model.settings.snr)
         _sync(model.device)
         if len(noise) == batch:
-            times.append(time.perf_counter() - t0)
-        outs.append(x.detach().cpu())
-        batches += 1
-    samples = torch.cat(outs)
-    return {"timing": {**summarize(times), "times_s": times}, "nfe": counting.calls // batches, "samples": samples,
-            "finite": bool(torch.isfinite(samples).all())}
+            self.times.append(time.perf_counter() - t0)
+        self.outs.append(x.detach().cpu())
+        self.batches += 1
+
+    def result(self) -> dict:
+        samples = torch.cat(self.outs)
+        return {"timing": {**summarize(self.times), "times_s": self.times}, "nfe": self.counting.calls // self.batches,
+                "samples": samples, "finite": bool(torch.isfinite(samples).all())}
+
+
+def run_interleaved(runs: list[SamplingRun], count: int, batch: int) -> list[dict]:
+    """Batch k of every run, then batch k + 1 of every run, ...: a change in the machine's load
+    (a shared machine) then falls on all the runs compared, not on whichever ran last."""
+    for start in range(0, count, batch):
+        for run in runs:
+            run.run_batch(start, count)
+    return [run.result() for run in runs]
 
 
 def _run_record(label: str, sampler: str, steps, schedule: str, result: dict, cfg: BenchConfig, quality,
@@ -1079,14 +1098,15 @@ def run_end_to_end(cfg: BenchConfig, model: BenchModel, score, preconds: Precond
 
     full, n_pds = full_and_pds_steps(cfg, model.settings)
     count = sample_count(cfg, quality)
-    runs = []
-    for label, sampler, n, precond, alpha in (("vanilla", "pc", full, None, None),
-                                              ("pds", "pds", n_pds, preconds.for_steps(n_pds), preconds.alpha(n_pds))):
-        log(f"end to end: {label} ({sampler}, {n} steps), {count} images in batches of {cfg.e2e_batch} ...")
-        steps = pc_steps(model.settings, n)
-        result = sample_and_time(score, sampler, steps, precond, cfg=cfg, model=model, count=count)
-        runs.append(_run_record(label, sampler, steps, "pc", result, cfg, quality, alpha))
-    vanilla, pds = runs
+    grids = {"vanilla": pc_steps(model.settings, full), "pds": pc_steps(model.settings, n_pds)}
+    runs = [SamplingRun(score, "pc", grids["vanilla"], None, cfg=cfg, model=model),
+            SamplingRun(score, "pds", grids["pds"], preconds.for_steps(n_pds), cfg=cfg, model=model)]
+    log(f"end to end: vanilla pc at {full} steps and PDS at {n_pds}, {count} images each in batches of "
+        f"{cfg.e2e_batch}, interleaved ...")
+    results = run_interleaved(runs, count, cfg.e2e_batch)
+    vanilla = _run_record("vanilla", "pc", grids["vanilla"], "pc", results[0], cfg, quality, None)
+    pds = _run_record("pds", "pds", grids["pds"], "pc", results[1], cfg, quality, preconds.alpha(n_pds))
+    runs = [vanilla, pds]
     return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "runs": runs,
             "speedup": vanilla["timing"]["median_s"] / pds["timing"]["median_s"],
             "nfe_ratio": vanilla["nfe"] / pds["nfe"], "full_steps": full, "pds_steps": n_pds}
@@ -1104,10 +1124,11 @@ def steps_for_budget(sampler: str, budget: int) -> int:
 
 def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log) -> dict:
     """Each --samplers entry at each --nfe budget: steps = the most that fit the budget, on the
-    sampler's own default grid (pc for the PC family, geometric for the accelerated ones)."""
+    sampler's own default grid (pc for the PC family, geometric for the accelerated ones); all
+    configurations interleaved batch by batch."""
     from pdscli.runner import build_steps
 
-    count, rows = sample_count(cfg, quality), []
+    count, rows, planned = sample_count(cfg, quality), [], []
     for name in cfg.samplers:
         for budget in cfg.nfe:
             n = steps_for_budget(name, budget)
@@ -1117,10 +1138,12 @@ def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: Precondit
                 rows.append({"sampler": name, "nfe_budget": budget, "steps": n, "status": "skipped", "reason": str(e)})
                 continue
             precond, alpha = (preconds.for_steps(n), preconds.alpha(n)) if name == "pds" else (None, None)
-            log(f"samplers: {name} at {budget} NFE ({n} steps) ...")
-            result = sample_and_time(score, name, steps, precond, cfg=cfg, model=model, count=count)
-            rows.append({"nfe_budget": budget, "status": "ok",
-                         **_run_record(name, name, steps, schedule, result, cfg, quality, alpha)})
+            rows.append({"sampler": name, "nfe_budget": budget, "status": "ok"})
+            planned.append((rows[-1], steps, schedule, alpha, SamplingRun(score, name, steps, precond, cfg=cfg, model=model)))
+    log(f"samplers: {len(planned)} configurations, {count} images each in batches of {cfg.e2e_batch}, interleaved ...")
+    results = run_interleaved([p[-1] for p in planned], count, cfg.e2e_batch)
+    for (row, steps, schedule, alpha, _), result in zip(planned, results):
+        row.update(_run_record(row["sampler"], row["sampler"], steps, schedule, result, cfg, quality, alpha))
     return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "rows": rows}
 
 
@@ -1174,7 +1197,8 @@ def _run(cfg: BenchConfig, device: torch.device, cache: ExportCache, log) -> dic
 
     report["pds_overhead"] = _part("overhead", cfg, lambda: measure_overhead(
         cfg, model, preconds.for_steps(full_and_pds_steps(cfg, model.settings)[1]), entries, e2e_name))
-    score, why = _e2e_score(cfg, model, e2e_name, kept, cache)
+    sampling = "e2e" not in cfg.skip or (cfg.samplers and "samplers" not in cfg.skip)
+    score, why = _e2e_score(cfg, model, e2e_name, kept, cache) if sampling else (None, "")
     for key, part, fn in (("end_to_end", "e2e", run_end_to_end), ("samplers", "samplers", run_samplers)):
         if part == "samplers" and not cfg.samplers:
             report[key] = {"status": "skipped", "reason": "no --samplers given"}
@@ -1316,8 +1340,10 @@ def render(report: dict) -> list:
     per_image = report["flops"].get("per_image")
     if per_image:
         head.append(f"\nmodel FLOPs per image per call: {per_image / 1e9:.3g} GFLOP ({report['flops']['method']})")
-    if report["quality"]["metric"]:
-        head.append(f"\nquality: {report['quality']['metric']} = {report['quality']['description']}")
+    q = report["quality"]
+    if q["metric"]:
+        against = f", against {q['reference']}" if q.get("reference") else ""
+        head.append(f"\nquality: {q['metric']}{against} = {q['description']}")
     out = [head]
     for part in (_nfe_table, _skipped_table, _overhead_table, _e2e_table, _samplers_table):
         table = part(report)
@@ -1328,13 +1354,25 @@ def render(report: dict) -> list:
     return out
 
 
-def _table(title: str, *columns: str, numbers: bool = True):
-    from rich.table import Table
+class _Table:
+    """A Rich table whose cells are plain text: reasons quote `pip install "pds[trt]"`, which
+    Rich would otherwise read as markup."""
 
-    table = Table(title=title, title_justify="left", title_style="bold")
-    for i, c in enumerate(columns):
-        table.add_column(c, justify="right" if numbers and i > 0 else "left")
-    return table
+    def __init__(self, title: str, *columns: str, numbers: bool = True):
+        from rich.table import Table
+
+        self.table = Table(title=title, title_justify="left", title_style="bold")
+        for i, c in enumerate(columns):
+            self.table.add_column(c, justify="right" if numbers and i > 0 else "left")
+
+    def add_row(self, *cells: str) -> None:
+        from rich.text import Text
+
+        self.table.add_row(*(Text(str(c)) for c in cells))
+
+
+def _table(title: str, *columns: str, numbers: bool = True) -> _Table:
+    return _Table(title, *columns, numbers=numbers)
 
 
 def _nfe_table(report: dict):
@@ -1352,7 +1390,7 @@ def _nfe_table(report: dict):
                           _num(r.get(base), ".2f") + ("x" if r.get(base) else ""),
                           _num(r["achieved_flops_per_s"] / 1e9 if r.get("achieved_flops_per_s") else None),
                           _num(r.get("max_rel_err_vs_eager_fp32"), ".1e"))
-    return table
+    return table.table
 
 
 def _skipped_table(report: dict):
@@ -1362,7 +1400,7 @@ def _skipped_table(report: dict):
     table = _table("Backends not measured", "backend", "status", "reason", numbers=False)
     for e in rest:
         table.add_row(e["name"], e["status"], e["reason"])
-    return table
+    return table.table
 
 
 def _overhead_table(report: dict):
@@ -1377,7 +1415,7 @@ def _overhead_table(report: dict):
                       _num(e2e * 100 if e2e is not None else None, ".2g"),
                       _num(fastest * 100 if fastest is not None else None, ".2g") +
                       (f" ({r['fastest_backend']})" if r.get("fastest_backend") else ""))
-    return table
+    return table.table
 
 
 def _e2e_table(report: dict):
@@ -1392,7 +1430,7 @@ def _e2e_table(report: dict):
         table.add_row(f"{r['label']} ({r['sampler']}{alpha})", str(r["steps"]), str(r["nfe"]),
                       _num(r["timing"]["median_s"], ".4g"), _num(r["timing"]["iqr_s"], ".2g"),
                       _num(r["images_per_s"], ".4g"), _quality_text(r["quality"]))
-    return table
+    return table.table
 
 
 def _samplers_table(report: dict):
@@ -1405,9 +1443,10 @@ def _samplers_table(report: dict):
         if r["status"] != "ok":
             table.add_row(r["sampler"], str(r["nfe_budget"]), str(r["steps"]), "—", "—", "—", f"skipped: {r['reason']}")
             continue
-        table.add_row(r["sampler"], str(r["nfe_budget"]), str(r["steps"]), str(r["nfe"]), _num(r["per_image_s"], ".3g"),
-                      _num(r["images_per_s"], ".4g"), _quality_text(r["quality"]))
-    return table
+        alpha = f" (alpha {r['alpha']:g})" if r.get("alpha") is not None else ""
+        table.add_row(r["sampler"] + alpha, str(r["nfe_budget"]), str(r["steps"]), str(r["nfe"]),
+                      _num(r["per_image_s"], ".3g"), _num(r["images_per_s"], ".4g"), _quality_text(r["quality"]))
+    return table.table
 
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -1459,8 +1498,9 @@ def write_plot(report: dict, path: Path) -> None:
     _plot_lines(axes[0], series, "per_image_s", "seconds per image (end to end)")
     _plot_lines(axes[1], series, "quality", report["quality"]["metric"] or "quality (none measured)")
     _plot_backends(axes[2], report)
+    gpu = report["machine"].get("gpu")
     figure.suptitle(f"pds bench: {report['model']['name']} on {report['settings']['device']} "
-                    f"({report['machine']['cpu'] if not report['machine'].get('gpu') else report['machine']['gpu']['name']})")
+                    f"({gpu['name'] if gpu else report['machine']['cpu']})")
     buf = io.BytesIO()
     figure.savefig(buf, format=Path(path).suffix.lstrip(".").lower(), dpi=120)
     atomic_write_bytes(path, buf.getvalue())
@@ -1510,8 +1550,7 @@ def _log_axes(ax) -> None:
         # Plain numbers (20, 50, 100) rather than 2x10^1 on the NFE and batch axes.
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ticks = sorted({x for line in ax.lines for x in line.get_xdata()})
-        ax.set_xticks(ticks)
+        ax.set_xticks(sorted({float(x) for line in ax.lines for x in line.get_xdata()}))
         ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)

@@ -93,15 +93,15 @@ def test_gaussian_report_structure(gaussian_report):
     assert report["command"].startswith("pds bench --model gaussian")
     _check_machine(report)
     assert report["model"]["kind"] == "analytic" and report["model"]["shape"] == [3, 16, 16]
-    assert report["settings"]["quick"] and report["settings"]["batch_sizes"] == [1, 4]
-    _check_backends(report, ["analytic"], [1, 4], repeats=3)
+    assert report["settings"]["quick"] and report["settings"]["batch_sizes"] == [1, 8]
+    _check_backends(report, ["analytic"], [1, 8], repeats=3)
     assert report["flops"]["per_call"] is None and "FFT" in report["flops"]["note"]
 
 
 def test_gaussian_pds_overhead_is_measured_per_batch(gaussian_report):
     report, _ = gaussian_report
     part = report["pds_overhead"]
-    assert part["status"] == "ok" and [r["batch"] for r in part["batches"]] == [1, 4]
+    assert part["status"] == "ok" and [r["batch"] for r in part["batches"]] == [1, 8]
     for r in part["batches"]:
         _stats_ok(r["noise"], 3)
         _stats_ok(r["grad"], 3)
@@ -113,11 +113,11 @@ def test_gaussian_pds_overhead_is_measured_per_batch(gaussian_report):
 def test_gaussian_end_to_end_has_speed_and_exact_quality(gaussian_report):
     report, _ = gaussian_report
     e2e = _check_e2e(report, full=40, pds_steps=20)
-    assert e2e["backend"] == "analytic" and e2e["batch"] == 4 and e2e["samples"] == 32
+    assert e2e["backend"] == "analytic" and e2e["batch"] == 8 and e2e["samples"] == 16
     for run in e2e["runs"]:
         q = run["quality"]
-        assert q["metric"] == "spectral_kl" and q["samples"] == 32
-        assert q["value"] > 0 and 0 < q["floor"] < 0.05  # ~1/(4n) for n exact samples
+        assert q["metric"] == "spectral_kl" and q["samples"] == 16
+        assert q["value"] > 0 and 0 < q["floor"] < 0.1  # ~1/(4n) for n exact samples
     assert e2e["runs"][1]["alpha"] == 5.0
     assert report["filters"]["images_meaningful"] is True
 
@@ -154,6 +154,23 @@ def test_json_to_stdout_keeps_stdout_parseable(run_pds):
     assert report["end_to_end"]["status"] == "skipped" and report["pds_overhead"]["reason"] == "--skip overhead"
     assert "Network call (NFE) latency" in r.stderr  # the tables moved to stderr
     assert report["machine"]["cpu"] in r.stderr  # the machine is named in the human report too
+
+
+def test_default_quick_run_is_the_smoke_test(run_pds):
+    """`pds bench --quick` as the README shows it: the built-in network (with its training digits as
+    the quality reference) where it is installed, else the analytic model."""
+    r = run_pds("bench", *QUICK, "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["model"]["name"] in ("builtin:digits", "gaussian")
+    assert report["settings"]["batch_sizes"] == [1, 8] and report["elapsed_s"] > 0
+    e2e = report["end_to_end"]
+    assert e2e["status"] == "ok" and e2e["nfe_ratio"] == 2
+    if report["model"]["name"] == "builtin:digits":
+        assert report["filters"]["source"] == "the built-in model's own filters"
+        pytest.importorskip("sklearn")
+        assert report["quality"]["metric"] == "spectral_kl_vs_reference"
+    assert all(run["quality"]["value"] is not None for run in e2e["runs"])
 
 
 # --- NCSN++ networks -------------------------------------------------------------------------
@@ -267,6 +284,7 @@ def test_gpu_backends_use_cuda_events(run_pds, fixture_dir, tmp_path):
     (["--model", "gaussian", "--reference", "."], "--reference is for network models"),
     (["--model", "gaussian", "--engine", "x.onnx"], "choose one model"),
     (["--alpha", "strong"], "--alpha must be a number or 'auto'"),
+    (["--image-size", "64"], "--image-size / --channels apply to --model gaussian"),
     (["--model", "gaussian", "--plot", "out.gif"], "--plot writes .png, .pdf, .svg"),
     (["--repeats", "0"], "--repeats"),
 ])

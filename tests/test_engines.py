@@ -4,11 +4,9 @@ and manifest (plain data, no TensorRT needed), and bad engine files through the 
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -308,13 +306,14 @@ def test_torch_engine_is_the_module(torch_net):
 def test_torch_cuda_graph_replay_equals_eager(torch_net):
     from pdscli.engines.torch_engine import torch_score
 
-    net = torch_net.to("cuda")
+    import copy
+
+    net = copy.deepcopy(torch_net).to("cuda")  # the module's fixture stays on the CPU
     eager = torch_score(net, device="cuda")
     graphed = torch_score(net, device="cuda", cuda_graph=True, batch_size=4, shape=(3, 32, 32))
     for b in (4, 3, 4):  # a partial batch is padded to the captured one
         x, sigma = torch.rand(b, 3, 32, 32, device="cuda"), torch.logspace(-2, 3, b, device="cuda")
         torch.testing.assert_close(graphed(x, sigma), eager(x, sigma), rtol=1e-5, atol=1e-5)
-    torch_net.to("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

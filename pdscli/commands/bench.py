@@ -27,7 +27,7 @@ EPILOG = (
     "--samplers at equal --nfe budgets. Quality: the exact spectral KL on --model gaussian, a spectral statistic "
     "against --reference images on a network (docs/benchmarks.md says what it sees and what not). "
     "Backends: eager, bf16, fp16, compile, cuda-graph, onnx-cpu, onnx-cuda, onnx-trt, trt-fp32, trt-fp16, trt-bf16 "
-    "(default: all; those that cannot run here are listed with the reason)."
+    "(default: all that apply; those that cannot run here are listed with the reason)."
 )
 
 
@@ -53,13 +53,13 @@ def bench(
     channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian (default 3).", rich_help_panel=MODEL),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading.", rich_help_panel=MODEL),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL),
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure, or all (default: all that apply; --quick: eager only).", rich_help_panel=MEASURE),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default 1,8,32; --quick 1,4).", rich_help_panel=MEASURE),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure, or all (default: all that apply, fp16 only on a GPU; --quick: eager only).", rich_help_panel=MEASURE),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default 1,8,32; --quick 1,8).", rich_help_panel=MEASURE),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed calls before timing (default 3; --quick 1).", rich_help_panel=MEASURE),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed calls per measurement (default 20; --quick 3).", rich_help_panel=MEASURE),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and ONNX Runtime (default: torch's).", rich_help_panel=MEASURE),
     skip: Optional[str] = typer.Option(None, "--skip", help="Parts to leave out: nfe, overhead, e2e, samplers.", rich_help_panel=MEASURE),
-    quick: bool = typer.Option(False, "--quick", help="Smoke run: batches 1,4, 3 repeats, vanilla at <= 40 steps, 32 quality samples.", rich_help_panel=MEASURE),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: batches 1,8, 3 repeats, vanilla at <= 40 steps, PDS at half, 16 quality samples.", rich_help_panel=MEASURE),
     speed_up: Optional[float] = typer.Option(None, "--speed-up", help="PDS runs full-steps / k steps (default 10; --quick 2).", rich_help_panel=SAMPLING),
     steps: Optional[int] = typer.Option(None, "--steps", help="PDS step count instead of --speed-up.", rich_help_panel=SAMPLING),
     full_steps: Optional[int] = typer.Option(None, "--full-steps", help="Vanilla PC's step count (default: the model's num_scales; --quick: at most 40).", rich_help_panel=SAMPLING),
@@ -71,7 +71,7 @@ def bench(
     e2e_batch: Optional[int] = typer.Option(None, "--e2e-batch", help="Batch of the sampling runs (default: the largest --batch-sizes).", rich_help_panel=SAMPLING),
     e2e_repeats: Optional[int] = typer.Option(None, "--e2e-repeats", help="Timed batches per sampling run, at least (default 3; --quick 1).", rich_help_panel=SAMPLING),
     seed: int = typer.Option(0, "--seed", help="Seed of the inputs and the sampling noise.", rich_help_panel=SAMPLING),
-    quality_samples: Optional[int] = typer.Option(None, "--quality-samples", help="Images per quality figure (default 256; --quick 32).", rich_help_panel=QUALITY),
+    quality_samples: Optional[int] = typer.Option(None, "--quality-samples", help="Images per quality figure (default 256; --quick 16).", rich_help_panel=QUALITY),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Folder of real images: a spectral quality statistic for a network model.", rich_help_panel=QUALITY),
     reference_limit: Optional[int] = typer.Option(None, "--reference-limit", help="Reference images read, at most (default 2000; --quick 200).", rich_help_panel=QUALITY),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the full report (every timing, settings, machine) to FILE, or - for stdout.", rich_help_panel=OUTPUT),

@@ -144,7 +144,7 @@ def open_onnx(path, *, device: torch.device, backend=None, precision=None, overr
     engine = OnnxScore(session, device)
     score = BatchAdapter(engine, fixed_batch, fixed_batch) if fixed_batch else engine
     info = {
-        "engine": "onnxruntime",
+        "backend": "onnxruntime",
         "provider": engine.provider,
         "precision": props.get("pds.precision", "unknown"),
         "file": str(path),

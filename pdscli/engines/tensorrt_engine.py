@@ -172,15 +172,18 @@ def build_engine(
         log(f"building TensorRT {env.tensorrt_version} engine on {env.gpu_name}, batch {profile[0]}..{profile[2]} ...")
         with torch.cuda.device(device):
             data, timing = build_serialized(trt, onnx_bytes, profile=profile, chw=chw, options=options, timing=timing)
-        with atomic_path(engine) as tmp:
-            tmp.write_bytes(data)
-            manifest = make_manifest(spec, env, engine_sha256=hashlib.sha256(data).hexdigest(),
-                                     metadata=metadata, onnx_path=onnx_path)
-            # The manifest lands first: a reader that sees the new engine also sees its manifest,
-            # and one that sees the new manifest with the old engine fails the sha256 check.
-            write_manifest(engine, manifest)
-        with build_lock(timing_file):
-            atomic_write_bytes(timing_file, timing)
+        manifest = make_manifest(spec, env, engine_sha256=hashlib.sha256(data).hexdigest(),
+                                 metadata=metadata, onnx_path=onnx_path)
+        try:
+            with atomic_path(engine) as tmp:
+                tmp.write_bytes(data)
+                # The manifest lands first: a reader that sees the new engine also sees its manifest,
+                # and one that sees the new manifest with the old engine fails the sha256 check.
+                write_manifest(engine, manifest)
+            with build_lock(timing_file):
+                atomic_write_bytes(timing_file, timing)
+        except OSError as e:
+            raise PdsError(f"cannot write {engine} or its manifest: {e.strerror}") from None
     return engine, False
 
 
@@ -299,7 +302,7 @@ def open_trt(path, *, device, precision=None, overrides=None, cuda_graph: bool =
     runner.runtime = runtime  # the runtime must outlive the engine
     settings = settings_from_props(path, manifest.get("metadata", {}), chw, overrides)
     info = {
-        "engine": "tensorrt",
+        "backend": "tensorrt",
         "tensorrt_version": manifest.get("tensorrt_version"),
         "precision": manifest.get("precision"),
         "profile": manifest.get("profile"),

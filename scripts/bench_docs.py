@@ -1,0 +1,199 @@
+"""Run the `pds bench` commands behind docs/benchmarks.md and write their figures into it.
+
+    .venv/bin/python scripts/bench_docs.py --run gaussian fixture    # run some (JSON into docs/bench/)
+    .venv/bin/python scripts/bench_docs.py --run all                 # every CPU run (tens of minutes)
+    .venv/bin/python scripts/bench_docs.py                           # only re-render the tables
+
+Each run's full report (every raw timing, settings, machine) is kept as docs/bench/<name>.json;
+the Markdown between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in docs/benchmarks.md is
+generated from it, so no figure in those blocks is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+DATA = REPO / "docs" / "bench"
+FIXTURE = REPO.parent / "shared" / "fixtures" / "ncsnpp_small"
+
+# One thread: the documentation machine is a shared 2-core box, and one thread keeps the
+# figures comparable between runs made while other jobs come and go.
+COMMON = ["--threads", "1", "--quiet"]
+RUNS = {
+    "gaussian": ["--model", "gaussian", "--batch-sizes", "1,8,32", "--speed-up", "20",
+                 "--samplers", "pc,pds,ddim,accel-ode", "--nfe", "20,50,100,200"],
+    "gaussian-auto": ["--model", "gaussian", "--batch-sizes", "32", "--speed-up", "20", "--alpha", "auto",
+                      "--skip", "nfe,overhead"],
+    "fixture": ["--checkpoint", str(FIXTURE / "checkpoint.pth"), "--config", str(FIXTURE / "config.json"),
+                "--backends", "eager,bf16,fp16,compile,onnx-cpu", "--batch-sizes", "1,8",
+                "--full-steps", "100", "--speed-up", "10"],
+    "cifar10": ["--preset", "cifar10", "--random-weights", "--backends", "eager,bf16,onnx-cpu", "--batch-sizes", "1,8",
+                "--warmup", "1", "--repeats", "5", "--skip", "e2e"],
+}
+
+
+def run(name: str) -> None:
+    DATA.mkdir(parents=True, exist_ok=True)
+    cmd = [str(REPO / ".venv" / "bin" / "pds"), "bench", *RUNS[name], *COMMON, "--json", str(DATA / f"{name}.json"), "--force"]
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+# --- Markdown from a report -----------------------------------------------------------------
+
+
+def _ms(s) -> str:
+    return "—" if s is None else (f"{s * 1e3:.3g}" if s < 1 else f"{s * 1e3:,.0f}")
+
+
+def _g(v, fmt=".3g") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def _md(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _quality(q) -> str:
+    if not q or q.get("value") is None:
+        return "—"
+    floor = f" (floor {q['floor']:.2g})" if q.get("floor") is not None else ""
+    return f"{q['value']:.3g}{floor}"
+
+
+def _command(report: dict) -> str:
+    # The recorded command, with this checkout's absolute paths shortened for the reader.
+    return report["command"].replace(str(FIXTURE), "../shared/fixtures/ncsnpp_small").replace(str(DATA) + "/", "docs/bench/")
+
+
+def header(report: dict, name: str) -> str:
+    m = report["machine"]
+    load = m.get("load_average") or ["?"]
+    end = m.get("load_average_end") or ["?"]
+    libs = m["libraries"]
+    return (f"Command: `{_command(report)}`  \n"
+            f"Measured {report['created']} on {m['cpu']} ({m['usable_cores']} cores usable, "
+            f"{report['settings']['torch_threads']} torch thread), load average {load[0]} at the start and {end[0]} at the end "
+            f"(the machine was shared); torch {libs['torch']}, onnxruntime {libs['onnxruntime']}, pds {libs['pds']}; "
+            f"the run took {report['elapsed_s']:.0f} s. Every raw timing: `docs/bench/{name}.json`.")
+
+
+def nfe_table(report: dict) -> str:
+    ok = [e for e in report["backends"] if e["status"] == "ok"]
+    if not ok:
+        return ""
+    base = next((k for k in ok[0]["batches"][0] if k.startswith("speedup_vs_")), None)
+    rows = []
+    for e in ok:
+        for r in e["batches"]:
+            rows.append([e["name"], e.get("precision") or "?", str(r["batch"]), _ms(r["median_s"]), _ms(r["iqr_s"]),
+                         f"{_ms(r['min_s'])}–{_ms(r['max_s'])}", _g(r["images_per_s"], ".4g"),
+                         _g(r.get(base), ".2f") + "×" if base and r.get(base) else "—",
+                         _g(r["achieved_flops_per_s"] / 1e9 if r.get("achieved_flops_per_s") else None),
+                         _g(r.get("max_rel_err_vs_eager_fp32"), ".1e")])
+    s = report["settings"]
+    text = (f"Per network call, {s['repeats']} timed calls after {s['warmup']} warm-up"
+            + (f"; model FLOPs {report['flops']['per_image'] / 1e9:.3g} GFLOP per image per call "
+               f"({report['flops']['method']})" if report["flops"].get("per_image") else "") + ":\n\n")
+    table = _md(["backend", "precision", "batch", "median ms", "IQR ms", "min–max ms", "images/s",
+                 f"vs {base.removeprefix('speedup_vs_') if base else '—'}", "GFLOP/s", "rel. error vs eager fp32"], rows)
+    setup = [f"{e['name']} {e['setup_s']:.1f} s" for e in ok if e.get("setup_s", 0) > 0.5]
+    first = [f"{e['name']} {max(r['first_call_s'] for r in e['batches']):.2g} s" for e in ok
+             if any(r.get("first_call_s") for r in e["batches"])]
+    notes = ""
+    if setup:
+        notes += f"\n\nSet-up before the first call (export, copies): {', '.join(setup)}."
+    if first:
+        notes += f" Slowest first (warm-up) call, which holds compilation: {', '.join(first)}."
+    return text + table + notes
+
+
+def overhead_table(report: dict) -> str:
+    part = report.get("pds_overhead", {})
+    if part.get("status") != "ok":
+        return ""
+    rows = [[str(r["batch"]), _ms(r["noise"]["median_s"]), _ms(r["grad"]["median_s"]), _ms(r["per_nfe_s"]),
+             _g(r["fraction_of_e2e_backend_nfe"] * 100 if r.get("fraction_of_e2e_backend_nfe") is not None else None, ".2g"),
+             (_g(r["fraction_of_fastest_nfe"] * 100, ".2g") + f" ({r['fastest_backend']})") if r.get("fastest_backend") else "—"]
+            for r in part["batches"]]
+    return ("PDS overhead per network call (one M z and one M Mᵀ g; a PC step makes two of each):\n\n"
+            + _md(["batch", "M z ms", "M Mᵀ g ms", "per NFE ms", "% of one eager NFE", "% of the fastest NFE"], rows))
+
+
+def e2e_table(report: dict) -> str:
+    part = report.get("end_to_end", {})
+    if part.get("status") != "ok":
+        return ""
+    rows = []
+    for r in part["runs"]:
+        alpha = f", α {r['alpha']:g}" if r.get("alpha") is not None else ""
+        rows.append([f"{r['label']} ({r['sampler']}{alpha})", str(r["steps"]), str(r["nfe"]),
+                     f"{r['timing']['median_s']:.4g}", f"{r['timing']['iqr_s']:.2g}", str(r["timing"]["count"]),
+                     f"{r['images_per_s']:.4g}", _quality(r["quality"])])
+    q = report["quality"]
+    return (f"End to end on `{part['backend']}`, batch {part['batch']}, {part['samples']} images per run (the two runs "
+            f"interleaved batch by batch): **PDS speedup {part['speedup']:.2f}×** in wall time for an NFE ratio of "
+            f"{part['nfe_ratio']:.2f}×. Quality: {q['metric'] or 'none (no reference)'}.\n\n"
+            + _md(["run", "steps", "NFE", "median s per batch", "IQR s", "batches timed", "images/s", "quality"], rows))
+
+
+def samplers_table(report: dict) -> str:
+    part = report.get("samplers", {})
+    if part.get("status") != "ok":
+        return ""
+    rows = []
+    for r in part["rows"]:
+        if r["status"] != "ok":
+            rows.append([r["sampler"], str(r["nfe_budget"]), str(r["steps"]), "—", "—", "—", f"skipped: {r['reason']}"])
+            continue
+        alpha = f" (α {r['alpha']:g})" if r.get("alpha") is not None else ""
+        rows.append([r["sampler"] + alpha, str(r["nfe_budget"]), str(r["steps"]), str(r["nfe"]),
+                     f"{r['per_image_s'] * 1e3:.3g}", f"{r['images_per_s']:.4g}", _quality(r["quality"])])
+    return (f"Samplers at equal NFE budgets, batch {part['batch']}, {part['samples']} images each:\n\n"
+            + _md(["sampler", "NFE budget", "steps", "NFE", "ms per image", "images/s", "quality"], rows))
+
+
+def render(report: dict, name: str) -> str:
+    parts = [header(report, name), nfe_table(report), overhead_table(report), e2e_table(report), samplers_table(report)]
+    skipped = [f"`{e['name']}` ({e['reason']})" for e in report["backends"] if e["status"] != "ok"]
+    if skipped:
+        parts.append("Not measured: " + "; ".join(skipped) + ".")
+    if report.get("warnings"):
+        parts.append("Warnings the run printed: " + " ".join(f"*{w}.*" for w in report["warnings"]))
+    return "\n\n".join(p for p in parts if p)
+
+
+def update_doc() -> None:
+    text = DOC.read_text()
+    for path in sorted(DATA.glob("*.json")):
+        name = path.stem
+        block = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(\n<!-- /bench:{re.escape(name)} -->)", re.S)
+        if not block.search(text):
+            print(f"note: docs/benchmarks.md has no block for {name}", file=sys.stderr)
+            continue
+        body = render(json.loads(path.read_text()), name)
+        text = block.sub(lambda m: m.group(1) + body + m.group(2), text)
+    DOC.write_text(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", nargs="*", default=[], help=f"runs to (re)make: {', '.join(RUNS)} or all")
+    args = p.parse_args(argv)
+    for name in (list(RUNS) if args.run == ["all"] else args.run):
+        run(name)
+    update_doc()
+
+
+if __name__ == "__main__":
+    main()
