@@ -102,7 +102,7 @@ def _deterministic(name: str, precond) -> None:
         # M M^T s is not the velocity of any flow that carries p_sigma to p_sigma' (only M = I
         # is), and the prior sigma_max M z is not N(0, sigma_max^2 I): the result would not be
         # the ODE's solution, and we have no exactness claim to make for it.
-        raise PdsError(f"{name} is deterministic and takes no preconditioner; use ddpm or accel-sde with --filters, or drop --filters")
+        raise PdsError(f"{name} is deterministic and takes no preconditioner; use ddpm or accel-sde with filters, or drop --masks/--freq-mask/--space-mask")
 
 
 def _levels(steps: Steps, i: int) -> tuple[float, float, float]:

@@ -738,14 +738,16 @@ def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: s
     return make_steps(schedule, settings, n), schedule
 
 
-def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=None, alpha: float = 5.0,
+def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=None, alpha: float | str = 5.0,
               sampler: str | None = None, steps: int | None = None, speed_up: int | None = None,
               schedule: str | None = None,
               snr: float | None = None, per_sample_step: bool = False, num_samples: int = 16,
               batch_size: int = 16, seed: int = 0, force: bool = False, resume: bool = False) -> SampleJob:
     """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
-    if not alpha > 0:
-        raise PdsError(f"--alpha must be positive, got {alpha}")
+    from pdscli.alpha import resolve_alpha
+
+    if str(alpha).strip().lower() != "auto":
+        alpha = resolve_alpha(alpha, None, 0)  # a bad number fails before the slow model load
     if snr is not None and not snr > 0:
         raise PdsError(f"--snr must be positive, got {snr}")
     if steps is not None and steps < 1:
@@ -772,15 +774,17 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
         model = open_model(spec)
         load_s = time.perf_counter() - t0
         filters, filters_info = open_filters(masks, freq_mask, space_mask, settings=model.settings, builtin=builtin_filters)
+        grid, schedule = build_steps(model.settings, steps=steps, speed_up=speed_up, sampler=sampler, schedule=schedule)
+        alpha_given, alpha = alpha, resolve_alpha(alpha, model.settings, len(grid))
         precond = None
         if filters is not None:
             from pdscli.precondition import Preconditioner
 
             precond = Preconditioner.from_filters(filters, alpha, model.device)
-        grid, schedule = build_steps(model.settings, steps=steps, speed_up=speed_up, sampler=sampler, schedule=schedule)
     meta = {
         "precision": model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
         "alpha": alpha if precond is not None else None,
+        "alpha_given": alpha_given if precond is not None else None,
         "filters": filters_info,
         "schedule": schedule,
         "steps_requested": {"steps": steps, "speed_up": speed_up},

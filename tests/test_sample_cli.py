@@ -313,3 +313,22 @@ def test_builtin_model_runs_pds_with_its_own_filters(run_pds, tmp_path, monkeypa
     r = run_pds("sample", "-n", "1", "--out", tmp_path / "v", "--quiet", "--sampler", "pc", "--steps", "2")
     assert r.exit_code == 0, r.stderr
     assert not json.loads((tmp_path / "v" / "run.json").read_text())["preconditioned"]
+
+
+@pytest.mark.parametrize("steps", ["5", "200"])
+def test_alpha_auto_follows_the_step_count(run_pds, tmp_path, steps):
+    from pdscli.alpha import auto_alpha
+
+    masks = make_filters(tmp_path / "m.npz")
+    r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--quiet", "--out", tmp_path / "o",
+                "-n", "1", "--masks", masks, "--alpha", "auto", "--steps", steps)
+    assert r.exit_code == 0, r.stderr
+    record = json.loads((tmp_path / "o" / "run.json").read_text())
+    s = record["settings"]
+    assert record["alpha_given"] == "auto"
+    assert record["alpha"] == pytest.approx(auto_alpha(int(steps), sigma_min=s["sigma_min"], sigma_max=s["sigma_max"]))
+
+
+def test_alpha_must_be_a_number_or_auto(run_pds, tmp_path):
+    masks = make_filters(tmp_path / "m.npz")
+    assert_user_error(sample(run_pds, tmp_path / "o", "--masks", masks, "--alpha", "often"), "--alpha", "auto")

@@ -49,7 +49,7 @@ def sample(
     masks: Optional[Path] = typer.Option(None, "--masks", help="Filters .npz made by `pds filters`.", rich_help_panel=SAMPLER),
     freq_mask: Optional[Path] = typer.Option(None, "--freq-mask", help="Reference freq_mask.npy [C,H,W].", rich_help_panel=SAMPLER),
     space_mask: Optional[Path] = typer.Option(None, "--space-mask", help="Reference space_mask.npy [C,H,W].", rich_help_panel=SAMPLER),
-    alpha: float = typer.Option(5.0, "--alpha", help="Filter strength: filter = alpha / (m + alpha - 1); larger = weaker.", rich_help_panel=SAMPLER),
+    alpha: str = typer.Option("5", "--alpha", help="Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number (the reference uses 5) or `auto`: alpha from the step count, so that PDS is not worse than vanilla at many steps (docs/samplers.md).", rich_help_panel=SAMPLER),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="pc, pds, predictor, corrector, or an accelerated one: ddim, accel-ode, accel-ode2, ddpm, accel-sde. Default: pds with filters, else pc.", rich_help_panel=SAMPLER),
     steps: Optional[int] = typer.Option(None, "--steps", help="Number of steps (default: the model's num_scales).", rich_help_panel=SAMPLER),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (default for the accelerated samplers) or edm.", rich_help_panel=SAMPLER),
