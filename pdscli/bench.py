@@ -28,7 +28,6 @@ import importlib.util
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -831,7 +830,7 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
     statistics of --reference; else a synthetic natural-image spectrum, which times PDS
     exactly as real filters would (the cost does not depend on the values) but makes no
     meaningful images."""
-    from pdscli.precondition import Filters, compute_statistics, load_filters
+    from pdscli.precondition import compute_statistics, load_filters
     from pdscli.runner import check_filters_fit
 
     c, size, _ = model.shape
@@ -1320,6 +1319,13 @@ def _num(v, fmt: str = ".3g") -> str:
     return "—" if v is None else format(v, fmt)
 
 
+def _pct(fraction) -> str:
+    if fraction is None:
+        return "—"
+    v = fraction * 100
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
+
+
 def _quality_text(q: dict | None) -> str:
     if not q or q.get("value") is None:
         return "—" if not q else "NaN"
@@ -1412,8 +1418,7 @@ def _overhead_table(report: dict):
     for r in part["batches"]:
         e2e, fastest = r.get("fraction_of_e2e_backend_nfe"), r.get("fraction_of_fastest_nfe")
         table.add_row(str(r["batch"]), _ms(r["noise"]["median_s"]), _ms(r["grad"]["median_s"]), _ms(r["per_nfe_s"]),
-                      _num(e2e * 100 if e2e is not None else None, ".2g"),
-                      _num(fastest * 100 if fastest is not None else None, ".2g") +
+                      _pct(e2e), _pct(fastest) +
                       (f" ({r['fastest_backend']})" if r.get("fastest_backend") else ""))
     return table.table
 
@@ -1426,7 +1431,7 @@ def _e2e_table(report: dict):
                    f"(NFE ratio {part['nfe_ratio']:.2f}x)", "run", "steps", "NFE", "median s", "IQR s", "images/s",
                    "quality")
     for r in part["runs"]:
-        alpha = f", alpha {r['alpha']:g}" if r.get("alpha") is not None else ""
+        alpha = f", alpha {r['alpha']:.3g}" if r.get("alpha") is not None else ""
         table.add_row(f"{r['label']} ({r['sampler']}{alpha})", str(r["steps"]), str(r["nfe"]),
                       _num(r["timing"]["median_s"], ".4g"), _num(r["timing"]["iqr_s"], ".2g"),
                       _num(r["images_per_s"], ".4g"), _quality_text(r["quality"]))
@@ -1443,7 +1448,7 @@ def _samplers_table(report: dict):
         if r["status"] != "ok":
             table.add_row(r["sampler"], str(r["nfe_budget"]), str(r["steps"]), "—", "—", "—", f"skipped: {r['reason']}")
             continue
-        alpha = f" (alpha {r['alpha']:g})" if r.get("alpha") is not None else ""
+        alpha = f" (alpha {r['alpha']:.3g})" if r.get("alpha") is not None else ""
         table.add_row(r["sampler"] + alpha, str(r["nfe_budget"]), str(r["steps"]), str(r["nfe"]),
                       _num(r["per_image_s"], ".3g"), _num(r["images_per_s"], ".4g"), _quality_text(r["quality"]))
     return table.table

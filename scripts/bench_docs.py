@@ -37,12 +37,32 @@ RUNS = {
                 "--full-steps", "100", "--speed-up", "10"],
     "cifar10": ["--preset", "cifar10", "--random-weights", "--backends", "eager,bf16,onnx-cpu", "--batch-sizes", "1,8",
                 "--warmup", "1", "--repeats", "5", "--skip", "e2e"],
+    # Counting only (FlopCounterMode on the meta device): nothing is timed.
+    "flops-256": ["--preset", "ffhq-256", "--random-weights", "--batch-sizes", "1", "--skip", "nfe,overhead,e2e"],
+    "flops-1024": ["--preset", "ffhq-1024", "--random-weights", "--batch-sizes", "1", "--skip", "nfe,overhead,e2e"],
 }
+# For a machine with an NVIDIA GPU (TensorRT installed for the trt-* backends). Random weights
+# time the architecture; the e2e runs' images are noise, their wall times are what counts.
+GPU_COMMON = ["--device", "cuda", "--quiet", "--cache-dir", "engines/bench"]
+GPU_RUNS = {
+    "gpu-ffhq-256": ["--preset", "ffhq-256", "--random-weights", "--batch-sizes", "1,8,32", "--skip", "e2e"],
+    "gpu-ffhq-1024": ["--preset", "ffhq-1024", "--random-weights", "--batch-sizes", "1,8,32", "--skip", "e2e"],
+    "gpu-e2e-ffhq-1024": ["--preset", "ffhq-1024", "--random-weights", "--backends", "eager,trt-fp16", "--batch-sizes", "1",
+                          "--full-steps", "2000", "--steps", "66", "--skip", "overhead"],
+    "gpu-e2e-ffhq-1024-trt": ["--preset", "ffhq-1024", "--random-weights", "--backends", "eager,trt-fp16", "--batch-sizes", "1",
+                              "--full-steps", "2000", "--steps", "66", "--e2e-backend", "trt-fp16", "--skip", "overhead"],
+}
+
+
+def command(name: str) -> list[str]:
+    args = [*RUNS[name], *COMMON] if name in RUNS else [*GPU_RUNS[name], *GPU_COMMON]
+    return ["pds", "bench", *args, "--json", str(DATA / f"{name}.json"), "--force"]
 
 
 def run(name: str) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
-    cmd = [str(REPO / ".venv" / "bin" / "pds"), "bench", *RUNS[name], *COMMON, "--json", str(DATA / f"{name}.json"), "--force"]
+    cmd = command(name)
+    cmd[0] = str(REPO / ".venv" / "bin" / "pds")
     print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
 
@@ -54,8 +74,19 @@ def _ms(s) -> str:
     return "—" if s is None else (f"{s * 1e3:.3g}" if s < 1 else f"{s * 1e3:,.0f}")
 
 
+def _rate(v) -> str:
+    return "—" if v is None else (f"{v:,.0f}" if v >= 1000 else f"{v:.4g}")
+
+
 def _g(v, fmt=".3g") -> str:
     return "—" if v is None else format(v, fmt)
+
+
+def _pct(fraction) -> str:
+    if fraction is None:
+        return "—"
+    v = fraction * 100
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
 
 
 def _md(header: list[str], rows: list[list[str]]) -> str:
@@ -97,7 +128,7 @@ def nfe_table(report: dict) -> str:
     for e in ok:
         for r in e["batches"]:
             rows.append([e["name"], e.get("precision") or "?", str(r["batch"]), _ms(r["median_s"]), _ms(r["iqr_s"]),
-                         f"{_ms(r['min_s'])}–{_ms(r['max_s'])}", _g(r["images_per_s"], ".4g"),
+                         f"{_ms(r['min_s'])}–{_ms(r['max_s'])}", _rate(r["images_per_s"]),
                          _g(r.get(base), ".2f") + "×" if base and r.get(base) else "—",
                          _g(r["achieved_flops_per_s"] / 1e9 if r.get("achieved_flops_per_s") else None),
                          _g(r.get("max_rel_err_vs_eager_fp32"), ".1e")])
@@ -108,13 +139,15 @@ def nfe_table(report: dict) -> str:
     table = _md(["backend", "precision", "batch", "median ms", "IQR ms", "min–max ms", "images/s",
                  f"vs {base.removeprefix('speedup_vs_') if base else '—'}", "GFLOP/s", "rel. error vs eager fp32"], rows)
     setup = [f"{e['name']} {e['setup_s']:.1f} s" for e in ok if e.get("setup_s", 0) > 0.5]
-    first = [f"{e['name']} {max(r['first_call_s'] for r in e['batches']):.2g} s" for e in ok
-             if any(r.get("first_call_s") for r in e["batches"])]
-    notes = ""
+    # A first call much slower than the steady state holds compilation or lazy set-up: say so.
+    first = [f"{e['name']} {max(r['first_call_s'] for r in e['batches']):.3g} s" for e in ok
+             if any((r.get("first_call_s") or 0) > 2 * max(x["median_s"] for x in e["batches"]) + 0.1 for r in e["batches"])]
+    notes = []
     if setup:
-        notes += f"\n\nSet-up before the first call (export, copies): {', '.join(setup)}."
+        notes.append(f"Set-up before the first call (export, model copies): {', '.join(setup)}.")
     if first:
-        notes += f" Slowest first (warm-up) call, which holds compilation: {', '.join(first)}."
+        notes.append(f"Slowest first (warm-up, untimed) call: {', '.join(first)}.")
+    notes = ("\n\n" + " ".join(notes)) if notes else ""
     return text + table + notes
 
 
@@ -123,11 +156,11 @@ def overhead_table(report: dict) -> str:
     if part.get("status") != "ok":
         return ""
     rows = [[str(r["batch"]), _ms(r["noise"]["median_s"]), _ms(r["grad"]["median_s"]), _ms(r["per_nfe_s"]),
-             _g(r["fraction_of_e2e_backend_nfe"] * 100 if r.get("fraction_of_e2e_backend_nfe") is not None else None, ".2g"),
-             (_g(r["fraction_of_fastest_nfe"] * 100, ".2g") + f" ({r['fastest_backend']})") if r.get("fastest_backend") else "—"]
+             _pct(r.get("fraction_of_e2e_backend_nfe")),
+             (_pct(r["fraction_of_fastest_nfe"]) + f" ({r['fastest_backend']})") if r.get("fastest_backend") else "—"]
             for r in part["batches"]]
     return ("PDS overhead per network call (one M z and one M Mᵀ g; a PC step makes two of each):\n\n"
-            + _md(["batch", "M z ms", "M Mᵀ g ms", "per NFE ms", "% of one eager NFE", "% of the fastest NFE"], rows))
+            + _md(["batch", "M z ms", "M Mᵀ g ms", "per NFE ms", "% of one NFE (e2e backend)", "% of the fastest NFE"], rows))
 
 
 def e2e_table(report: dict) -> str:
@@ -136,10 +169,10 @@ def e2e_table(report: dict) -> str:
         return ""
     rows = []
     for r in part["runs"]:
-        alpha = f", α {r['alpha']:g}" if r.get("alpha") is not None else ""
+        alpha = f", α {r['alpha']:.3g}" if r.get("alpha") is not None else ""
         rows.append([f"{r['label']} ({r['sampler']}{alpha})", str(r["steps"]), str(r["nfe"]),
                      f"{r['timing']['median_s']:.4g}", f"{r['timing']['iqr_s']:.2g}", str(r["timing"]["count"]),
-                     f"{r['images_per_s']:.4g}", _quality(r["quality"])])
+                     _rate(r["images_per_s"]), _quality(r["quality"])])
     q = report["quality"]
     return (f"End to end on `{part['backend']}`, batch {part['batch']}, {part['samples']} images per run (the two runs "
             f"interleaved batch by batch): **PDS speedup {part['speedup']:.2f}×** in wall time for an NFE ratio of "
@@ -156,15 +189,25 @@ def samplers_table(report: dict) -> str:
         if r["status"] != "ok":
             rows.append([r["sampler"], str(r["nfe_budget"]), str(r["steps"]), "—", "—", "—", f"skipped: {r['reason']}"])
             continue
-        alpha = f" (α {r['alpha']:g})" if r.get("alpha") is not None else ""
+        alpha = f" (α {r['alpha']:.3g})" if r.get("alpha") is not None else ""
         rows.append([r["sampler"] + alpha, str(r["nfe_budget"]), str(r["steps"]), str(r["nfe"]),
-                     f"{r['per_image_s'] * 1e3:.3g}", f"{r['images_per_s']:.4g}", _quality(r["quality"])])
+                     f"{r['per_image_s'] * 1e3:.3g}", _rate(r["images_per_s"]), _quality(r["quality"])])
     return (f"Samplers at equal NFE budgets, batch {part['batch']}, {part['samples']} images each:\n\n"
             + _md(["sampler", "NFE budget", "steps", "NFE", "ms per image", "images/s", "quality"], rows))
 
 
+def flops_line(report: dict) -> str:
+    per_call = report["flops"].get("per_call")
+    if not per_call or any(e["status"] == "ok" for e in report["backends"]):
+        return ""  # the latency table states it already
+    counts = ", ".join(f"batch {b}: {f / 1e9:,.1f} GFLOP" for b, f in per_call.items())
+    return (f"Model FLOPs per network call of `{report['model']['name']}` ({report['model'].get('num_params', 0):,} "
+            f"parameters, {'x'.join(map(str, report['model']['shape']))}): {counts} ({report['flops']['method']}; "
+            f"{report['flops']['counts']}). Nothing was timed in this run.")
+
+
 def render(report: dict, name: str) -> str:
-    parts = [header(report, name), nfe_table(report), overhead_table(report), e2e_table(report), samplers_table(report)]
+    parts = [header(report, name), flops_line(report), nfe_table(report), overhead_table(report), e2e_table(report), samplers_table(report)]
     skipped = [f"`{e['name']}` ({e['reason']})" for e in report["backends"] if e["status"] != "ok"]
     if skipped:
         parts.append("Not measured: " + "; ".join(skipped) + ".")
@@ -188,11 +231,20 @@ def update_doc() -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", nargs="*", default=[], help=f"runs to (re)make: {', '.join(RUNS)} or all")
+    p.add_argument("--run", nargs="*", default=[],
+                   help=f"runs to (re)make: {', '.join(RUNS)} or all (CPU); {', '.join(GPU_RUNS)} or gpu (a GPU machine)")
+    p.add_argument("--print", action="store_true", help="print the commands instead of running them")
     args = p.parse_args(argv)
-    for name in (list(RUNS) if args.run == ["all"] else args.run):
-        run(name)
-    update_doc()
+    names = {"all": list(RUNS), "gpu": list(GPU_RUNS)}.get(" ".join(args.run), args.run)
+    for name in names:
+        if name not in RUNS and name not in GPU_RUNS:
+            p.error(f"unknown run {name!r}")
+        if args.print:
+            print(shlex.join(command(name)).replace(str(REPO) + "/", "").replace(str(FIXTURE), "../shared/fixtures/ncsnpp_small"))
+        else:
+            run(name)
+    if not args.print:
+        update_doc()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from pdscli.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits  # noqa: E402
 
 CONFIDENCE = 0.8  # a sample counts as a recognisable digit when the classifier is this sure
-MIN_CONFIDENT_SHARE = 0.7  # real digits (held out): about 0.99; uniform noise: under 0.1
+MIN_CONFIDENT_SHARE = 0.7  # real digits (held out): about 0.98; uniform noise: about 0.02
 MIN_ENTROPY = 0.9  # label entropy / log(10); 1 = all classes equally often
 MAX_HIGH_FREQ = 2.0  # high-frequency energy / the real digits'; leftover noise drives it up (uniform noise: ~30)
 IMAGE_SIZE = 16
@@ -55,7 +55,7 @@ def digit_classifier(seed: int = 0, heldout: bool = True):
     """(fitted classifier, info): an RBF SVM with calibrated probabilities on all 1,797 real digits.
 
     With `heldout`, info also holds its accuracy and confident share on a held-out quarter, so
-    the thresholds above can be read against real data (about 0.99 and 0.99).
+    the thresholds above can be read against real data (about 0.99 and 0.98).
     """
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.model_selection import train_test_split
@@ -65,8 +65,10 @@ def digit_classifier(seed: int = 0, heldout: bool = True):
     x = _roundtrip(images)
 
     def make():
-        # Platt scaling fitted on 5-fold out-of-fold scores; one SVM on all data predicts.
-        return CalibratedClassifierCV(SVC(C=3.0, gamma="scale"), method="sigmoid", cv=5, ensemble=False)
+        # Isotonic calibration, 5 folds, averaged: real digits come out ~99% confident and uniform
+        # noise ~2%. (Sigmoid calibration of the one-vs-rest SVM was under-confident on real
+        # digits and over-confident on noise: a check built on it would prove little.)
+        return CalibratedClassifierCV(SVC(C=3.0, gamma="scale"), method="isotonic", cv=5, ensemble=True)
 
     info = {}
     if heldout:
@@ -175,13 +177,13 @@ def save_grid(images: torch.Tensor, path: Path, scale: int = 3, count: int = 64)
 
 # ---------------------------------------------------------------------------- main
 
-FULL_RUNS = [("pc", 1000), ("pds", 30), ("pc", 30), ("pds", 20), ("pc", 100), ("pds", 50)]
+FULL_RUNS = [("pds", 30), ("pc", 30), ("pds", 20), ("pds", 50), ("pc", 100), ("pc", 1000)]
 QUICK_RUNS = [("pds", 30), ("pc", 30)]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num-samples", type=int, default=512)
+    ap.add_argument("--num-samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="64 samples, PDS and vanilla at 30 steps only")
     ap.add_argument("--runs", default=None, help="comma list of sampler:steps, e.g. pc:1000,pds:30")
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     runs = QUICK_RUNS if args.quick else FULL_RUNS
     if args.runs:
         runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
-    n = 64 if args.quick and args.num_samples == 512 else args.num_samples
+    n = 64 if args.quick and args.num_samples == 256 else args.num_samples
     clf, clf_info = digit_classifier(args.seed)
     model = builtin.default_score_model("cpu")
     images, _ = load_digits_8x8()
