@@ -262,7 +262,8 @@ def time_calls(fn: Callable[[], object], *, warmup: int, repeats: int, device: t
         if i == 0:
             first = time.perf_counter() - t0
     if device.type == "cuda":
-        times, wall = _time_cuda(fn, repeats, device)
+        with torch.cuda.device(device):  # the events must live on the stream the calls run on
+            times, wall = _time_cuda(fn, repeats, device)
         clock = "cuda-events"
     else:
         times, wall, clock = _time_cpu(fn, repeats), None, "perf_counter"
@@ -597,6 +598,9 @@ def make_backend(name: str, model: BenchModel, cache: ExportCache, threads: int 
     from pdscli.export import at_precision
 
     info = {"description": BACKEND_HELP[name]}
+    if name == ENGINE and str(model.info.get("engine", "")).lower().endswith(".onnx"):
+        # open_engine makes its own session: --threads sets torch's threads, not this one's.
+        info["intra_op_threads"] = "onnxruntime default (--threads does not reach an --engine session)"
     if name in (ANALYTIC, ENGINE, "eager"):
         return Backend(name, lambda b: model.score, {**info, "precision": "fp32" if name != ENGINE else model.info.get("precision")})
     if name in ("bf16", "fp16"):
@@ -707,11 +711,15 @@ def measure_backend(backend: Backend, model: BenchModel, cfg: BenchConfig, flops
 
 
 def reference_outputs(model: BenchModel, cfg: BenchConfig) -> dict:
-    """Eager fp32 outputs on each batch's inputs: what every other backend is compared with."""
+    """Eager fp32 outputs on each batch's inputs: what every backend is compared with. TF32 is
+    off here (on a GPU it is on by default for convolutions): the reference is true fp32, so
+    eager's own TF32 error shows in its row instead of hiding in everyone else's."""
+    from pdscli.export import exact_fp32
+
     if model.kind != "network":
         return {}
     refs = {}
-    with torch.no_grad():
+    with torch.no_grad(), exact_fp32():
         for b in cfg.batch_sizes:
             x, sigma = nfe_inputs(model.settings, b, model.device, cfg.seed)
             refs[b] = model.score(x, sigma).cpu()
@@ -1270,7 +1278,9 @@ def consistency_warnings(report: dict) -> list[str]:
 
     warnings = []
     load, cores = report["machine"].get("load_average"), report["machine"].get("usable_cores") or 1
-    if load and load[0] > 0.75 * cores:
+    timed = any(e["status"] == "ok" for e in report.get("backends", [])) or any(
+        report.get(k, {}).get("status") == "ok" for k in ("pds_overhead", "end_to_end", "samplers"))
+    if timed and load and load[0] > 0.75 * cores:
         warnings.append(f"the machine was busy (load average {load[0]:g} on {cores} cores): CPU timings are slower "
                         "and noisier than on an idle machine")
     for e in report.get("backends", []):

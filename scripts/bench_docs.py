@@ -116,7 +116,7 @@ def header(report: dict, name: str) -> str:
             f"Measured {report['created']} on {m['cpu']} ({m['usable_cores']} cores usable, "
             f"{report['settings']['torch_threads']} torch thread), load average {load[0]} at the start and {end[0]} at the end "
             f"(the machine was shared); torch {libs['torch']}, onnxruntime {libs['onnxruntime']}, pds {libs['pds']}; "
-            f"the run took {report['elapsed_s']:.0f} s. Every raw timing: `docs/bench/{name}.json`.")
+            f"the run took {report['elapsed_s']:.0f} s. The full report (every raw timing): `docs/bench/{name}.json`.")
 
 
 def nfe_table(report: dict) -> str:

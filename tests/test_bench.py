@@ -253,7 +253,18 @@ def test_onnx_cpu_backend_matches_eager(run_pds, fixture_dir, tmp_path):
     assert onnx["status"] == "ok", onnx
     assert onnx["provider"] == "CPUExecutionProvider" and onnx["intra_op_threads"] == 1
     assert onnx["batches"][0]["max_rel_err_vs_eager_fp32"] < 1e-4
-    assert list((tmp_path / "cache").glob("*-fp32.onnx"))  # kept for the next run
+    exported = list((tmp_path / "cache").glob("*-fp32.onnx"))
+    assert len(exported) == 1  # kept for the next run
+
+    # The same file as an --engine: its own backend only, settings from its metadata.
+    r = run_pds("bench", "--engine", exported[0], *QUICK, "--batch-sizes", "2", "--skip", "overhead",
+                "--full-steps", "4", "--speed-up", "2", "--json", "-")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["model"]["kind"] == "engine" and report["model"]["sampling_settings"]["sigma_max"] == 1348
+    assert [e["name"] for e in report["backends"] if e["status"] == "ok"] == ["engine"]
+    assert report["flops"]["per_call"] is None
+    _check_e2e(report, full=4, pds_steps=2)
 
 
 @pytest.mark.gpu
