@@ -60,9 +60,16 @@ def load_png(path) -> np.ndarray:
         return from_uint8(np.asarray(im))
 
 
-def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """Float [N, C, H, W] -> one float [C, H', W'] picture, `nrow` images per row (default: a square)."""
+def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0, min_cell: int = 0) -> np.ndarray:
+    """Float [N, C, H, W] -> one float [C, H', W'] picture, `nrow` images per row (default: a square).
+
+    `min_cell`: small images are enlarged by an integer factor (nearest, pixels stay sharp) so
+    that each is at least this wide; a grid of 16-pixel digits is otherwise too small to look at.
+    """
     a = to_numpy(images)
+    factor = max(1, min_cell // a.shape[-1]) if min_cell else 1
+    if factor > 1:
+        a = a.repeat(factor, axis=-2).repeat(factor, axis=-1)
     n, c, h, w = a.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)

@@ -52,6 +52,7 @@ from pdscli.score import ScoreModel
 
 PARTIAL = ".partial"
 GRID_MAX = 64
+GRID_MIN_CELL = 64  # pixels: small samples are enlarged in grid.png (not in the PNGs or samples.npz)
 _SAMPLE_PNG = re.compile(r"^(\d+)\.png$")
 
 
@@ -379,7 +380,7 @@ def finalize(job: SampleJob, stats: Stats, *, started: float, resumed: int) -> d
     t0 = time.perf_counter()
     source = _FloatSource(job.out, job.num_samples)
     grid = _write_samples_npz(job.out / "samples.npz", indices, job.shape, source)
-    save_png(job.out / "grid.png", make_grid(grid))
+    save_png(job.out / "grid.png", make_grid(grid, min_cell=GRID_MIN_CELL))
     record = run_record(job, stats, started=started, resumed=resumed, from_png=source.from_png,
                         finalize_s=time.perf_counter() - t0)
     atomic_write_json(job.out / "run.json", record)

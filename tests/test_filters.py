@@ -153,6 +153,8 @@ def test_images_helpers_round_trip(tmp_path):
     assert to_uint8(np.array([[[0.0, 1.0, 0.5, 2.0, -1.0]]])).ravel().tolist() == [0, 255, 128, 255, 0]
     grid = make_grid(np.zeros((5, 1, 2, 2)), padding=1)
     assert grid.shape == (1, 2 * 3 + 1, 3 * 3 + 1)
+    big = make_grid(np.arange(8.0).reshape(2, 1, 2, 2), padding=0, min_cell=5)  # x2, nearest
+    assert big.shape == (1, 4, 8) and big[0, 1, 1] == 0.0 and big[0, 2, 2] == 3.0
 
 
 def test_engine_shape_from_onnx_metadata(tmp_path):
