@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pdscli.datasets import max_pairwise_distance
 from pdscli.errors import PdsError
 from pdscli.noise import sample_seed
 
@@ -51,7 +52,7 @@ def dsm_loss(
     sigma_min: float,
     sigma_max: float,
     generator: torch.Generator,
-    reduce_mean: bool = True,
+    reduce_mean: bool = False,
     likelihood_weighting: bool = False,
     eps: float = TRAIN_EPS,
 ) -> torch.Tensor:
@@ -178,7 +179,7 @@ def train_step(state: TrainState, data: torch.Tensor, cfg: dict, *, seed: int, b
         sigma_min=float(model["sigma_min"]),
         sigma_max=float(model["sigma_max"]),
         generator=g,
-        reduce_mean=bool(training.get("reduce_mean", True)),
+        reduce_mean=bool(training.get("reduce_mean", False)),  # score_sde's default
         likelihood_weighting=bool(training.get("likelihood_weighting", False)),
     )
     loss.backward()
@@ -322,12 +323,6 @@ def check_trainable(cfg: dict) -> None:
         raise PdsError(f"--lr (optim.lr) must be positive, got {cfg['optim']['lr']}")
 
 
-def max_pairwise_distance(data: torch.Tensor) -> float:
-    from pdscli.datasets import max_pairwise_distance as mpd
-
-    return mpd(data)
-
-
 def run_training(source: str, cfg: dict | None, out_dir, opts: TrainOptions, *, progress=None) -> TrainResult:
     """Train on `source` (an image folder or `digits`) into `out_dir`; with opts.resume continue the run there.
 
@@ -347,6 +342,7 @@ def run_training(source: str, cfg: dict | None, out_dir, opts: TrainOptions, *, 
     else:
         _check_new_run(out, opts)
         cfg = apply_options(cfg, opts)
+        cfg["data"]["dataset"] = str(source)  # config.json records what the run trained on
         record = {"source": str(source), "seed": 0 if opts.seed is None else int(opts.seed)}
     check_trainable(cfg)
     data = load_dataset(source, size=int(cfg["data"]["image_size"]), channels=int(cfg["data"]["num_channels"]))
