@@ -31,3 +31,10 @@ def resolve_precision(name: str) -> torch.dtype:
         return PRECISIONS[name.lower()]
     except KeyError:
         raise PdsError(f"--precision must be one of {', '.join(PRECISIONS)}, not {name!r}") from None
+
+
+def set_threads(n: int) -> None:
+    """--threads: torch's intra-op CPU threads."""
+    if n < 1:
+        raise PdsError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)

@@ -19,6 +19,23 @@ def _fixture_root() -> Path:
 FIXTURE = _fixture_root() / "fixtures" / "ncsnpp_small"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for the whole suite.
+
+    The test machines have 2 cores; the suite's work is small FFTs, tiny networks and small
+    batches, which a second thread does not speed up, while a second thread competing with
+    any other process makes OpenMP spin (each call measured 10-100x slower). Subprocesses
+    (torchrun tests) get OMP_NUM_THREADS=1 for the same reason.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     """../shared/fixtures/ncsnpp_small: a checkpoint written by the reference implementation."""

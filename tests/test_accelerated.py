@@ -17,16 +17,6 @@ from pdscli.sampling import get_sampler, nfe_count
 from pdscli.schedules import SCHEDULES, edm, geometric, make_steps, steps_from_levels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny FFTs: with torch's default threads on a loaded 2-core machine every call spins
-    (~60x slower, measured); one thread is fastest here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     return GaussianImageModel(16, 1)

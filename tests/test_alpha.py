@@ -14,15 +14,6 @@ from pdscli.precondition import Filters, Preconditioner, compute_statistics
 from pdscli.sampling import pc_steps, pds
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny FFTs and elementwise ops: extra threads only spin on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     return GaussianImageModel(16, 1)

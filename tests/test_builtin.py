@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from pdscli import builtin
@@ -76,17 +75,7 @@ def test_the_check_fails_on_noise_and_passes_real_digits():
     assert any("one class" in f for f in qc.failures(blank))
 
 
-@pytest.fixture
-def one_thread():
-    # Small batches gain nothing from a second thread, and on a shared CPU OpenMP's spinning
-    # threads make them many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_pds_at_the_default_steps_passes_and_vanilla_at_the_same_steps_does_worse(one_thread):
+def test_pds_at_the_default_steps_passes_and_vanilla_at_the_same_steps_does_worse():
     """The quick quality check (64 samples, about 10 s alone on a CPU core); figures in docs/builtin-model.md."""
     qc = quality_check()
     clf, _ = qc.digit_classifier(heldout=False)

@@ -24,15 +24,6 @@ from pdscli.models import build_model, get_preset
 from pdscli.models.ncsnpp import sigma_ladder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machines are small and shared: one intra-op thread beats two contending ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def io(fixture_dir):
     return {k: torch.from_numpy(v) for k, v in np.load(fixture_dir / "reference_io.npz").items()}

@@ -1,7 +1,6 @@
-import pytest
 
 from pdscli import __version__
-from pdscli.cli import COMMAND_MODULES, app
+from pdscli.cli import app
 
 
 def test_version(run_pds):

@@ -11,15 +11,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machines are small and shared: one intra-op thread beats two contending ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(fixture_dir):
     return fixture_dir / "checkpoint.pth"

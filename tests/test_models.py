@@ -36,15 +36,6 @@ OFFICIAL_SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machines are small and shared: one intra-op thread beats two contending ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_presets_are_the_official_ones():
     assert set(PRESET_NAMES) == set(OFFICIAL_PARAMS)
 

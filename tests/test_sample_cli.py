@@ -332,3 +332,9 @@ def test_alpha_auto_follows_the_step_count(run_pds, tmp_path, steps):
 def test_alpha_must_be_a_number_or_auto(run_pds, tmp_path):
     masks = make_filters(tmp_path / "m.npz")
     assert_user_error(sample(run_pds, tmp_path / "o", "--masks", masks, "--alpha", "often"), "--alpha", "auto")
+
+
+def test_threads_flag(run_pds, tmp_path):
+    assert_user_error(sample(run_pds, tmp_path / "o", "--threads", "0"), "--threads")
+    r = sample(run_pds, tmp_path / "p", "-n", "1", "--threads", "1")
+    assert r.exit_code == 0, r.stderr

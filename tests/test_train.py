@@ -155,7 +155,6 @@ def test_training_lowers_the_loss(tmp_path):
     from pdscli.models import load_config
     from pdscli.train import TrainOptions, run_training
 
-    torch.set_num_threads(1)
     cfg = load_config(tiny_config(tmp_path, log_freq=10))
     result = run_training("digits", cfg, tmp_path / "run", TrainOptions(iters=40))
     first, last = result.losses[0][1], result.losses[-1][1]
