@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import platform
 import shlex
 import sys
@@ -140,6 +141,28 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, Python {platform.python_version()}"
+
+
+BUILTIN_FIGURES = REPO / "docs" / "data" / "builtin-quality.json"
+
+
+def builtin_section() -> str:
+    """The built-in trained model's quality check (scripts/quality_check.py --json), if recorded."""
+    if not BUILTIN_FIGURES.exists():
+        return ""
+    spec = importlib.util.spec_from_file_location("quality_check", REPO / "scripts" / "quality_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = json.loads(BUILTIN_FIGURES.read_text())
+    return (
+        "## The built-in trained model (digits): PDS against vanilla on a real network\n\n"
+        "No closed form here: a classifier trained on the real digits judges the samples "
+        "(docs/builtin-model.md explains the check and its thresholds). "
+        f"{results['num_samples']} samples per run, seed {results['seed']}, alpha {results['alpha']}. "
+        "Figures recorded by `python scripts/quality_check.py --threads 1 --json docs/data/builtin-quality.json` "
+        "(2-core AMD EPYC, shared, one thread; the times are of that loaded machine).\n\n"
+        + module.markdown_table(results) + "\n"
+    )
 
 
 def accelerated_sections() -> str:
@@ -305,9 +328,9 @@ def main(argv=None) -> int:
     floor = exact_floor(model, args.samples, args.seed)
     command = ".venv/bin/python scripts/exactness.py" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(argv if argv is not None else sys.argv[1:]))
     text = render(args, model, filters, columns, sweep, floor, rows, sweep_rows, (time.perf_counter() - t_start, time.process_time() - cpu_start), command)
-    extra = accelerated_sections()
-    if extra:
-        text += "\n" + extra.strip() + "\n"
+    for extra in (accelerated_sections(), builtin_section()):
+        if extra:
+            text += "\n" + extra.strip() + "\n"
     atomic_write_text(args.out, text)
     print(f"wrote {args.out} in {time.perf_counter() - t_start:.0f} s")
     return 0

@@ -181,6 +181,25 @@ FULL_RUNS = [("pds", 30), ("pc", 30), ("pds", 20), ("pds", 50), ("pc", 100), ("p
 QUICK_RUNS = [("pds", 30), ("pc", 30)]
 
 
+def table_row(m: dict) -> str:
+    name = "PDS" if m["sampler"] == "pds" else "vanilla PC"
+    check = "pass" if m["passes"] else "FAIL: " + "; ".join(m["failures"])
+    return (f"| {name} | {m['steps']} | {m['nfe']} | {m['confident_share']:.1%} | {m['mean_confidence']:.3f} | "
+            f"{m['max_class_share']:.1%} | {m['label_entropy']:.3f} | {m['high_freq_ratio']:.2f} | "
+            f"{m['seconds']:.1f} s | {check} |")
+
+
+def markdown_table(results: dict) -> str:
+    """The figures of a run (what --json saved) as a Markdown table, the real digits last."""
+    real = results["real"]
+    head = ("| sampler | steps | NFE | confident (p >= 0.8) | mean confidence | max class share | label entropy "
+            "| high-freq energy / data | time | check |\n|---|---|---|---|---|---|---|---|---|---|")
+    rows = [table_row(m) for m in results["runs"]]
+    rows.append(f"| (real digits) | | | {real['confident_share']:.1%} | | {real['max_class_share']:.1%} | "
+                f"{real['label_entropy']:.3f} | {real['high_freq_ratio']:.2f} | | |")
+    return "\n".join([head, *rows])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-samples", type=int, default=256)
@@ -212,7 +231,6 @@ def main(argv=None) -> int:
           flush=True)
     results = {"classifier": clf_info, "real": real, "num_samples": n, "seed": args.seed,
                "alpha": args.alpha or builtin.DEFAULT_ALPHA, "runs": []}
-    rows = []
     for sampler, steps in runs:
         x, seconds = sample(model, sampler=sampler, steps=steps, n=n, seed=args.seed, alpha=args.alpha)
         m = evaluate(clf, x)
@@ -221,16 +239,9 @@ def main(argv=None) -> int:
         results["runs"].append(m)
         if not args.no_images:
             save_grid(x, args.img_dir / f"builtin-{sampler}-{steps}.png")
-        name = "PDS" if sampler == "pds" else "vanilla PC"
-        rows.append(f"| {name} | {steps} | {2 * steps} | {m['confident_share']:.1%} | {m['mean_confidence']:.3f} | "
-                    f"{m['max_class_share']:.1%} | {m['label_entropy']:.3f} | {m['high_freq_ratio']:.2f} | "
-                    f"{seconds:.1f} s | {'pass' if not fails else 'FAIL: ' + '; '.join(fails)} |")
-        print(rows[-1], flush=True)
+        print(table_row(m), flush=True)
     print()
-    print("| sampler | steps | NFE | confident (p >= 0.8) | mean confidence | max class share | label entropy "
-          "| high-freq energy / data | time | check |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print(markdown_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
