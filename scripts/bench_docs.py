@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pdscli import bench  # noqa: E402
 DOC = REPO / "docs" / "benchmarks.md"
 DATA = REPO / "docs" / "bench"
 FIXTURE = REPO.parent / "shared" / "fixtures" / "ncsnpp_small"
@@ -70,23 +73,12 @@ def run(name: str) -> None:
 # --- Markdown from a report -----------------------------------------------------------------
 
 
-def _ms(s) -> str:
-    return "—" if s is None else (f"{s * 1e3:.3g}" if s < 1 else f"{s * 1e3:,.0f}")
+# The number formats of `pds bench`'s own tables, so the docs read the same.
+_ms, _g, _pct = bench._ms, bench._num, bench._pct
 
 
 def _rate(v) -> str:
     return "—" if v is None else (f"{v:,.0f}" if v >= 1000 else f"{v:.4g}")
-
-
-def _g(v, fmt=".3g") -> str:
-    return "—" if v is None else format(v, fmt)
-
-
-def _pct(fraction) -> str:
-    if fraction is None:
-        return "—"
-    v = fraction * 100
-    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
 
 
 def _md(header: list[str], rows: list[list[str]]) -> str:
