@@ -17,7 +17,6 @@ sigma_hi -> sigma_lo of the discrete ladder. PDS is the same loop with M != I.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -216,22 +215,10 @@ SAMPLERS: dict[str, Callable] = {"pc": pc, "pds": pds, "predictor": predictor, "
 NFE_PER_STEP: dict[str, int] = {"pc": 2, "pds": 2, "predictor": 1, "corrector": 1}
 
 
-def _accelerated():
-    """pdscli.accelerated if it exists (imported lazily: it imports this module)."""
-    try:
-        return importlib.import_module("pdscli.accelerated")
-    except ModuleNotFoundError as e:
-        if e.name != "pdscli.accelerated":
-            raise
-        return None
-
-
 def available_samplers() -> dict[str, Callable]:
-    table = dict(SAMPLERS)
-    accel = _accelerated()
-    if accel is not None:
-        table.update(getattr(accel, "SAMPLERS", {}))
-    return table
+    from pdscli import accelerated  # lazily: it imports this module
+
+    return {**SAMPLERS, **accelerated.SAMPLERS}
 
 
 def get_sampler(name: str) -> Callable:
@@ -244,16 +231,9 @@ def get_sampler(name: str) -> Callable:
 
 
 def nfe_count(name: str, n_steps: int) -> int | None:
-    """Score evaluations the sampler `name` spends on `n_steps` steps, or None if it does not
-    say (then count the callback's running `nfe`). An accelerated module may declare
-    `NFE_PER_STEP` or a function `nfe_count(name, n_steps)`."""
+    """Score evaluations the sampler `name` spends on `n_steps` steps (None: unknown sampler)."""
     if name in NFE_PER_STEP:
         return NFE_PER_STEP[name] * int(n_steps)
-    accel = _accelerated()
-    if accel is None:
-        return None
-    own = getattr(accel, "nfe_count", None)
-    if callable(own):
-        return own(name, n_steps)
-    per_step = getattr(accel, "NFE_PER_STEP", {}).get(name)
-    return None if per_step is None else per_step * int(n_steps)
+    from pdscli import accelerated
+
+    return accelerated.nfe_count(name, n_steps)
