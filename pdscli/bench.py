@@ -340,19 +340,11 @@ class BenchModel:
         return tuple(self.settings.shape)
 
 
-def builtin_available() -> bool:
-    try:
-        from pdscli import builtin
-    except ImportError:
-        return False
-    return builtin.WEIGHTS.is_file() and builtin.CONFIG.is_file()
-
-
 def default_model_name(cfg: BenchConfig) -> str | None:
-    """No model flag: the built-in digits network where this installation ships it, else gaussian."""
+    """No model flag: the built-in digits network (what `pds sample` uses too)."""
     if cfg.checkpoint or cfg.engine or cfg.random_weights or cfg.model:
         return cfg.model
-    return "builtin" if builtin_available() else "gaussian"
+    return "builtin"
 
 
 def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
@@ -364,8 +356,6 @@ def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
     if model == "builtin":
         from pdscli import builtin
 
-        if not builtin_available():
-            raise PdsError("the built-in model's weights are not part of this installation; use --model gaussian")
         return _network_from_checkpoint(builtin.WEIGHTS, builtin.CONFIG, None, False, device, name=builtin.NAME)
     if cfg.random_weights:
         return _open_random(cfg, device)

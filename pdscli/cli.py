@@ -49,11 +49,7 @@ def _root(
 
 def _register_commands() -> None:
     for name in COMMAND_MODULES:
-        try:
-            importlib.import_module(f"pdscli.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"pdscli.commands.{name}":
-                raise
+        importlib.import_module(f"pdscli.commands.{name}")
 
 
 _register_commands()

@@ -604,15 +604,13 @@ def open_model(spec: ModelSpec) -> ScoreModel:
         model = open_checkpoint(spec.checkpoint, spec.config, spec.preset, device=device,
                                 precision=spec.precision or "fp32", trust_checkpoint=spec.trust_checkpoint)
         _check_shape_flags(spec, model)
-    elif spec.model == "gaussian" or (spec.model is None and not _has_builtin()):
+    elif spec.model == "gaussian":
         from pdscli.analytic import gaussian_score_model
 
         if spec.precision and spec.precision.lower() != "fp32":
             raise PdsError(f"the analytic gaussian model has no network: --precision {spec.precision} does not apply")
         model = gaussian_score_model(spec.image_size or 32, spec.channels or 3, device=device)
     else:
-        if not _has_builtin():
-            raise PdsError("the built-in model is not part of this installation; use --model gaussian or --checkpoint")
         from pdscli.builtin import default_score_model
 
         model = default_score_model(device)
@@ -620,12 +618,6 @@ def open_model(spec: ModelSpec) -> ScoreModel:
     if overrides:
         model = dataclasses.replace(model, settings=model.settings.replace(**overrides))
     return model
-
-
-def _has_builtin() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("pdscli.builtin") is not None
 
 
 def _check_shape_flags(spec: ModelSpec, model: ScoreModel) -> None:
@@ -698,10 +690,8 @@ def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
 
 
 def uses_builtin(spec: "ModelSpec") -> bool:
-    """No model flag (or --model builtin) means the built-in model, where this installation has one."""
-    if spec.model == "builtin":
-        return True
-    return not (spec.checkpoint or spec.engine or spec.model) and _has_builtin()
+    """No model flag (or --model builtin) means the built-in model."""
+    return spec.model == "builtin" or not (spec.checkpoint or spec.engine or spec.model)
 
 
 # The samplers of score_sde / PDS run on the reference's own grid; the others on a schedule.
