@@ -39,6 +39,7 @@ import torch
 
 from pdscli import __version__
 from pdscli.errors import PdsError
+from pdscli.score import CountingScore
 
 FORMAT = "pds-bench/1"
 
@@ -1014,17 +1015,6 @@ def make_quality(model: BenchModel, reference: torch.Tensor | None, seed: int):
 # Sampling runs: part 3 (end to end) and part 4 (samplers at equal NFE).
 
 
-class _Counting:
-    """Counts network calls, whatever the sampler reports about itself."""
-
-    def __init__(self, score):
-        self.score, self.calls = score, 0
-
-    def __call__(self, x, sigma):
-        self.calls += 1
-        return self.score(x, sigma)
-
-
 class SamplingRun:
     """One sampler configuration, run batch by batch: samples of indices 0..count-1 (so every
     configuration sees the same noise), each full batch timed (synchronised wall clock around
@@ -1033,7 +1023,7 @@ class SamplingRun:
     def __init__(self, score, sampler: str, steps, precond, *, cfg: BenchConfig, model: BenchModel):
         from pdscli.sampling import get_sampler
 
-        self.fn, self.counting, self.steps, self.precond = get_sampler(sampler), _Counting(score), steps, precond
+        self.fn, self.counting, self.steps, self.precond = get_sampler(sampler), CountingScore(score), steps, precond
         self.cfg, self.model = cfg, model
         self.times, self.outs, self.batches = [], [], 0
 

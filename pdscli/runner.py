@@ -48,7 +48,7 @@ from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, prepare_out_dir
 from pdscli.images import load_png, make_grid, save_png, to_numpy
 from pdscli.noise import SampleNoise
-from pdscli.score import ScoreModel
+from pdscli.score import CountingScore, ScoreModel
 
 PARTIAL = ".partial"
 GRID_MAX = 64
@@ -244,17 +244,6 @@ def clear_previous_run(out: Path) -> None:
 # The loop.
 
 
-class _CountingScore:
-    """Wraps the score to count network evaluations (NFE) whatever the sampler reports."""
-
-    def __init__(self, score):
-        self.score, self.calls = score, 0
-
-    def __call__(self, x, sigma):
-        self.calls += 1
-        return self.score(x, sigma)
-
-
 @dataclass
 class Stats:
     made: int = 0
@@ -283,7 +272,7 @@ def sample_indices(job: SampleJob, indices: list[int], *, sampler_fn=None, progr
     """Make and write the samples `indices`, batch by batch. Writes only files named after them."""
     sampler_fn = sampler_fn or _resolve_sampler(job.sampler)
     progress = progress or Progress()
-    score = _CountingScore(job.model.score)
+    score = CountingScore(job.model.score)
     device = job.model.device
     stats = Stats()
     t0 = time.perf_counter()

@@ -26,3 +26,14 @@ class ScoreModel:
     device: torch.device
     sha256: str | None = None  # of the checkpoint or engine file, for run.json
     info: dict = field(default_factory=dict)  # backend, precision, ... for run.json
+
+
+class CountingScore:
+    """A score callable that counts its network evaluations (NFE), whatever a sampler reports."""
+
+    def __init__(self, score: ScoreFn):
+        self.score, self.calls = score, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.score(x, sigma)
