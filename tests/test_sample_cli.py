@@ -338,3 +338,16 @@ def test_threads_flag(run_pds, tmp_path):
     assert_user_error(sample(run_pds, tmp_path / "o", "--threads", "0"), "--threads")
     r = sample(run_pds, tmp_path / "p", "-n", "1", "--threads", "1")
     assert r.exit_code == 0, r.stderr
+
+
+def test_checkpoint_at_half_precision_keeps_the_sampler_in_fp32(run_pds, tmp_path, fixture_dir):
+    common = ("sample", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
+              "--steps", "2", "-n", "1", "--quiet", "--device", "cpu")
+    r16 = run_pds(*common, "--precision", "bf16", "--out", tmp_path / "bf16")
+    r32 = run_pds(*common, "--out", tmp_path / "fp32")
+    assert r16.exit_code == 0 and r32.exit_code == 0, (r16.stderr, r32.stderr)
+    record = json.loads((tmp_path / "bf16" / "run.json").read_text())
+    assert record["precision"] == "bf16"
+    assert json.loads((tmp_path / "fp32" / "run.json").read_text())["precision"] == "fp32"
+    a = samples_of(tmp_path / "bf16")
+    assert a.dtype == np.float32 and np.isfinite(a).all()
