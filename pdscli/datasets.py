@@ -33,7 +33,7 @@ def load_digits_8x8() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:
-        raise PdsError("the built-in `digits` data set needs scikit-learn: pip install "pds[train]" (or scikit-learn)") from None
+        raise PdsError('the built-in `digits` data set needs scikit-learn: pip install "pds[train]"') from None
     bunch = sk_load_digits()
     # The pixel values are counts 0..16 (4x4 blocks of a 32x32 bitmap), so /16 maps them onto [0, 1].
     images = bunch.images.astype(np.float32) / 16.0
