@@ -204,7 +204,7 @@ def check_config(cfg: BenchConfig) -> None:
     # The value is checked now; "auto" is resolved per step count later.
     resolve_alpha(cfg.alpha, SamplingSettings(0.01, 1.0, 10, 0.1, 2, 1), 10)
     if cfg.reference is not None:
-        from pdscli.datasets import image_files
+        from pdscli.images import image_files
 
         image_files(cfg.reference)  # a missing or empty folder fails before the model load
     if cfg.masks is not None and not Path(cfg.masks).is_file():
@@ -790,7 +790,7 @@ def fastest_nfe(entries: list[dict], batch: int) -> tuple[str, float] | None:
 def load_reference(cfg: BenchConfig, model: BenchModel) -> torch.Tensor:
     """Up to --reference-limit images of --reference at the model's size: float64 [N, C, H, W]
     in [0, 1], read as `pds filters` reads them (centre square crop, resize)."""
-    from pdscli.datasets import image_files
+    from pdscli.images import image_files
     from pdscli.images import load_image
 
     files = image_files(cfg.reference)[: cfg.reference_limit]

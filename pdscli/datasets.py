@@ -6,14 +6,13 @@ model's 1,797 digits, a few thousand images at most), not for streaming a large 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pdscli.errors import PdsError
-from pdscli.images import IMAGE_SUFFIXES  # one list of readable suffixes for training data and filters
+from pdscli.images import image_files, load_image  # the same reading as `pds filters`
 
 # Data sets known by name; anything else is taken as a folder path.
 BUILTIN_DATASETS = ("digits",)
@@ -64,22 +63,6 @@ def load_digits(*, size: int, channels: int = 1) -> torch.Tensor:
     return x.repeat(1, channels, 1, 1) if channels > 1 else x
 
 
-def image_files(folder) -> list[Path]:
-    """The images under `folder` (recursively), in a stable order; a one-line error when there are none."""
-    from pdscli.images import list_images
-
-    folder = Path(folder)
-    if not folder.exists():
-        hint = f" (built-in data sets: {', '.join(BUILTIN_DATASETS)})" if "/" not in str(folder) else ""
-        raise PdsError(f"no such folder: {folder}{hint}")
-    if not folder.is_dir():
-        raise PdsError(f"{folder} is not a folder of images")
-    files = list_images(folder)
-    if not files:
-        raise PdsError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {folder}")
-    return files
-
-
 def load_image_folder(folder, *, size: int, channels: int) -> torch.Tensor:
     """Every image in `folder`, center-cropped to a square and resized to `size`: float32 [N, C, size, size].
 
@@ -87,10 +70,9 @@ def load_image_folder(folder, *, size: int, channels: int) -> torch.Tensor:
     folder match a model trained on it. A file that cannot be read is an error here, not a skip:
     silently training on part of the data would make the recipe irreproducible.
     """
-    from pdscli.images import load_image
-
+    hint = f" (built-in data sets: {', '.join(BUILTIN_DATASETS)})" if "/" not in str(folder) else ""
     arrays = []
-    for path in image_files(folder):
+    for path in image_files(folder, hint=hint):
         try:
             arrays.append(load_image(path, size=size, channels=channels))
         except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, ...

@@ -21,7 +21,7 @@ import torch
 
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_save_image, atomic_write_bytes, prepare_out_file
-from pdscli.images import list_images, load_image
+from pdscli.images import image_files, load_image
 
 CHUNK = 64  # images per batch handed to the accumulator
 MASKS_DIR = Path("masks")
@@ -77,11 +77,7 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
         raise PdsError(f"--channels must be 1 or 3, got {channels}")
     if limit is not None and limit < 1:
         raise PdsError(f"--limit must be at least 1, got {limit}")
-    if not folder.is_dir():
-        raise PdsError(f"{folder} is not a folder" if folder.exists() else f"no such folder: {folder}")
-    files = list_images(folder)
-    if not files:
-        raise PdsError(f"no images (PNG, JPEG, WebP, BMP, TIFF) found in {folder}")
+    files = image_files(folder)
     files = files[:limit] if limit else files
     if workers is not None and workers < 1:
         raise PdsError(f"--workers must be at least 1, got {workers}")

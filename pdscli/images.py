@@ -87,6 +87,24 @@ def list_images(folder) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def image_files(folder, *, hint: str = "") -> list[Path]:
+    """`list_images`, with a one-line error for a missing path, a file, or a folder without images.
+
+    `hint` is added to the "no such folder" message (e.g. the built-in data set names).
+    """
+    from pdscli.errors import PdsError
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise PdsError(f"no such folder: {folder}{hint}")
+    if not folder.is_dir():
+        raise PdsError(f"{folder} is not a folder of images")
+    files = list_images(folder)
+    if not files:
+        raise PdsError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {folder}")
+    return files
+
+
 def load_image(path, *, size: int, channels: int = 3) -> np.ndarray:
     """Read any Pillow image -> float32 [channels, size, size] in [0, 1].
 

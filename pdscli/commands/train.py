@@ -52,14 +52,12 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ):
-    import torch
-
     from pdscli.train import TrainOptions, default_config, run_training
 
     if threads is not None:
-        if threads < 1:
-            raise PdsError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+        from pdscli.devices import set_threads
+
+        set_threads(threads)
     opts = TrainOptions(
         iters=iters, batch_size=batch_size, lr=lr, sigma_max=_sigma_max(sigma_max), image_size=image_size,
         channels=channels, seed=seed, save_every=save_every, log_every=log_every, device=device, force=force,
