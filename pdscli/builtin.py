@@ -26,7 +26,6 @@ FILTERS = DATA_DIR / "digits-filters.npz"
 # (docs/builtin-model.md, "Quality check"); the filter strength was chosen for this step count.
 DEFAULT_STEPS = 30
 DEFAULT_ALPHA = 5.0
-DEFAULT_SAMPLER = "pds"
 
 
 def _require(path: Path) -> Path:

@@ -24,7 +24,6 @@ from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_write_json
 
 MANIFEST_FORMAT = "pds-tensorrt-engine/1"
-ENGINE_SUFFIXES = (".plan", ".engine")
 TIMING_CACHE_NAME = "tensorrt-timing.cache"
 
 
