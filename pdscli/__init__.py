@@ -13,7 +13,7 @@ __all__ = ["__version__", "load_score_model"]
 def __getattr__(name):
     # Lazy so that `import pdscli` (and `pds --help`) stays cheap.
     if name == "load_score_model":
-        from pdscli.checkpoint import load_score_model
+        from pdscli.models.checkpoint import load_score_model
 
         return load_score_model
     raise AttributeError(name)

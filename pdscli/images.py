@@ -9,7 +9,7 @@ import numpy as np
 
 from pdscli.fsutil import atomic_save_image
 
-# What Pillow can read that people keep data sets in (same list as pdscli.datasets).
+# What Pillow can read that people keep data sets in (same list as pdscli.train.datasets).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -109,7 +109,7 @@ def load_image(path, *, size: int, channels: int = 3) -> np.ndarray:
     """Read any Pillow image -> float32 [channels, size, size] in [0, 1].
 
     Centre square crop, then resize to `size`: the same as resizing the shorter side to `size`
-    and centre-cropping, and the same preprocessing as `pdscli.datasets` (training data).
+    and centre-cropping, and the same preprocessing as `pdscli.train.datasets` (training data).
     """
     from PIL import Image
 

@@ -1,8 +1,8 @@
-"""Calibrate `--alpha auto` (pdscli.alpha.SLOPE, H0) on the exact analytic model.
+"""Calibrate `--alpha auto` (pdscli.precondition.alpha.SLOPE, H0) on the exact analytic model.
 
 For each calibration model (the analytic Gaussian at several sizes, in both official setting
 families) and each step count, the exact spectral KL of PC and of PDS over a grid of alphas
-comes from the closed second-moment recursion `pdscli.alpha.pc_second_moments` (no sampling).
+comes from the closed second-moment recursion `pdscli.precondition.alpha.pc_second_moments` (no sampling).
 The rule 1 / (alpha - 1) = SLOPE (h - H0), clipped to [ALPHA_MIN, ALPHA_MAX], is then fitted
 by grid search: among the (SLOPE, H0) that are never worse than vanilla at any (model, step
 count) -- KL(auto) <= 1.001 KL(vanilla), and the same with alpha halved, a margin for filters
@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdscli import alpha as A  # noqa: E402
-from pdscli.analytic import GaussianImageModel  # noqa: E402
-from pdscli.sampling import pc_steps  # noqa: E402
+from pdscli.precondition import alpha as A  # noqa: E402
+from pdscli.evaluate.analytic import GaussianImageModel  # noqa: E402
+from pdscli.samplers import pc_steps  # noqa: E402
 
 STEP_COUNTS = (10, 12, 15, 20, 25, 30, 40, 50, 70, 100, 150, 200, 300, 400, 600, 1000)
 ALPHA_GRID = np.exp(np.linspace(math.log(A.ALPHA_MIN), math.log(A.ALPHA_MAX), 41))
@@ -107,7 +107,7 @@ def markdown() -> str:
         f"{time.time() - t0:.0f} s.",
         "",
         "Exact spectral KL of the PC loop (`pc_steps` grid) from the closed second-moment recursion "
-        "`pdscli.alpha.pc_second_moments` on the analytic Gaussian (power-1 spectrum, 1 channel), "
+        "`pdscli.precondition.alpha.pc_second_moments` on the analytic Gaussian (power-1 spectrum, 1 channel), "
         "with the frequency filter of the model's exact statistic. alpha* = best alpha on a "
         f"{len(ALPHA_GRID)}-point log grid over [{A.ALPHA_MIN:g}, {A.ALPHA_MAX:g}].",
         "",

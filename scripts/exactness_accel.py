@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdscli import accelerated as A  # noqa: E402
-from pdscli import alpha as AL  # noqa: E402
-from pdscli.analytic import GaussianImageModel  # noqa: E402
+from pdscli.precondition import alpha as AL  # noqa: E402
+from pdscli.evaluate.analytic import GaussianImageModel  # noqa: E402
 from pdscli.precondition import Filters, Preconditioner, compute_statistics  # noqa: E402
-from pdscli.sampling import pc_steps, pds  # noqa: E402
-from pdscli.schedules import edm, geometric  # noqa: E402
+from pdscli.samplers import get_sampler, pc_steps, pds  # noqa: E402
+from pdscli.samplers import accelerated as A  # noqa: E402
+from pdscli.samplers.grids import edm, geometric  # noqa: E402
 
 SIZE = 32  # 32x32x1, the model's default settings (sigma_max 189, snr 0.075, 2000 scales)
 ODE_STEPS = (10, 20, 40, 80, 160)
@@ -66,7 +66,7 @@ def ode_errors(m, name, schedule, ns, z, exact):
     out = []
     for n in ns:
         it = iter([z])
-        x = A.SAMPLERS[name](m.score, lambda: next(it), schedule(m.settings, n))
+        x = get_sampler(name)(m.score, lambda: next(it), schedule(m.settings, n))
         out.append(float((x - exact).double().pow(2).mean().sqrt()))
     return out
 
@@ -149,7 +149,7 @@ def stochastic_section(m) -> str:
         row = [str(n)]
         for name in ("ddpm", "accel-sde"):
             g = _gen(100 + n)
-            x = A.SAMPLERS[name](m.score, lambda: torch.randn(SDE_BATCH, 1, SIZE, SIZE, generator=g), geometric(st, n))
+            x = get_sampler(name)(m.score, lambda: torch.randn(SDE_BATCH, 1, SIZE, SIZE, generator=g), geometric(st, n))
             e = AL.spectral_kl_of_moments(m, stochastic_second_moments(m, geometric(st, n), name))
             row += [f"{m.spectral_kl(x):.3g}", f"{e:.3g}"]
         lines.append("| " + " | ".join(row) + " |")
@@ -192,9 +192,9 @@ def alpha_section(m) -> str:
     lines = [
         "### `--alpha auto` next to the fixed alpha = 5 and vanilla PC",
         "",
-        f"PC / PDS (`pdscli.sampling.pds`, reference grid `pc_steps`, snr {st.snr:g}) with frequency filters from "
+        f"PC / PDS (`pdscli.samplers.pds`, reference grid `pc_steps`, snr {st.snr:g}) with frequency filters from "
         f"{filters.count} exact samples. MC: spectral KL of {PDS_BATCH} samples, the same noise for all three "
-        "(floor ~5e-4). Exact: the population value from `pdscli.alpha.pc_second_moments` with the same "
+        "(floor ~5e-4). Exact: the population value from `pdscli.precondition.alpha.pc_second_moments` with the same "
         "estimated statistic. auto = `auto_alpha(n, num_scales, sigma_min=..., sigma_max=...)`.",
         "",
         "| steps | auto alpha | vanilla MC | alpha=5 MC | auto MC | vanilla exact | alpha=5 exact | auto exact |",

@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pdscli.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits  # noqa: E402
+from pdscli.train.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits  # noqa: E402
 
 CONFIDENCE = 0.8  # a sample counts as a recognisable digit when the classifier is this sure
 MIN_CONFIDENT_SHARE = 0.7  # real digits (held out): about 0.98; uniform noise: about 0.02
@@ -147,9 +147,9 @@ def failures(m: dict) -> list[str]:
 def sample(model, *, sampler: str, steps: int, n: int, seed: int = 0, alpha: float | None = None,
            batch_size: int = 128) -> tuple[torch.Tensor, float]:
     """n samples [n, 1, 16, 16] clipped to [0, 1] with `sampler` ("pc" or "pds") at `steps` steps, and the seconds taken."""
-    from pdscli import builtin
+    from pdscli.models import builtin
     from pdscli.noise import SampleNoise
-    from pdscli.sampling import get_sampler, pc_steps
+    from pdscli.samplers import get_sampler, pc_steps
 
     precond = builtin.default_preconditioner(model.device, alpha or builtin.DEFAULT_ALPHA) if sampler == "pds" else None
     grid = pc_steps(model.settings, steps)
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pdscli import builtin
+    from pdscli.models import builtin
 
     runs = QUICK_RUNS if args.quick else FULL_RUNS
     if args.runs:

@@ -10,7 +10,7 @@ Steps:
 2. The EMA weights of RUN/checkpoint.pth -> pdscli/data/digits.pth (a plain state_dict, float32).
 3. The PDS filters of the same data: the 1,797 digits, upscaled to 16x16 exactly as for
    training, written as 8-bit PNGs to a temporary folder and measured with
-   `pdscli.filters.folder_statistics` (what `pds filters DIR --size 16 --channels 1` runs)
+   `pdscli.precondition.filters.folder_statistics` (what `pds filters DIR --size 16 --channels 1` runs)
    -> pdscli/data/digits-filters.npz.
 Training is deterministic given the seed (every step's draws are seeded from (seed, step)) on
 the same torch build and thread count; see docs/builtin-model.md for the time it took.
@@ -55,7 +55,7 @@ def check_recipe(run: Path) -> None:
 
 
 def export(run: Path) -> dict:
-    from pdscli.train import export_ema_weights
+    from pdscli.train.loop import export_ema_weights
 
     info = export_ema_weights(run / "checkpoint.pth", CONFIG, DATA / "digits.pth")
     (DATA / "digits.pth").chmod(0o644)
@@ -65,8 +65,8 @@ def export(run: Path) -> dict:
 def make_filters() -> str:
     from PIL import Image
 
-    from pdscli.datasets import load_digits
-    from pdscli.filters import folder_statistics
+    from pdscli.train.datasets import load_digits
+    from pdscli.precondition.filters import folder_statistics
     from pdscli.images import to_uint8
 
     images = load_digits(size=16)  # exactly the training images

@@ -12,11 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fixture_root() -> Path:
+    # The fixture ships with the tests; PDS_SHARED points at another copy (a shared/ folder).
     env = os.environ.get("PDS_SHARED")
-    return Path(env) if env else REPO.parent / "shared"
+    return Path(env) / "fixtures" if env else Path(__file__).resolve().parent / "fixtures"
 
 
-FIXTURE = _fixture_root() / "fixtures" / "ncsnpp_small"
+FIXTURE = _fixture_root() / "ncsnpp_small"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,9 +39,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    """../shared/fixtures/ncsnpp_small: a checkpoint written by the reference implementation."""
-    if not (FIXTURE / "checkpoint.pth").exists():
-        pytest.skip(f"reference fixture not found at {FIXTURE} (set PDS_SHARED to the shared/ folder)")
+    """tests/fixtures/ncsnpp_small: a checkpoint written by the reference implementation."""
+    assert (FIXTURE / "checkpoint.pth").exists(), f"reference fixture missing at {FIXTURE}"
     return FIXTURE
 
 

@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from pdscli import accelerated as A
-from pdscli.analytic import GaussianImageModel
+from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.samplers import accelerated as A
 from pdscli.errors import PdsError
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
-from pdscli.sampling import get_sampler, nfe_count
-from pdscli.schedules import SCHEDULES, edm, geometric, make_steps, steps_from_levels
+from pdscli.samplers import REGISTRY, get_sampler, nfe_count
+
+ACCELERATED = sorted(n for n, s in REGISTRY.items() if not s.pc_grid)
+DETERMINISTIC = sorted(n for n, s in REGISTRY.items() if s.deterministic)
+from pdscli.samplers.grids import SCHEDULES, edm, geometric, make_steps, steps_from_levels
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +139,12 @@ def test_make_steps_and_errors(model):
 
 
 def test_registered_in_sampling():
-    for name, fn in A.SAMPLERS.items():
-        assert get_sampler(name) is fn
+    for name in ACCELERATED:
+        assert get_sampler(name) is REGISTRY[name].fn
     assert nfe_count("accel-ode", 10) == 10 and nfe_count("accel-ode2", 10) == 19 and nfe_count("ddpm", 7) == 7
 
 
-@pytest.mark.parametrize("name", sorted(A.SAMPLERS))
+@pytest.mark.parametrize("name", ACCELERATED)
 def test_last_step_is_tweedie_and_nfe_is_counted(model, name):
     st = model.settings
     steps = geometric(st, 6)
@@ -157,19 +160,19 @@ def test_last_step_is_tweedie_and_nfe_is_counted(model, name):
     def callback(info):
         seen.append((info["nfe"], info["x"].clone()))
 
-    out = A.SAMPLERS[name](score, lambda: torch.randn(4, 1, 16, 16, generator=g), steps, callback=callback)
+    out = get_sampler(name)(score, lambda: torch.randn(4, 1, 16, 16, generator=g), steps, callback=callback)
     before = seen[-2][1]
     tweedie = before + st.sigma_min**2 * model.score(before, torch.full((4,), st.sigma_min))
     assert torch.allclose(out, tweedie, atol=1e-6)
     assert torch.equal(out, seen[-1][1])
-    assert len(calls) == seen[-1][0] == A.nfe_count(name, 6)
+    assert len(calls) == seen[-1][0] == nfe_count(name, 6)
 
 
-@pytest.mark.parametrize("name", sorted(A.DETERMINISTIC))
+@pytest.mark.parametrize("name", DETERMINISTIC)
 def test_deterministic_samplers_refuse_a_preconditioner(model, name):
     pre = Preconditioner(freq_filter=np.ones((1, 16, 16)))
     with pytest.raises(PdsError, match="deterministic"):
-        A.SAMPLERS[name](model.score, lambda: torch.randn(2, 1, 16, 16), geometric(model.settings, 4), precond=pre)
+        get_sampler(name)(model.score, lambda: torch.randn(2, 1, 16, 16), geometric(model.settings, 4), precond=pre)
 
 
 @pytest.mark.parametrize("name", ["ddpm", "accel-sde"])
@@ -178,7 +181,7 @@ def test_stochastic_samplers_take_the_preconditioner(model, name):
 
     def run(pre):
         noise = SampleNoise(5, range(3), (1, 16, 16))
-        return A.SAMPLERS[name](model.score, noise, steps, precond=pre)
+        return get_sampler(name)(model.score, noise, steps, precond=pre)
 
     plain = run(None)
     assert torch.allclose(run(Preconditioner(freq_filter=np.ones((1, 16, 16)))), plain, atol=1e-4)
@@ -189,8 +192,8 @@ def test_stochastic_samplers_take_the_preconditioner(model, name):
 @pytest.mark.parametrize("name", ["ddpm", "accel-sde", "accel-ode"])
 def test_a_sample_never_depends_on_its_batch(model, name):
     steps = geometric(model.settings, 7)
-    big = A.SAMPLERS[name](model.score, SampleNoise(9, range(4), (1, 16, 16)), steps)
-    small = A.SAMPLERS[name](model.score, SampleNoise(9, [2, 3], (1, 16, 16)), steps)
+    big = get_sampler(name)(model.score, SampleNoise(9, range(4), (1, 16, 16)), steps)
+    small = get_sampler(name)(model.score, SampleNoise(9, [2, 3], (1, 16, 16)), steps)
     assert torch.allclose(big[2:], small, atol=1e-5)
 
 
@@ -206,7 +209,7 @@ def test_deterministic_orders_against_the_closed_form(model):
     z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     exact = exact_output(model, z)
     ns = [40, 80, 160]
-    errs = {name: [rms(A.SAMPLERS[name](model.score, fixed_noise(z), geometric(model.settings, n)), exact) for n in ns]
+    errs = {name: [rms(get_sampler(name)(model.score, fixed_noise(z), geometric(model.settings, n)), exact) for n in ns]
             for name in ("ddim", "accel-ode", "accel-ode2")}
     assert -1.15 < slope(ns, errs["ddim"]) < -0.85
     assert slope(ns, errs["accel-ode"]) <= -1.7
@@ -224,7 +227,7 @@ def test_accel_sde_beats_ddpm_at_few_steps(model):
         kl = {}
         for name in ("ddpm", "accel-sde"):
             g = torch.Generator().manual_seed(n)
-            out = A.SAMPLERS[name](model.score, lambda: torch.randn(256, 1, 16, 16, generator=g), geometric(model.settings, n))
+            out = get_sampler(name)(model.score, lambda: torch.randn(256, 1, 16, 16, generator=g), geometric(model.settings, n))
             kl[name] = model.spectral_kl(out)
         assert kl["accel-sde"] < 0.25 * kl["ddpm"], kl
 
@@ -246,7 +249,7 @@ def _exactness_accel():
 def test_stochastic_recursion_matches_the_samplers(model, name, alpha):
     """The yardstick of docs/exactness.md's stochastic figures agrees with the real samplers,
     with and without the preconditioner."""
-    from pdscli import alpha as AL
+    from pdscli.precondition import alpha as AL
     from pdscli.precondition import Filters
 
     E = _exactness_accel()
@@ -256,7 +259,7 @@ def test_stochastic_recursion_matches_the_samplers(model, name, alpha):
     steps = geometric(model.settings, 10)
     g = torch.Generator().manual_seed(21)
     batch = 256
-    x = A.SAMPLERS[name](model.score, lambda: torch.randn(batch, 1, 16, 16, generator=g), steps, precond=pre)
+    x = get_sampler(name)(model.score, lambda: torch.randn(batch, 1, 16, 16, generator=g), steps, precond=pre)
     mc = model.spectral_kl(x)
     exact = AL.spectral_kl_of_moments(model, E.stochastic_second_moments(model, steps, name, p))
     assert abs(mc - exact) < 0.15 * exact + 2.5 / (4 * batch), (mc, exact)

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from pdscli import alpha as AL
-from pdscli.analytic import GaussianImageModel
+from pdscli.precondition import alpha as AL
+from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.errors import PdsError
 from pdscli.precondition import Filters, Preconditioner, compute_statistics
-from pdscli.sampling import pc_steps, pds
+from pdscli.samplers import pc_steps, pds
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pdscli.analytic import GaussianImageModel, gaussian_score_model
+from pdscli.evaluate.analytic import GaussianImageModel, gaussian_score_model
 from pdscli.errors import PdsError
 
 SIZE, CH, RHO, STD, POWER = 6, 2, 0.3, 0.2, 1.2

@@ -11,7 +11,7 @@ import struct
 import pytest
 import torch
 
-from pdscli import bench
+from pdscli.bench import core as bench
 from pdscli.errors import PdsError
 
 QUICK = ["--quick", "--threads", "1", "--quiet"]
@@ -179,7 +179,7 @@ def test_default_quick_run_is_the_smoke_test(run_pds):
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
     """24 PNGs of smooth 32x32 colour images: a stand-in data set for --reference."""
-    from pdscli.analytic import GaussianImageModel
+    from pdscli.evaluate.analytic import GaussianImageModel
     from pdscli.images import save_png
 
     folder = tmp_path_factory.mktemp("reference")
@@ -333,7 +333,7 @@ def test_steps_for_budget(sampler, budget, steps):
 
 
 def test_reference_statistic_is_zero_on_itself_and_sees_leftover_noise():
-    from pdscli.analytic import GaussianImageModel
+    from pdscli.evaluate.analytic import GaussianImageModel
 
     g = GaussianImageModel(16, 3)
     images = g.sample(400, torch.Generator().manual_seed(0)).clamp(0, 1).double()
@@ -348,7 +348,7 @@ def test_reference_statistic_is_zero_on_itself_and_sees_leftover_noise():
 
 
 def test_exact_quality_of_exact_samples_is_near_its_floor():
-    from pdscli.analytic import GaussianImageModel
+    from pdscli.evaluate.analytic import GaussianImageModel
 
     g = GaussianImageModel(16, 1)
     q = bench.ExactQuality(g)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pdscli import builtin
+from pdscli.models import builtin
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_default_filters_fit_the_model():
 
 def test_the_shipped_filters_are_the_statistics_of_the_training_digits():
     # Recomputed in memory from the same images: only the 8-bit PNG round trip separates them.
-    from pdscli.datasets import load_digits
+    from pdscli.train.datasets import load_digits
     from pdscli.precondition import compute_statistics
 
     x = load_digits(size=16)
@@ -65,7 +65,7 @@ def test_the_shipped_filters_are_the_statistics_of_the_training_digits():
 def test_the_check_fails_on_noise_and_passes_real_digits():
     qc = quality_check()
     clf, _ = qc.digit_classifier(heldout=False)
-    from pdscli.datasets import load_digits
+    from pdscli.train.datasets import load_digits
 
     real = qc.evaluate(clf, load_digits(size=16)[::7])
     assert not qc.failures(real), real

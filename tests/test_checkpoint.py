@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pdscli
-from pdscli.checkpoint import (
+from pdscli.models.checkpoint import (
     load_score_model,
     matching_presets,
     open_checkpoint,

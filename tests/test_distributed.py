@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdscli.distributed import Dist
+from pdscli.sample.distributed import Dist
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                                 reason="torchrun not found beside the Python interpreter")

@@ -32,7 +32,7 @@ SETTINGS_FLAGS = ["--sigma-min", "0.01", "--sigma-max", "1348", "--num-scales", 
 
 @pytest.fixture(scope="module")
 def torch_net(fixture_dir):
-    from pdscli.checkpoint import load_score_model
+    from pdscli.models.checkpoint import load_score_model
 
     return load_score_model(fixture_dir / "checkpoint.pth", fixture_dir / "config.json")
 
@@ -40,7 +40,7 @@ def torch_net(fixture_dir):
 @pytest.fixture(scope="module")
 def onnx_file(torch_net, tmp_path_factory):
     """The fixture checkpoint exported at fp32 once for this module (the export checks parity itself)."""
-    from pdscli.export import export_metadata, export_onnx
+    from pdscli.engines.export import export_metadata, export_onnx
 
     path = tmp_path_factory.mktemp("engines") / "small-fp32.onnx"
     meta = export_metadata(torch_net.settings, precision="fp32", checkpoint_sha256=torch_net.checkpoint_info["sha256"])
@@ -77,7 +77,7 @@ def test_onnx_engine_reads_settings_and_matches_torch_across_sigma(onnx_file, to
 def test_sampling_through_onnx_gives_the_torch_images(onnx_file, torch_net):
     """The full PC loop (corrector + predictor, 4 steps) through both engines, same seed."""
     from pdscli.noise import SampleNoise
-    from pdscli.sampling import pc, pc_steps
+    from pdscli.samplers import pc, pc_steps
 
     model = open_engine(onnx_file, device="cpu")
     steps = pc_steps(model.settings, 4)

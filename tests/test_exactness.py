@@ -2,7 +2,7 @@
 
 Vanilla PC at its full step count reproduces the data's per-frequency variance; at 20 steps it
 leaves every frequency band far too noisy, and PDS with filters estimated the way a user makes
-them (8-bit PNGs of data, `pdscli.filters.folder_statistics`) removes most of that error.
+them (8-bit PNGs of data, `pdscli.precondition.filters.folder_statistics`) removes most of that error.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdscli.analytic import GaussianImageModel
-from pdscli.filters import folder_statistics
+from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.precondition.filters import folder_statistics
 from pdscli.images import save_png
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
-from pdscli.sampling import pc, pc_steps, pds, predictor
+from pdscli.samplers import pc, pc_steps, pds, predictor
 
 N_SAMPLES = 128  # spectral-KL estimation floor ~ 1 / (4 n) = 0.002
 

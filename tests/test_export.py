@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdscli.errors import PdsError
-from pdscli.export import (
+from pdscli.engines.export import (
     BatchProfile,
     export_onnx,
     parity_cases,
@@ -180,7 +180,7 @@ def test_cli_exports_the_fixture_checkpoint(run_pds, fixture_dir, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp16", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_reduced_precision_graph_keeps_the_time_embedding_fp32(precision, fixture_dir, tmp_path):
-    from pdscli.checkpoint import load_score_model
+    from pdscli.models.checkpoint import load_score_model
 
     net = load_score_model(fixture_dir / "checkpoint.pth", fixture_dir / "config.json")
     out = tmp_path / f"small-{precision}.onnx"
@@ -261,14 +261,14 @@ def test_cli_unwritable_engines_folder(run_pds, tmp_path):
 
 
 def test_cli_trt_without_tensorrt_fails_at_once(run_pds, monkeypatch, tmp_path):
-    import pdscli.export
+    import pdscli.engines.export
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
 
     def no_model_load(*a, **k):
         raise AssertionError("the model was loaded before TensorRT was checked")
 
-    monkeypatch.setattr(pdscli.export, "load_source", no_model_load)
+    monkeypatch.setattr(pdscli.engines.export, "load_source", no_model_load)
     line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--format", "trt",
                                    "--out", tmp_path / "m.plan"))
     assert 'pip install "pds[trt]"' in line

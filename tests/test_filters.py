@@ -1,4 +1,4 @@
-"""pdscli.filters and pdscli.images: folder statistics (streamed, parallel, deterministic), writing, previews."""
+"""pdscli.precondition.filters and pdscli.images: folder statistics (streamed, parallel, deterministic), writing, previews."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pdscli import filters as lib
+from pdscli.precondition import filters as lib
 from pdscli.errors import PdsError
 from pdscli.images import from_uint8, load_image, make_grid, save_png, to_uint8
 from pdscli.precondition import compute_statistics, load_filters

@@ -238,7 +238,7 @@ def test_positional_model_maps_sigma_to_its_ladder():
 
 
 def test_forward_creates_no_tensors_and_uses_no_einsum(fixture_dir, monkeypatch):
-    from pdscli.checkpoint import load_score_model
+    from pdscli.models.checkpoint import load_score_model
 
     model = load_score_model(fixture_dir / "checkpoint.pth", fixture_dir / "config.json")
     x, sigma = torch.rand(1, 3, 32, 32), torch.tensor([1.0])
@@ -257,7 +257,7 @@ def test_forward_creates_no_tensors_and_uses_no_einsum(fixture_dir, monkeypatch)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_body_keeps_the_noise_embedding_fp32(fixture_dir, dtype):
-    from pdscli.checkpoint import load_score_model
+    from pdscli.models.checkpoint import load_score_model
 
     io = np.load(fixture_dir / "reference_io.npz")
     x, sigma = torch.from_numpy(io["x"][:1]), torch.from_numpy(io["sigmas"][:1])

@@ -1,4 +1,4 @@
-"""The sampling loop (pdscli.runner) on a tiny exact model: files, resume, interruption, NaN, determinism."""
+"""The sampling loop (pdscli.sample.run) on a tiny exact model: files, resume, interruption, NaN, determinism."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from pdscli import runner
-from pdscli.analytic import gaussian_score_model
+from pdscli.sample import run as runner
+from pdscli.evaluate.analytic import gaussian_score_model
 from pdscli.errors import PdsError
 from pdscli.images import load_png, make_grid, to_uint8
-from pdscli.runner import NonFiniteState, RunInterrupted, SampleJob
-from pdscli.sampling import pc_steps
+from pdscli.sample.run import NonFiniteState, RunInterrupted, SampleJob
+from pdscli.samplers import pc_steps
 
 SIZE, CH = 8, 3
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-import pdscli.analytic
+import pdscli.evaluate.analytic
 from pdscli.precondition import Filters
 
 SMALL = ("--model", "gaussian", "--image-size", "8", "--steps", "5", "--quiet")
@@ -118,7 +118,7 @@ def test_other_seed_other_images(run_pds, tmp_path):
 def test_ctrl_c_keeps_images_and_resume_finishes_identically(run_pds, tmp_path, monkeypatch):
     r = sample(run_pds, tmp_path / "ref", "-n", "5", "-b", "2")
     assert r.exit_code == 0
-    real = pdscli.analytic.gaussian_score_model
+    real = pdscli.evaluate.analytic.gaussian_score_model
 
     def interrupting(*a, **kw):
         model = real(*a, **kw)
@@ -133,14 +133,14 @@ def test_ctrl_c_keeps_images_and_resume_finishes_identically(run_pds, tmp_path, 
         model.score = score
         return model
 
-    monkeypatch.setattr(pdscli.analytic, "gaussian_score_model", interrupting)
+    monkeypatch.setattr(pdscli.evaluate.analytic, "gaussian_score_model", interrupting)
     out = tmp_path / "run"
     r = sample(run_pds, out, "-n", "5", "-b", "2")
     assert r.exit_code == 130
     assert r.stderr.strip() == "interrupted: 4 of 5 images written; rerun with --resume"
     assert len(list(out.glob("0*.png"))) == 4 and not (out / "samples.npz").exists()
 
-    monkeypatch.setattr(pdscli.analytic, "gaussian_score_model", real)
+    monkeypatch.setattr(pdscli.evaluate.analytic, "gaussian_score_model", real)
     r = sample(run_pds, out, "-n", "5", "-b", "2", "--resume")
     assert r.exit_code == 0, r.stderr
     np.testing.assert_array_equal(samples_of(out), samples_of(tmp_path / "ref"))
@@ -257,14 +257,14 @@ def test_missing_masks_file(run_pds, tmp_path):
 
 
 def test_nan_in_the_state_is_a_user_error_naming_step_and_sigma(run_pds, tmp_path, monkeypatch):
-    real = pdscli.analytic.gaussian_score_model
+    real = pdscli.evaluate.analytic.gaussian_score_model
 
     def exploding(*a, **kw):
         model = real(*a, **kw)
         model.score = lambda x, sigma: x * float("inf")
         return model
 
-    monkeypatch.setattr(pdscli.analytic, "gaussian_score_model", exploding)
+    monkeypatch.setattr(pdscli.evaluate.analytic, "gaussian_score_model", exploding)
     assert_user_error(sample(run_pds, tmp_path / "o"), "step 1 of 5", "sigma=")
 
 
@@ -299,9 +299,9 @@ def test_pc_with_filters_is_refused(run_pds, tmp_path):
 
 
 def test_builtin_model_runs_pds_with_its_own_filters(run_pds, tmp_path, monkeypatch):
-    """No model flag = the built-in model, run as pdscli.builtin says. A stand-in replaces its (trained) weights."""
-    builtin = pytest.importorskip("pdscli.builtin")
-    monkeypatch.setattr(builtin, "default_score_model", lambda device: pdscli.analytic.gaussian_score_model(8, 1, device))
+    """No model flag = the built-in model, run as pdscli.models.builtin says. A stand-in replaces its (trained) weights."""
+    builtin = pytest.importorskip("pdscli.models.builtin")
+    monkeypatch.setattr(builtin, "default_score_model", lambda device: pdscli.evaluate.analytic.gaussian_score_model(8, 1, device))
     monkeypatch.setattr(builtin, "default_filters", lambda: Filters(
         freq=np.full((1, 8, 8), 2.0, np.float32), space=np.full((1, 8, 8), 0.3, np.float32), size=8, channels=1, count=4))
     monkeypatch.setattr(builtin, "FILTERS", make_filters(tmp_path / "b.npz", channels=1))  # hashed for run.json
@@ -317,7 +317,7 @@ def test_builtin_model_runs_pds_with_its_own_filters(run_pds, tmp_path, monkeypa
 
 @pytest.mark.parametrize("steps", ["5", "200"])
 def test_alpha_auto_follows_the_step_count(run_pds, tmp_path, steps):
-    from pdscli.alpha import auto_alpha
+    from pdscli.precondition.alpha import auto_alpha
 
     masks = make_filters(tmp_path / "m.npz")
     r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--quiet", "--out", tmp_path / "o",

@@ -17,9 +17,8 @@ import torch
 from pdscli.errors import PdsError
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner, compute_statistics, load_reference_npy
-from pdscli.sampling import (
-    NFE_PER_STEP,
-    SAMPLERS,
+from pdscli.samplers import (
+    REGISTRY,
     Steps,
     corrector,
     get_sampler,
@@ -350,7 +349,7 @@ def _counting(model):
     return score, calls
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", [n for n, s in REGISTRY.items() if s.pc_grid])
 def test_callback_nfe_and_sigmas(name):
     settings = _settings()
     steps = pc_steps(settings, 7)
@@ -359,10 +358,10 @@ def test_callback_nfe_and_sigmas(name):
     out = get_sampler(name)(score, SampleNoise(0, range(2), SHAPE), steps, snr=0.16, callback=infos.append)
     assert out.shape == (2, *SHAPE) and out.dtype == torch.float32
     assert [info["i"] for info in infos] == list(range(7)) and all(info["n"] == 7 for info in infos)
-    assert infos[-1]["nfe"] == len(calls) == nfe_count(name, 7) == NFE_PER_STEP[name] * 7
+    assert infos[-1]["nfe"] == len(calls) == nfe_count(name, 7) == REGISTRY[name].nfe_per_step * 7
     assert {"i", "n", "sigma", "x", "nfe"} <= set(infos[0])
     # Every score call at step i is at the continuous sigma(t_i).
-    per_step = NFE_PER_STEP[name]
+    per_step = REGISTRY[name].nfe_per_step
     expected = [float(s) for s in steps.sigma for _ in range(per_step)]
     assert calls == pytest.approx(expected, rel=1e-6)
 
@@ -390,7 +389,7 @@ def test_bad_snr():
 
 
 def _gaussian():
-    from pdscli.analytic import GaussianImageModel
+    from pdscli.evaluate.analytic import GaussianImageModel
 
     return GaussianImageModel(8, 1, num_scales=200)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pdscli.train import EMA, dsm_loss, step_generator, warmup_lr
+from pdscli.train.loop import EMA, dsm_loss, step_generator, warmup_lr
 
-BUILTIN_CONFIG = json.loads((__import__("pdscli.train", fromlist=["x"]).BUILTIN_CONFIG).read_text())
+BUILTIN_CONFIG = json.loads((__import__("pdscli.train.loop", fromlist=["x"]).BUILTIN_CONFIG).read_text())
 
 
 def tiny_config(tmp_path, **training) -> str:
@@ -30,7 +30,7 @@ def digit_folder(tmp_path, n: int = 24):
     """A folder of real digits as 8x8 PNGs (the image-folder path of the trainer)."""
     from PIL import Image
 
-    from pdscli.datasets import load_digits_8x8
+    from pdscli.train.datasets import load_digits_8x8
 
     folder = tmp_path / "digits-png"
     folder.mkdir()
@@ -109,7 +109,7 @@ def test_train_checkpoint_load_sample_end_to_end(run_pds, tmp_path):
     assert [rec["step"] for rec in losses] == [2, 4, 6] and all(math.isfinite(rec["loss"]) for rec in losses)
 
     # What training wrote is what the loader reads: score_sde layout, EMA weights, the same config.
-    from pdscli.checkpoint import load_score_model
+    from pdscli.models.checkpoint import load_score_model
 
     net = load_score_model(out / "checkpoint.pth", out / "config.json")
     assert net.checkpoint_info["weights"] == "ema" and net.checkpoint_info["step"] == 6
@@ -153,7 +153,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_pds, tmp_path):
 
 def test_training_lowers_the_loss(tmp_path):
     from pdscli.models import load_config
-    from pdscli.train import TrainOptions, run_training
+    from pdscli.train.loop import TrainOptions, run_training
 
     cfg = load_config(tiny_config(tmp_path, log_freq=10))
     result = run_training("digits", cfg, tmp_path / "run", TrainOptions(iters=40))

@@ -78,7 +78,7 @@ def torch_score(
     """The score callable of `net` on `device` (the net is moved and, at fp16/bf16, converted
     in place with its `set_precision`). `cuda_graph` needs `batch_size` and `shape` (C, H, W)."""
     if precision and precision != "fp32":
-        from pdscli.export import DTYPES
+        from pdscli.engines.export import DTYPES
 
         if not hasattr(net, "set_precision"):
             raise PdsError(f"this model cannot run at {precision} (it has no set_precision)")

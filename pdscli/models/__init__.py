@@ -1,4 +1,6 @@
-"""NCSN++ score networks with score_sde's checkpoint format, and their configs."""
+"""Models: NCSN++ (layers, FIR resampling, configs and presets), checkpoint loading, the built-in model.
+
+Imports the base layer only (errors, settings, score, fsutil)."""
 
 from pdscli.models.config import (
     PRESET_NAMES,

@@ -96,7 +96,7 @@ def resolve_alpha(value, settings, n_steps: int) -> float:
 #   predictor   q <- (1 - D P/A)^2 q + D P     (no noise on the last step: the output is x_mean)
 # with P = R^2 the squared filter. The only approximation: the corrector's batch-mean norms are
 # replaced by sqrt of their expectations (exact as the dimension grows; tests/test_alpha.py checks
-# it against `pdscli.sampling.pds` by Monte Carlo).
+# it against `pdscli.samplers.pds` by Monte Carlo).
 
 
 def expected_freq_statistic(model) -> np.ndarray:
@@ -112,7 +112,7 @@ def expected_freq_statistic(model) -> np.ndarray:
 
 def squared_filter(statistic: np.ndarray, alpha: float | None) -> torch.Tensor:
     """P = R^2 for a frequency statistic and alpha; all ones for alpha None (vanilla)."""
-    from pdscli.precondition import filter_from_statistic
+    from pdscli.precondition.operator import filter_from_statistic
 
     if alpha is None:
         return torch.ones(statistic.shape, dtype=torch.float64)
@@ -120,7 +120,7 @@ def squared_filter(statistic: np.ndarray, alpha: float | None) -> torch.Tensor:
 
 
 def pc_second_moments(model, steps, p: torch.Tensor, snr: float) -> torch.Tensor:
-    """E|F_ortho(x_out - mu)|^2 per coefficient for `pdscli.sampling.pc` with M M^T = diag(p).
+    """E|F_ortho(x_out - mu)|^2 per coefficient for `pdscli.samplers.pc` with M M^T = diag(p).
     p is [C, H, W], or [K, C, H, W] for K preconditioners at once."""
     lam = model.lam
     hw = model.image_size**2
@@ -150,7 +150,7 @@ def spectral_kl_of_moments(model, q: torch.Tensor) -> torch.Tensor | float:
 def pc_spectral_kl(model, n_steps: int, alpha: float | None, *, statistic: np.ndarray | None = None, snr: float | None = None) -> float:
     """Exact spectral KL of PC (alpha None) or PDS (frequency filter, this alpha) on the analytic
     model, on the reference grid `pc_steps(model.settings, n_steps)`."""
-    from pdscli.sampling import pc_steps
+    from pdscli.samplers import pc_steps
 
     stat = expected_freq_statistic(model) if statistic is None else statistic
     steps = pc_steps(model.settings, n_steps)

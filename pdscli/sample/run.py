@@ -9,7 +9,7 @@ makes it. A run is:
     run.json: once, on the main rank).
 
 `sample_indices` takes the exact list of indices this process must make and writes only
-files named after them. A distributed driver (pdscli.distributed.Dist) does: rank 0 `begin`,
+files named after them. A distributed driver (pdscli.sample.distributed.Dist) does: rank 0 `begin`,
 barrier, every rank `sample_indices(job, dist.shard(pending_indices(...)))`, barrier, rank 0
 `finalize` (with the ranks' Stats summed).
 
@@ -76,7 +76,7 @@ class SampleJob:
 
     model: ScoreModel
     sampler: str
-    steps: Any  # pdscli.sampling.Steps
+    steps: Any  # pdscli.samplers.Steps
     out: Path
     num_samples: int
     batch_size: int = 16
@@ -588,19 +588,19 @@ def open_model(spec: ModelSpec) -> ScoreModel:
     if spec.backend:
         raise PdsError("--backend applies to --engine files only")
     if spec.checkpoint:
-        from pdscli.checkpoint import open_checkpoint
+        from pdscli.models.checkpoint import open_checkpoint
 
         model = open_checkpoint(spec.checkpoint, spec.config, spec.preset, device=device,
                                 precision=spec.precision or "fp32", trust_checkpoint=spec.trust_checkpoint)
         _check_shape_flags(spec, model)
     elif spec.model == "gaussian":
-        from pdscli.analytic import gaussian_score_model
+        from pdscli.evaluate.analytic import gaussian_score_model
 
         if spec.precision and spec.precision.lower() != "fp32":
             raise PdsError(f"the analytic gaussian model has no network: --precision {spec.precision} does not apply")
         model = gaussian_score_model(spec.image_size or 32, spec.channels or 3, device=device)
     else:
-        from pdscli.builtin import default_score_model
+        from pdscli.models.builtin import default_score_model
 
         model = default_score_model(device)
         _check_shape_flags(spec, model)
@@ -632,7 +632,7 @@ def open_filters(masks=None, freq_mask=None, space_mask=None, *, settings, built
         filters = precondition.load_reference_npy(freq_mask, space_mask, channels=settings.num_channels, size=settings.image_size)
         files = [p for p in (freq_mask, space_mask) if p]
     elif builtin:
-        from pdscli import builtin as builtin_model
+        from pdscli.models import builtin as builtin_model
 
         filters, files = builtin_model.default_filters(), [builtin_model.FILTERS]
     else:
@@ -666,7 +666,7 @@ def check_filters_fit(filters, settings) -> None:
 
 
 def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
-    from pdscli.sampling import get_sampler
+    from pdscli.samplers import get_sampler
 
     chosen = name or ("pds" if has_filters else "pc")
     get_sampler(chosen)  # unknown names fail here, before a slow model load
@@ -689,12 +689,12 @@ REFERENCE_GRID = "pc"
 
 
 def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: str = "pc", schedule: str | None = None):
-    """The step grid: `pc` = the reference's (pc_steps), else a pdscli.schedules grid of the same length.
+    """The step grid: `pc` = the reference's (pc_steps), else a pdscli.samplers.grids grid of the same length.
 
     Default: `pc` for the predictor-corrector family, `geometric` (score_sde's log-uniform spacing)
     for the accelerated samplers.
     """
-    from pdscli.sampling import pc_steps
+    from pdscli.samplers import pc_steps
 
     if steps is not None and speed_up is not None:
         raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
@@ -705,7 +705,7 @@ def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: s
     schedule = schedule or (REFERENCE_GRID if sampler in PC_FAMILY else "geometric")
     if schedule == REFERENCE_GRID:
         return pc_steps(settings, steps, speed_up=speed_up), schedule
-    from pdscli.schedules import SCHEDULES, make_steps
+    from pdscli.samplers.grids import SCHEDULES, make_steps
 
     if schedule not in SCHEDULES:
         raise PdsError(f"unknown schedule {schedule!r}; choose one of: {', '.join((REFERENCE_GRID, *SCHEDULES))}")
@@ -724,7 +724,7 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
               snr: float | None = None, per_sample_step: bool = False, num_samples: int = 16,
               batch_size: int = 16, seed: int = 0, force: bool = False, resume: bool = False) -> SampleJob:
     """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
-    from pdscli.alpha import resolve_alpha
+    from pdscli.precondition.alpha import resolve_alpha
 
     if str(alpha).strip().lower() != "auto":
         alpha = resolve_alpha(alpha, None, 0)  # a bad number fails before the slow model load
@@ -746,7 +746,7 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
         builtin_filters = builtin and not filter_flags and sampler in (None, "pds")
         sampler = resolve_sampler_name(sampler, has_filters=filter_flags or builtin_filters)
         if builtin and steps is None and speed_up is None:
-            from pdscli.builtin import DEFAULT_STEPS
+            from pdscli.models.builtin import DEFAULT_STEPS
 
             steps = DEFAULT_STEPS
 
@@ -790,7 +790,7 @@ def _removed_if_left_empty(out):
 
 
 def _resolve_sampler(name: str):
-    from pdscli.sampling import get_sampler
+    from pdscli.samplers import get_sampler
 
     return get_sampler(name)
 

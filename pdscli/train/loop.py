@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pdscli.datasets import max_pairwise_distance
+from pdscli.train.datasets import max_pairwise_distance
 from pdscli.errors import PdsError
 from pdscli.noise import sample_seed
 
@@ -204,7 +204,7 @@ def _strip_module(state_dict: dict) -> dict:
 
 def save_training_checkpoint(path, state: TrainState) -> None:
     """The score_sde layout (`optimizer`, `model`, `ema`, `step`); save_checkpoint renames it into place in one step."""
-    from pdscli.checkpoint import save_checkpoint
+    from pdscli.models.checkpoint import save_checkpoint
 
     save_checkpoint(path, state.net, ema_params=state.ema.shadow, optimizer_state=state.optimizer.state_dict(), step=state.step)
 
@@ -264,7 +264,7 @@ class TrainOptions:
         return self
 
 
-BUILTIN_CONFIG = Path(__file__).parent / "data" / "digits-config.json"
+BUILTIN_CONFIG = Path(__file__).parents[1] / "data" / "digits-config.json"
 
 
 def default_config(source: str, config=None, preset: str | None = None) -> dict:
@@ -329,7 +329,7 @@ def run_training(source: str, cfg: dict | None, out_dir, opts: TrainOptions, *, 
     `cfg` is the nested score_sde-layout config (ignored on --resume: the run's config.json wins).
     `progress(step, total, loss, seconds)` is called after every step; None = quiet.
     """
-    from pdscli.datasets import load_dataset
+    from pdscli.train.datasets import load_dataset
     from pdscli.devices import resolve_device
     from pdscli.fsutil import atomic_write_json, prepare_out_dir
 
@@ -467,7 +467,7 @@ def export_ema_weights(checkpoint, config, dst) -> dict:
     `ema` list: a quarter of the training checkpoint. `load_score_model` reads a plain
     state_dict as it is. Returns {"step", "num_params", "bytes"}.
     """
-    from pdscli.checkpoint import load_score_model
+    from pdscli.models.checkpoint import load_score_model
     from pdscli.fsutil import atomic_path
 
     net = load_score_model(checkpoint, config, weights="ema", device="cpu")

@@ -1,4 +1,4 @@
-"""`pds sample`: flags -> a SampleJob -> pdscli.runner.run. The logic lives in the library."""
+"""`pds sample`: flags -> a SampleJob -> pdscli.sample.run.run. The logic lives in the library."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pdscli.cli import app
+from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
 MODEL, SAMPLER, OUTPUT, RUN = "Model", "Sampler", "Output", "Run"
@@ -77,8 +77,9 @@ def sample(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.", rich_help_panel=OUTPUT),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (for scripts).", rich_help_panel=OUTPUT),
 ):
-    from pdscli import distributed, runner
-    from pdscli.runner import ModelSpec, RunInterrupted
+    from pdscli.sample import distributed
+    from pdscli.sample import run as runner
+    from pdscli.sample.run import ModelSpec, RunInterrupted
 
     if threads is not None:
         from pdscli.devices import set_threads

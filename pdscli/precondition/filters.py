@@ -68,7 +68,7 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
     are skipped and reported through `warn` (default: a line on stderr). `progress(done, total)`
     is called after each chunk.
     """
-    from pdscli.precondition import compute_statistics
+    from pdscli.precondition.operator import compute_statistics
 
     folder = Path(folder)
     if size < 1:
@@ -206,7 +206,7 @@ def resolve_shape(*, size: int | None, channels: int | None, preset: str | None 
 
 
 def preset_shape(name: str) -> tuple[int, int]:
-    """(image_size, num_channels) of a named model config (pdscli.checkpoint's presets)."""
+    """(image_size, num_channels) of a named model config (pdscli.models.checkpoint's presets)."""
     from pdscli.models.config import get_preset, settings_from_config
 
     settings = settings_from_config(get_preset(name))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pdscli.cli import app
+from pdscli.cli.app import app
 from pdscli.console import console
 
 EPILOG = (
@@ -35,7 +35,7 @@ def info(
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow full unpickling (only for files from a trusted source)."),
 ):
-    from pdscli.checkpoint import checkpoint_report, load_score_model
+    from pdscli.models.checkpoint import checkpoint_report, load_score_model
 
     model = load_score_model(checkpoint, config, preset=preset, weights="raw" if raw_weights else "ema",
                              trust_checkpoint=trust_checkpoint)

@@ -194,11 +194,11 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.e2e_backend is not None and cfg.e2e_backend not in KNOWN_BACKENDS:
         raise PdsError(f"--e2e-backend must be one of {', '.join(KNOWN_BACKENDS)}, not {cfg.e2e_backend!r}")
     if cfg.samplers:
-        from pdscli.sampling import get_sampler
+        from pdscli.samplers import get_sampler
 
         for name in cfg.samplers:
             get_sampler(name)  # unknown names fail here, listing the choices
-    from pdscli.alpha import resolve_alpha
+    from pdscli.precondition.alpha import resolve_alpha
     from pdscli.settings import SamplingSettings
 
     # The value is checked now; "auto" is resolved per step count later.
@@ -355,7 +355,7 @@ def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
     if model == "gaussian":
         return _open_gaussian(cfg, device)
     if model == "builtin":
-        from pdscli import builtin
+        from pdscli.models import builtin
 
         return _network_from_checkpoint(builtin.WEIGHTS, builtin.CONFIG, None, False, device, name=builtin.NAME)
     if cfg.random_weights:
@@ -364,7 +364,7 @@ def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
 
 
 def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    from pdscli.analytic import GaussianImageModel
+    from pdscli.evaluate.analytic import GaussianImageModel
 
     g = GaussianImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
     return BenchModel(ANALYTIC, g.score, g.settings, device, "gaussian", gaussian=g, identity="gaussian",
@@ -372,7 +372,7 @@ def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
 
 
 def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) -> BenchModel:
-    from pdscli.checkpoint import load_score_model
+    from pdscli.models.checkpoint import load_score_model
     from pdscli.engines.torch_engine import torch_score
 
     net = load_score_model(path, config, preset=preset, trust_checkpoint=trust, device=device)
@@ -387,7 +387,7 @@ def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) 
 
 def _open_random(cfg: BenchConfig, device: torch.device) -> BenchModel:
     from pdscli.engines.torch_engine import torch_score
-    from pdscli.export import load_source
+    from pdscli.engines.export import load_source
 
     source = load_source(config=cfg.config, preset=cfg.preset, random_weights=True, seed=cfg.seed)
     net = source.net.to(device).eval()
@@ -547,7 +547,7 @@ class ExportCache:
 
     def onnx_bytes(self, model: BenchModel, precision: str) -> tuple[bytes, bool]:
         """The model's ONNX graph at `precision` (exported once per identity); (bytes, reused)."""
-        from pdscli.export import export_metadata, export_onnx
+        from pdscli.engines.export import export_metadata, export_onnx
         from pdscli.fsutil import atomic_write_bytes
 
         path = self.folder / f"{model.identity}-{precision}.onnx"
@@ -586,7 +586,7 @@ class Backend:
 def make_backend(name: str, model: BenchModel, cache: ExportCache, threads: int | None, batches: list[int]) -> Backend:
     """The backend called `name` (availability was checked by `unavailable_reason`)."""
     from pdscli.engines.torch_engine import torch_score
-    from pdscli.export import at_precision
+    from pdscli.engines.export import at_precision
 
     info = {"description": BACKEND_HELP[name]}
     if name == ENGINE and str(model.info.get("engine", "")).lower().endswith(".onnx"):
@@ -643,7 +643,7 @@ def ort_session(data: bytes, providers: list, threads: int | None, *, label: str
 
 def _trt_backend(name, model, cache, batches, info) -> Backend:
     from pdscli.engines.tensorrt_engine import build_engine, open_trt
-    from pdscli.export import export_metadata
+    from pdscli.engines.export import export_metadata
 
     precision = name.split("-", 1)[1]
     data, _ = cache.onnx_bytes(model, precision)
@@ -705,7 +705,7 @@ def reference_outputs(model: BenchModel, cfg: BenchConfig) -> dict:
     """Eager fp32 outputs on each batch's inputs: what every backend is compared with. TF32 is
     off here (on a GPU it is on by default for convolutions): the reference is true fp32, so
     eager's own TF32 error shows in its row instead of hiding in everyone else's."""
-    from pdscli.export import exact_fp32
+    from pdscli.engines.export import exact_fp32
 
     if model.kind != "network":
         return {}
@@ -815,7 +815,7 @@ def reference_images(cfg: BenchConfig, model: BenchModel) -> tuple[torch.Tensor 
         return load_reference(cfg, model), f"--reference {cfg.reference}"
     if not _is_builtin(model):
         return None, None
-    from pdscli.datasets import load_digits
+    from pdscli.train.datasets import load_digits
 
     try:
         images = load_digits(size=model.shape[1], channels=model.shape[0])
@@ -830,7 +830,7 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
     exactly as real filters would (the cost does not depend on the values) but makes no
     meaningful images."""
     from pdscli.precondition import compute_statistics, load_filters
-    from pdscli.runner import check_filters_fit
+    from pdscli.sample.run import check_filters_fit
 
     c, size, _ = model.shape
     if cfg.masks is not None:
@@ -838,14 +838,14 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
     elif model.kind == ANALYTIC:
         filters, source, meaningful = _spectrum_filters(model.gaussian), "the analytic model's exact spectrum", True
     elif _is_builtin(model):
-        from pdscli import builtin
+        from pdscli.models import builtin
 
         filters, source, meaningful = builtin.default_filters(), "the built-in model's own filters", True
     elif reference is not None:
         filters = compute_statistics([reference.clamp(0, 1)], source=str(cfg.reference))
         source, meaningful = f"statistics of {len(reference)} --reference images", True
     else:
-        from pdscli.analytic import GaussianImageModel
+        from pdscli.evaluate.analytic import GaussianImageModel
 
         filters = _spectrum_filters(GaussianImageModel(size, c))
         source, meaningful = "synthetic 1/f^2 spectrum (no --masks or --reference): right cost, images not meaningful", False
@@ -855,7 +855,7 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
 
 def _is_builtin(model: BenchModel) -> bool:
     try:
-        from pdscli import builtin
+        from pdscli.models import builtin
     except ImportError:
         return False
     return model.name == builtin.NAME and builtin.FILTERS.is_file()
@@ -865,7 +865,7 @@ def _spectrum_filters(g):
     """Frequency and space statistics of a stationary Gaussian model, exactly: the frequency
     one from its spectrum, the space one flat (mean^2 + std^2 in every pixel), which gives the
     identity space filter the data calls for, while PDS still pays for applying it."""
-    from pdscli.alpha import expected_freq_statistic
+    from pdscli.precondition.alpha import expected_freq_statistic
     from pdscli.precondition import Filters
 
     freq = expected_freq_statistic(g).astype(np.float32)
@@ -881,7 +881,7 @@ class PreconditionerCache:
         self._made: dict[float, object] = {}
 
     def alpha(self, n_steps: int) -> float:
-        from pdscli.alpha import resolve_alpha
+        from pdscli.precondition.alpha import resolve_alpha
 
         return resolve_alpha(self.alpha_flag, self.settings, n_steps)
 
@@ -922,7 +922,7 @@ def measure_overhead(cfg: BenchConfig, model: BenchModel, precond, entries: list
 
 
 class ExactQuality:
-    """Spectral KL to the analytic model's exact spectrum (pdscli.analytic, docs/exactness.md)."""
+    """Spectral KL to the analytic model's exact spectrum (pdscli.evaluate.analytic, docs/exactness.md)."""
 
     metric = "spectral_kl"
     description = ("mean over all Fourier coefficients of KL(N(0, v_hat) || N(0, lam)): the samples' per-frequency "
@@ -1021,7 +1021,7 @@ class SamplingRun:
     the sampler call: network, sampler arithmetic and noise draws together)."""
 
     def __init__(self, score, sampler: str, steps, precond, *, cfg: BenchConfig, model: BenchModel):
-        from pdscli.sampling import get_sampler
+        from pdscli.samplers import get_sampler
 
         self.fn, self.counting, self.steps, self.precond = get_sampler(sampler), CountingScore(score), steps, precond
         self.cfg, self.model = cfg, model
@@ -1081,7 +1081,7 @@ def sample_count(cfg: BenchConfig, quality) -> int:
 
 def run_end_to_end(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log) -> dict:
     """Vanilla PC at the full step count and PDS at 1/k of it, same backend, batch and noise."""
-    from pdscli.sampling import pc_steps
+    from pdscli.samplers import pc_steps
 
     full, n_pds = full_and_pds_steps(cfg, model.settings)
     count = sample_count(cfg, quality)
@@ -1101,7 +1101,7 @@ def run_end_to_end(cfg: BenchConfig, model: BenchModel, score, preconds: Precond
 
 def steps_for_budget(sampler: str, budget: int) -> int:
     """The most steps whose NFE count fits `budget` (1 NFE per step when the sampler does not say)."""
-    from pdscli.sampling import nfe_count
+    from pdscli.samplers import nfe_count
 
     n = budget
     while n > 1 and (nfe_count(sampler, n) or n) > budget:
@@ -1113,7 +1113,7 @@ def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: Precondit
     """Each --samplers entry at each --nfe budget: steps = the most that fit the budget, on the
     sampler's own default grid (pc for the PC family, geometric for the accelerated ones); all
     configurations interleaved batch by batch."""
-    from pdscli.runner import build_steps
+    from pdscli.sample.run import build_steps
 
     count, rows, planned = sample_count(cfg, quality), [], []
     for name in cfg.samplers:
@@ -1254,7 +1254,7 @@ def _precision_flags(device: torch.device) -> dict:
 def consistency_warnings(report: dict) -> list[str]:
     """What a reader must know before trusting the figures: a loaded machine, a backend that
     computes something else, a run faster than its own network calls (timing noise)."""
-    from pdscli.export import TOLERANCES
+    from pdscli.engines.export import TOLERANCES
 
     warnings = []
     load, cores = report["machine"].get("load_average"), report["machine"].get("usable_cores") or 1

@@ -1,7 +1,7 @@
 """DDIM/DDPM-type samplers and their provably accelerated versions (Li et al., ICML 2024,
 arXiv 2403.03852), written for variance-exploding score models.
 
-Same signature as every sampler in `pdscli.sampling`:
+Same signature as every sampler in `pdscli.samplers`:
 
     sampler(score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> x
 
@@ -17,7 +17,7 @@ weights derived below. The VP updates of the paper / the authors' code map to th
 under x_ve = x_vp / sqrt(abar), abar = 1 / (1 + sigma^2), eps = -sigma s.
 
 Start and finish (all samplers): x = sigma_max * z (ddpm / accel-sde: sigma_max * M z). A step
-whose sigma_lo is 0 (the last step of `pdscli.schedules` grids) is the Tweedie denoise
+whose sigma_lo is 0 (the last step of `pdscli.samplers.grids` grids) is the Tweedie denoise
 x + sigma^2 s(x, sigma) at its evaluation level sigma (sigma_min), with no noise and no
 higher-order correction; it costs one score call, included in the counts above. For ddim it is
 literally the DDIM step to sigma = 0.
@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from pdscli.errors import PdsError
-from pdscli.sampling import Steps
+from pdscli.samplers.grids import Steps
 
 # -- float64 coefficients ------------------------------------------------------------------
 
@@ -259,25 +259,3 @@ def accel_sde(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_
             x = x_eval + d * grad(s) + post * draw(noise())
         _report(callback, i, n, sigma, x, x_eval, s, i + 1)
     return x
-
-
-SAMPLERS: dict[str, Callable] = {
-    "ddim": ddim,
-    "accel-ode": accel_ode,
-    "accel-ode2": accel_ode2,
-    "ddpm": ddpm,
-    "accel-sde": accel_sde,
-}
-
-DETERMINISTIC = frozenset({"ddim", "accel-ode", "accel-ode2"})
-
-
-def nfe_count(name: str, n_steps: int) -> int | None:
-    """Score evaluations `name` spends on a grid of n_steps (the final denoise included);
-    None for a sampler not defined here."""
-    n = int(n_steps)
-    if name == "accel-ode2":
-        return 2 * n - 1
-    if name in SAMPLERS:
-        return n
-    return None

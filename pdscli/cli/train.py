@@ -1,4 +1,4 @@
-"""`pds train`: flags -> pdscli.train.run_training. The logic lives in the library."""
+"""`pds train`: flags -> pdscli.train.loop.run_training. The logic lives in the library."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pdscli.cli import app
+from pdscli.cli.app import app
 from pdscli.console import console, err_console
 from pdscli.errors import PdsError
 
@@ -52,7 +52,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ):
-    from pdscli.train import TrainOptions, default_config, run_training
+    from pdscli.train.loop import TrainOptions, default_config, run_training
 
     if threads is not None:
         from pdscli.devices import set_threads

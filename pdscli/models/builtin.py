@@ -17,7 +17,7 @@ from pathlib import Path
 from pdscli.errors import PdsError
 
 NAME = "builtin:digits"
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"
 WEIGHTS = DATA_DIR / "digits.pth"
 CONFIG = DATA_DIR / "digits-config.json"
 FILTERS = DATA_DIR / "digits-filters.npz"
@@ -38,7 +38,7 @@ def default_score_model(device="cpu"):
     """The built-in digits model as a ScoreModel named "builtin:digits"."""
     import dataclasses
 
-    from pdscli.checkpoint import open_checkpoint
+    from pdscli.models.checkpoint import open_checkpoint
 
     model = open_checkpoint(_require(WEIGHTS), _require(CONFIG), device=device)
     info = {**model.info, "builtin": "digits", "doc": "docs/builtin-model.md"}

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pdscli.cli import app
+from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
 EPILOG = (
@@ -43,7 +43,7 @@ def filters(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ):
-    from pdscli import filters as lib
+    from pdscli.precondition import filters as lib
 
     size, channels = lib.resolve_shape(size=size, channels=channels, preset=preset, engine=engine)
     out = out or lib.default_out_path(image_dir, size)

@@ -1,4 +1,4 @@
-"""`pds bench`: flags -> a BenchConfig -> pdscli.bench.run_bench -> tables, JSON, plot."""
+"""`pds bench`: flags -> a BenchConfig -> pdscli.bench.core.run_bench -> tables, JSON, plot."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from pdscli.cli import app
+from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
 MODEL, MEASURE, SAMPLING, QUALITY, OUTPUT = "Model", "Measurement", "End to end and samplers", "Quality", "Output"
@@ -80,7 +80,7 @@ def bench(
     force: bool = typer.Option(False, "--force", help="Overwrite existing --json / --plot files.", rich_help_panel=OUTPUT),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines.", rich_help_panel=OUTPUT),
 ):
-    from pdscli import bench as lib
+    from pdscli.bench import core as lib
 
     cfg = lib.BenchConfig(
         model=model, checkpoint=checkpoint, config=config, preset=preset, random_weights=random_weights, engine=engine,

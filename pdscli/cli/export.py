@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pdscli.cli import app
+from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
 MODEL, OUTPUT, BATCH = "Model", "Output", "Batch (TensorRT profile; ONNX files are always dynamic)"
@@ -55,7 +55,7 @@ def export(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the result line."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (for scripts)."),
 ):
-    from pdscli.export import BatchProfile, run_export
+    from pdscli.engines.export import BatchProfile, run_export
 
     profile = BatchProfile.from_flags(batch_size, min_batch, opt_batch, max_batch)
 

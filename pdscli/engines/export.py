@@ -474,7 +474,7 @@ def load_source(checkpoint=None, config=None, preset=None, *, random_weights=Fal
         return ExportSource(net.eval(), settings, meta, stem)
     if checkpoint is None:
         raise PdsError("pass --checkpoint FILE (or --random-weights with --preset/--config)")
-    from pdscli.checkpoint import load_score_model
+    from pdscli.models.checkpoint import load_score_model
 
     net = load_score_model(checkpoint, config, preset=preset, weights=weights, trust_checkpoint=trust_checkpoint)
     info = net.checkpoint_info

@@ -1,0 +1,38 @@
+"""The Typer app every command module registers on, and the root options (--version)."""
+
+from __future__ import annotations
+
+import typer
+
+from pdscli import __version__
+
+app = typer.Typer(
+    name="pds",
+    help=(
+        "Fast sampling for score-based diffusion models (NCSN++ / score_sde checkpoints): "
+        "preconditioned diffusion sampling (PDS), accelerated samplers, ONNX Runtime and TensorRT engines.\n\n"
+        "Examples:\n\n"
+        "  pds sample --model gaussian --steps 30 --out out/\n\n"
+        "  pds info checkpoint.pth --preset cifar10\n\n"
+        "  pds export --checkpoint checkpoint.pth --preset cifar10 --format onnx\n\n"
+        "  pds filters ~/data/ffhq --size 256\n\n"
+        "  pds bench --quick"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"pds {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    pass

@@ -1,0 +1,58 @@
+"""Option blocks shared by the commands, declared once: the same flag has the same name, type and
+help in every command that takes it. Use as `checkpoint: options.Checkpoint = None`.
+
+Conventions every command follows:
+- `--json`: a flag. The command's result as one JSON document on stdout, and nothing else on
+  stdout (progress and messages go to stderr or are off).
+- `--out` / `-o`: where the command writes (a folder for sample/train, a file for filters, export
+  and bench's report). Existing outputs are refused unless `--force` (or `--resume` where a run
+  can be continued).
+- `--engine-backend`: how an exported engine runs (cpu, cuda, tensorrt); `--backend` is its old
+  spelling in `pds sample`, kept for one release.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+MODEL, OUTPUT = "Model", "Output"
+
+Checkpoint = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", help="score_sde / pds checkpoint (.pth).", rich_help_panel=MODEL)]
+Config = Annotated[Optional[Path], typer.Option(
+    "--config", help="Config of the checkpoint (.json / score_sde .py).", rich_help_panel=MODEL)]
+Preset = Annotated[Optional[str], typer.Option(
+    "--preset", help="Named config of an official checkpoint, e.g. cifar10, ffhq-256.", rich_help_panel=MODEL)]
+Engine = Annotated[Optional[Path], typer.Option(
+    "--engine", help="Exported engine: .onnx, or a TensorRT .plan / .engine.", rich_help_panel=MODEL)]
+EngineBackend = Annotated[Optional[str], typer.Option(
+    "--engine-backend", "--backend",
+    help="How --engine runs: cpu, cuda or tensorrt (default: the best the device has). --backend is the old name.",
+    rich_help_panel=MODEL)]
+TrustCheckpoint = Annotated[bool, typer.Option(
+    "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading (runs code from the file).",
+    rich_help_panel=MODEL)]
+RandomWeights = Annotated[bool, typer.Option(
+    "--random-weights", help="No checkpoint: the --preset / --config architecture with random weights.",
+    rich_help_panel=MODEL)]
+ImageSize = Annotated[Optional[int], typer.Option(
+    "--image-size", min=1, help="Image side of an analytic model (default 32).", rich_help_panel=MODEL)]
+Channels = Annotated[Optional[int], typer.Option(
+    "--channels", min=1, help="Channels of an analytic model (default 3).", rich_help_panel=MODEL)]
+Device = Annotated[str, typer.Option(
+    "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL)]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", min=1,
+    help="CPU threads for torch (default: torch's, one per core). On a busy machine 1 is often much faster for small models.",
+    rich_help_panel=MODEL)]
+
+Force = Annotated[bool, typer.Option(
+    "--force", help="Replace existing outputs.", rich_help_panel=OUTPUT)]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress bars.", rich_help_panel=OUTPUT)]
+Json = Annotated[bool, typer.Option(
+    "--json", help="Print the result as one JSON document on stdout (for scripts); nothing else goes to stdout.",
+    rich_help_panel=OUTPUT)]

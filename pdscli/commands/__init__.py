@@ -1,1 +1,0 @@
-"""One module per `pds` command; each registers itself on `pdscli.cli.app`."""

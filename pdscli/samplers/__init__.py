@@ -1,0 +1,76 @@
+"""Samplers: every sampler a short function `sampler(score, noise, steps, ...) -> x`, the step
+grids they walk (`grids`), and one registry (name -> function, NFE per step, deterministic or not).
+
+Imports only the base layer (errors, settings) and its own modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pdscli.errors import PdsError
+from pdscli.samplers import accelerated, pc
+from pdscli.samplers.grids import VE_EPS, Steps, pc_steps
+
+__all__ = ["Steps", "pc_steps", "VE_EPS", "SamplerInfo", "REGISTRY", "get_sampler", "sampler_info", "nfe_count",
+           "pc", "pds", "predictor", "corrector"]
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What the run and bench need to know about a sampler besides its function.
+
+    nfe_per_step: score calls per step; nfe_offset: added once per grid (accel-ode2 saves the
+    second call on its last step). deterministic: a probability-flow ODE solver (the noise is
+    only the prior). pc_grid: walks score_sde's PC grid (`pc_steps`) rather than the sampler grids.
+    """
+
+    name: str
+    fn: Callable
+    nfe_per_step: int
+    deterministic: bool
+    pc_grid: bool
+    nfe_offset: int = 0
+
+    def nfe(self, n_steps: int) -> int:
+        return self.nfe_per_step * int(n_steps) + self.nfe_offset
+
+
+REGISTRY: dict[str, SamplerInfo] = {
+    info.name: info
+    for info in (
+        SamplerInfo("pc", pc.pc, 2, False, True),
+        SamplerInfo("pds", pc.pds, 2, False, True),
+        SamplerInfo("predictor", pc.predictor, 1, False, True),
+        SamplerInfo("corrector", pc.corrector, 1, False, True),
+        SamplerInfo("ddim", accelerated.ddim, 1, True, False),
+        SamplerInfo("accel-ode", accelerated.accel_ode, 1, True, False),
+        SamplerInfo("accel-ode2", accelerated.accel_ode2, 2, True, False, nfe_offset=-1),
+        SamplerInfo("ddpm", accelerated.ddpm, 1, False, False),
+        SamplerInfo("accel-sde", accelerated.accel_sde, 1, False, False),
+    )
+}
+
+# The PC family's functions, importable as `pdscli.samplers.pds` etc.
+pds, predictor, corrector = pc.pds, pc.predictor, pc.corrector
+pc = pc.pc  # noqa: F811 -- the function shadows the module name on purpose: `samplers.pc(...)`
+
+
+def sampler_info(name: str) -> SamplerInfo:
+    """The registry entry for `name`; a PdsError listing the choices if unknown."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise PdsError(f"unknown sampler {name!r}; choose one of: {', '.join(REGISTRY)}") from None
+
+
+def get_sampler(name: str) -> Callable:
+    """The sampler called `name` on the command line."""
+    return sampler_info(name).fn
+
+
+def nfe_count(name: str, n_steps: int) -> int | None:
+    """Score evaluations the sampler `name` spends on `n_steps` steps (None: unknown sampler)."""
+    info = REGISTRY.get(name)
+    return None if info is None else info.nfe(n_steps)
