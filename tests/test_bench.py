@@ -308,7 +308,7 @@ def test_user_errors(run_pds, args, message):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_existing_json_needs_force(run_pds, tmp_path):
+def test_existing_out_needs_force(run_pds, tmp_path):
     target = tmp_path / "b.json"
     target.write_text("{}")
     r = run_pds("bench", "--model", "gaussian", *QUICK, "--out", target)
@@ -387,3 +387,153 @@ def test_config_errors_are_pds_errors():
         BenchConfig(e2e_backend="fastest").resolved()
     cfg = BenchConfig(batch_sizes=[1, 2], e2e_batch=3).resolved()
     assert cfg.batch_sizes == [1, 2, 3]  # the e2e batch is always measured per NFE too
+
+
+# --- outputs: --json, --out, checked before the work; a full disk -----------------------------
+
+TINY_RUN = ["--model", "gaussian", "--image-size", "8", "--channels", "1", *QUICK, "--batch-sizes", "1",
+            "--skip", "overhead,e2e"]
+
+
+def test_json_flag_prints_only_the_report_and_out_writes_the_same(run_pds, tmp_path):
+    r = run_pds("bench", *TINY_RUN, "--json", "--out", tmp_path / "b.json")
+    assert r.exit_code == 0, r.stderr
+    printed, written = json.loads(r.stdout), json.loads((tmp_path / "b.json").read_text())
+    assert printed["format"] == written["format"] == bench_report.FORMAT
+    assert printed["backends"] == written["backends"]  # one report, two destinations
+    words = printed["command"].split()
+    assert "--json" in words and words[words.index("--out") + 1] == str(tmp_path / "b.json")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_output_that_is_a_folder_is_refused_before_any_work(run_pds, tmp_path, monkeypatch, flag):
+    """Issue 12, item 12: `--force` onto an existing folder used to fail with IsADirectoryError
+    after the whole bench had run."""
+    import pdscli.bench.run
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the bench ran before its output path was checked")
+
+    monkeypatch.setattr(pdscli.bench.run, "run_bench", no_work)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    r = run_pds("bench", *TINY_RUN, flag, folder, "--force")
+    assert r.exit_code == 2, r.stderr
+    assert f"{flag} {folder} is a folder" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert folder.is_dir() and not any(folder.iterdir())
+
+
+def _disk_full(monkeypatch):
+    """Every fsync fails as on a full disk: what atomic writes hit when the data cannot land."""
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
+@pytest.mark.parametrize("flag, name", [("--out", "b.json"), ("--plot", "b.svg")])
+def test_full_disk_while_writing_is_one_line_naming_the_path(run_pds, tmp_path, monkeypatch, flag, name):
+    """Issue 12, item 4: a full disk is one line naming the file, exit 2, and no half file."""
+    pytest.importorskip("matplotlib")
+    _disk_full(monkeypatch)
+    target = tmp_path / name
+    r = run_pds("bench", *TINY_RUN, flag, target)
+    assert r.exit_code == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert str(target) in line and "No space left on device" in line
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary beside it
+
+
+# --- the ONNX export cache: keyed on content, verified before use -----------------------------
+
+
+@pytest.fixture
+def tiny_network(fixture_dir, tmp_path):
+    """A random-weights NCSN++ small enough to export in seconds, as bench opens it."""
+    from pdscli.bench.model import open_bench_model
+
+    def make(seed=0):
+        cfg = BenchConfig(config=_tiny_config(fixture_dir, tmp_path), random_weights=True, seed=seed).resolved()
+        return open_bench_model(cfg, torch.device("cpu"))
+
+    return make
+
+
+def _cached_graphs(folder):
+    return sorted(folder.glob("*.onnx"))
+
+
+def test_export_cache_reuses_only_a_verified_file(tiny_network, tmp_path):
+    from pdscli.bench.export_cache import ExportCache
+
+    model, folder = tiny_network(), tmp_path / "cache"
+    first = ExportCache(folder).onnx(model, "fp32")
+    assert not first.reused and _cached_graphs(folder) == [first.path]
+    again = ExportCache(folder)
+    second = again.onnx(model, "fp32")
+    assert second.reused and second.data == first.data and again.warnings == []
+
+    # Truncated (a full disk, a killed copy): exported again, with a warning, never loaded.
+    first.path.write_bytes(first.data[: len(first.data) // 2])
+    cache = ExportCache(folder)
+    third = cache.onnx(model, "fp32")
+    assert not third.reused and third.data == first.data and first.path.read_bytes() == first.data
+    assert len(cache.warnings) == 1 and str(first.path) in cache.warnings[0]
+
+    # A graph without the record beside it is not trusted either.
+    (folder / (first.path.name + ".json")).unlink()
+    cache = ExportCache(folder)
+    assert not cache.onnx(model, "fp32").reused and len(cache.warnings) == 1
+
+
+def test_export_cache_key_is_the_content(tiny_network, tmp_path):
+    """Other weights (here another seed of the same architecture) or another precision never find
+    this model's file, whatever the checkpoint's or config's name."""
+    from pdscli.bench.export_cache import ExportCache
+
+    cache = ExportCache(tmp_path / "cache")
+    a = cache.onnx(tiny_network(seed=0), "fp32")
+    b = cache.onnx(tiny_network(seed=1), "fp32")
+    assert a.key != b.key and a.path != b.path and not b.reused
+    assert len(_cached_graphs(tmp_path / "cache")) == 2
+    assert cache.onnx(tiny_network(seed=0), "fp32").reused  # the same weights rebuilt: the same key
+
+
+def _identity_graph(channels: int, size: int) -> bytes:
+    """A valid ONNX graph with the score's inputs and output that computes nothing (score = x)."""
+    from onnx import TensorProto, helper
+
+    from pdscli.engines import OUTPUT_NAME
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, size, size])
+    sigma = helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["N"])
+    out = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", channels, size, size])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], [OUTPUT_NAME])], "foreign", [x, sigma], [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+@pytest.mark.slow
+def test_a_foreign_graph_in_the_cache_is_not_benchmarked(run_pds, fixture_dir, tmp_path):
+    """Issue 12, item 14: another graph put under the cached name was timed (and reported as far
+    faster than eager); now it is exported again, the report warns, and onnx-cpu matches eager."""
+    pytest.importorskip("onnxruntime")
+    config, cache = _tiny_config(fixture_dir, tmp_path), tmp_path / "cache"
+    args = ["bench", "--config", config, "--random-weights", *QUICK, "--backends", "eager,onnx-cpu",
+            "--batch-sizes", "2", "--skip", "e2e,overhead", "--cache-dir", cache, "--json"]
+    r = run_pds(*args)
+    assert r.exit_code == 0, r.stderr
+    [graph] = _cached_graphs(cache)
+    graph.write_bytes(_identity_graph(3, 16))
+
+    r = run_pds(*args)
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    onnx_entry = next(e for e in report["backends"] if e["name"] == "onnx-cpu")
+    assert onnx_entry["status"] == "ok" and onnx_entry["onnx_reused_from_cache"] is False
+    assert onnx_entry["batches"][0]["max_rel_err_vs_eager_fp32"] < 1e-4  # the real network, not x
+    assert any(str(graph) in w and "not trusted" in w for w in report["warnings"])
