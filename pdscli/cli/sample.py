@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from pdscli.cli import options
 from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
@@ -39,7 +40,7 @@ def sample(
     config: Optional[Path] = typer.Option(None, "--config", help="Config of the checkpoint (.json / score_sde .py).", rich_help_panel=MODEL),
     preset: Optional[str] = typer.Option(None, "--preset", help="Named config of an official checkpoint, e.g. cifar10.", rich_help_panel=MODEL),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported engine: .onnx or TensorRT .plan.", rich_help_panel=MODEL),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Engine backend (passed to the engine loader), e.g. cpu, cuda, tensorrt.", rich_help_panel=MODEL),
+    engine_backend: options.EngineBackend = None,
     model: Optional[str] = typer.Option(None, "--model", help="`builtin` (the default: a small digits model, run with PDS, its own filters and 30 steps unless told otherwise) or `gaussian` (exact analytic score).", rich_help_panel=MODEL),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side of --model gaussian (default 32).", rich_help_panel=MODEL),
     channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian (default 3).", rich_help_panel=MODEL),
@@ -88,9 +89,9 @@ def sample(
     # Under torchrun each rank joins the process group and takes its local GPU (or the CPU).
     dist, device = distributed.setup(device)
     spec = ModelSpec(
-        checkpoint=checkpoint, config=config, preset=preset, engine=engine, backend=backend, model=model,
+        checkpoint=checkpoint, config=config, preset=preset, engine=engine, engine_backend=engine_backend, model=model,
         image_size=image_size, channels=channels, trust_checkpoint=trust_checkpoint, precision=precision,
-        device=device, overrides=dict(sigma_min=sigma_min, sigma_max=sigma_max, num_scales=num_scales, snr=snr),
+        device=device, sigma_min=sigma_min, sigma_max=sigma_max, num_scales=num_scales, snr=snr,
     )
     make_job = lambda: runner.build_job(  # noqa: E731
         spec, out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler,

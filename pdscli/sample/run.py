@@ -48,6 +48,7 @@ from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, prepare_out_dir
 from pdscli.images import load_png, make_grid, save_png, to_numpy
 from pdscli.noise import SampleNoise
+from pdscli.sample.model import ModelSpec, check_filters_fit, open_filters, open_model  # noqa: F401  (check_filters_fit: bench)
 from pdscli.score import CountingScore, ScoreModel
 
 PARTIAL = ".partial"
@@ -541,130 +542,6 @@ class _GlobalProgress(Progress):
 # Setting a run up from flags (the `pds sample` command is a thin layer over this).
 
 
-@dataclass
-class ModelSpec:
-    """Where the score comes from: exactly one of checkpoint / engine / model (none = built-in)."""
-
-    checkpoint: Path | None = None
-    config: Path | None = None
-    preset: str | None = None
-    engine: Path | None = None
-    backend: str | None = None
-    model: str | None = None  # "gaussian" | "builtin"
-    image_size: int | None = None
-    channels: int | None = None
-    trust_checkpoint: bool = False
-    precision: str | None = None  # None: fp32, or an engine's own
-    device: str = "auto"
-    overrides: dict = field(default_factory=dict)  # sigma_min, sigma_max, num_scales, snr (None = unset)
-
-
-MODEL_NAMES = ("gaussian", "builtin")
-
-
-def open_model(spec: ModelSpec) -> ScoreModel:
-    """The ScoreModel a spec names, with the flag overrides applied to its settings."""
-    from pdscli.devices import resolve_device, resolve_precision
-
-    sources = [flag for flag, given in (("--checkpoint", spec.checkpoint), ("--engine", spec.engine), ("--model", spec.model)) if given]
-    if len(sources) > 1:
-        raise PdsError(f"choose one model: {' and '.join(sources)} exclude each other")
-    if (spec.config or spec.preset) and not spec.checkpoint:
-        raise PdsError("--config / --preset describe a --checkpoint; pass one (an engine carries its own settings)")
-    if spec.model and spec.model not in MODEL_NAMES:
-        raise PdsError(f"--model must be one of {', '.join(MODEL_NAMES)}, not {spec.model!r}")
-    if spec.precision:
-        resolve_precision(spec.precision)
-    device = resolve_device(spec.device)
-    overrides = {k: v for k, v in spec.overrides.items() if v is not None}
-
-    if spec.engine:
-        from pdscli.engines import open_engine
-
-        # Engines may lack metadata: the shape flags fill it in, like the sigma flags.
-        shape = {"image_size": spec.image_size, "num_channels": spec.channels}
-        return open_engine(spec.engine, device=device, backend=spec.backend, precision=spec.precision,
-                           overrides={**overrides, **{k: v for k, v in shape.items() if v is not None}})
-    if spec.backend:
-        raise PdsError("--backend applies to --engine files only")
-    if spec.checkpoint:
-        from pdscli.models.checkpoint import open_checkpoint
-
-        model = open_checkpoint(spec.checkpoint, spec.config, spec.preset, device=device,
-                                precision=spec.precision or "fp32", trust_checkpoint=spec.trust_checkpoint)
-        _check_shape_flags(spec, model)
-    elif spec.model == "gaussian":
-        from pdscli.evaluate.analytic import gaussian_score_model
-
-        if spec.precision and spec.precision.lower() != "fp32":
-            raise PdsError(f"the analytic gaussian model has no network: --precision {spec.precision} does not apply")
-        model = gaussian_score_model(spec.image_size or 32, spec.channels or 3, device=device)
-    else:
-        from pdscli.models.builtin import default_score_model
-
-        model = default_score_model(device)
-        _check_shape_flags(spec, model)
-    if overrides:
-        model = dataclasses.replace(model, settings=model.settings.replace(**overrides))
-    return model
-
-
-def _check_shape_flags(spec: ModelSpec, model: ScoreModel) -> None:
-    s = model.settings
-    for flag, given, actual in (("--image-size", spec.image_size, s.image_size), ("--channels", spec.channels, s.num_channels)):
-        if given is not None and given != actual:
-            raise PdsError(f"{flag} {given} does not match the model ({model.name} makes {s.num_channels}x{s.image_size}x{s.image_size} images)")
-
-
-def open_filters(masks=None, freq_mask=None, space_mask=None, *, settings, builtin: bool = False):
-    """Filters from a `pds filters` .npz, the reference's .npy pair or (builtin=True) the built-in
-    model's own, checked against the model's shape; (None, None) if none."""
-    from pdscli import precondition
-
-    if masks and (freq_mask or space_mask):
-        raise PdsError("--masks excludes --freq-mask / --space-mask: give the .npz or the .npy files")
-    for path in (masks, freq_mask, space_mask):
-        if path and not Path(path).is_file():
-            raise PdsError(f"filter file {path} does not exist")
-    if masks:
-        filters, files = precondition.load_filters(masks), [masks]
-    elif freq_mask or space_mask:
-        filters = precondition.load_reference_npy(freq_mask, space_mask, channels=settings.num_channels, size=settings.image_size)
-        files = [p for p in (freq_mask, space_mask) if p]
-    elif builtin:
-        from pdscli.models import builtin as builtin_model
-
-        filters, files = builtin_model.default_filters(), [builtin_model.FILTERS]
-    else:
-        return None, None
-    check_filters_fit(filters, settings)
-    return filters, _filters_info(filters, files)
-
-
-def _filters_info(filters, files) -> dict:
-    from pdscli.fsutil import sha256_file
-
-    return {
-        "files": [str(p) for p in files],
-        "sha256": "+".join(sha256_file(p)[:16] for p in files),
-        "source": filters.source,
-        "kinds": filters.kinds,
-        "count": filters.count,
-        "size": filters.size,
-        "channels": filters.channels,
-    }
-
-
-def check_filters_fit(filters, settings) -> None:
-    """Filters made for other images cannot precondition this model: say so in one line."""
-    want, got = tuple(settings.shape), tuple(filters.shape)
-    if got != want:
-        raise PdsError(
-            f"the filters are {'x'.join(map(str, got))} (C x H x W) but the model makes "
-            f"{'x'.join(map(str, want))} images; make filters at this size with `pds filters DIR --size {settings.image_size}`"
-        )
-
-
 def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
     from pdscli.samplers import get_sampler
 
@@ -676,11 +553,6 @@ def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
         # `pc` is the vanilla baseline; with a preconditioner it would silently be PDS.
         raise PdsError("--sampler pc is vanilla predictor-corrector: drop the filters, or use --sampler pds")
     return chosen
-
-
-def uses_builtin(spec: "ModelSpec") -> bool:
-    """No model flag (or --model builtin) means the built-in model."""
-    return spec.model == "builtin" or not (spec.checkpoint or spec.engine or spec.model)
 
 
 # The samplers of score_sde / PDS run on the reference's own grid; the others on a schedule.
@@ -742,7 +614,7 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
         prepare_output(out, force=force, resume=resume)
         filter_flags = bool(masks or freq_mask or space_mask)
         # The built-in model runs as its docs say (PDS with its own filters, few steps) unless told otherwise.
-        builtin = uses_builtin(spec)
+        builtin = spec.uses_builtin
         builtin_filters = builtin and not filter_flags and sampler in (None, "pds")
         sampler = resolve_sampler_name(sampler, has_filters=filter_flags or builtin_filters)
         if builtin and steps is None and speed_up is None:
@@ -753,7 +625,8 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
         t0 = time.perf_counter()
         model = open_model(spec)
         load_s = time.perf_counter() - t0
-        filters, filters_info = open_filters(masks, freq_mask, space_mask, settings=model.settings, builtin=builtin_filters)
+        filters, filters_info = open_filters(masks, freq_mask, space_mask, settings=model.settings, use_builtin=builtin_filters)
+        filters_info = filters_info.to_dict() if filters_info else None
         grid, schedule = build_steps(model.settings, steps=steps, speed_up=speed_up, sampler=sampler, schedule=schedule)
         alpha_given, alpha = alpha, resolve_alpha(alpha, model.settings, len(grid))
         precond = None
