@@ -78,6 +78,7 @@ def sample(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.", rich_help_panel=OUTPUT),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (for scripts).", rich_help_panel=OUTPUT),
 ):
+    from pdscli.cli.progress import Progress, SampleBars
     from pdscli.sample import distributed
     from pdscli.sample import run as runner
     from pdscli.sample.run import ModelSpec, RunInterrupted
@@ -98,12 +99,12 @@ def sample(
         steps=steps, speed_up=speed_up, schedule=schedule, snr=snr, per_sample_step=per_sample_step, num_samples=num_samples,
         batch_size=batch_size, seed=seed, force=force, resume=resume,
     )
-    progress = runner.Progress() if quiet or not dist.is_main else runner.RichProgress()
     try:
-        if dist.active:
-            record = runner.run_distributed(make_job, dist, progress=progress)
-        else:
-            record = runner.run(make_job(), progress=progress)
+        with Progress(enabled=not quiet and dist.is_main) as bars:
+            if dist.active:
+                record = runner.run_distributed(make_job, dist, progress=SampleBars(bars))
+            else:
+                record = runner.run(make_job(), progress=SampleBars(bars))
     except RunInterrupted as e:
         err_console.print(str(e), highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(e.exit_code) from None

@@ -124,57 +124,16 @@ class SampleJob:
 
 
 # ----------------------------------------------------------------------------------------
-# Progress: a tiny protocol so the loop knows nothing about Rich.
+# Progress: a tiny protocol so the loop knows nothing about Rich (pdscli.cli.progress draws it).
 
 
 class Progress:
-    """No progress (--quiet). Subclasses show it."""
+    """No progress (--quiet). pdscli.cli.progress.SampleBars shows it."""
 
     def start(self, total: int, done: int, steps: int) -> None: ...
-    def batch(self, indices: list[int]) -> None: ...
+    def batch(self, first: int, last: int) -> None: ...
     def step(self, i: int, n: int, nfe_rate: float) -> None: ...
     def batch_done(self, count: int) -> None: ...
-    def close(self) -> None: ...
-
-
-class RichProgress(Progress):
-    """Two bars on stderr: images (with ETA) and the steps of the current batch (with NFE/s)."""
-
-    def __init__(self, console=None):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichBars
-
-        from pdscli.console import err_console
-
-        self.bars = RichBars(
-            TextColumn("{task.description:>7}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[extra]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console or err_console,
-        )
-        self.images = self.steps = None
-
-    def start(self, total, done, steps):
-        self.bars.start()
-        self.images = self.bars.add_task("images", total=total, completed=done, extra="")
-        self.steps = self.bars.add_task("steps", total=steps, extra="")
-
-    def batch(self, indices):
-        label = f"#{indices[0]}" if len(indices) == 1 else f"#{indices[0]}..{indices[-1]}"
-        self.bars.reset(self.steps, extra=label)
-
-    def step(self, i, n, nfe_rate):
-        self.bars.update(self.steps, completed=i + 1, total=n, extra=f"{nfe_rate:.1f} NFE/s")
-
-    def batch_done(self, count):
-        self.bars.advance(self.images, count)
-
-    def close(self):
-        self.bars.stop()
 
 
 # ----------------------------------------------------------------------------------------
@@ -278,7 +237,7 @@ def sample_indices(job: SampleJob, indices: list[int], *, sampler_fn=None, progr
     stats = Stats()
     t0 = time.perf_counter()
     for batch in batches(indices, job.batch_size):
-        progress.batch(batch)
+        progress.batch(batch[0], batch[-1])
         noise = SampleNoise(job.seed, batch, job.shape, device)
         calls0 = score.calls
         check = _finite_check(batch)
@@ -469,8 +428,6 @@ def run(job: SampleJob, *, progress: Progress | None = None, sampler_fn=None) ->
     except KeyboardInterrupt:
         done = len(indices_on_disk(job.out) & set(plan_indices(job.num_samples)))
         raise RunInterrupted(done, job.num_samples) from None
-    finally:
-        progress.close()
     return finalize(job, stats, started=started, resumed=resumed)
 
 
@@ -497,11 +454,8 @@ def run_distributed(make_job, dist, *, progress: Progress | None = None, sampler
     rounds = dist.max(len(mine))  # before sampling: collectives must line up across ranks
     shown = _GlobalProgress(progress if dist.is_main else Progress(), dist)
     shown.start(job.num_samples, resumed, len(job.steps.sigma))
-    try:
-        stats = sample_indices(job, [i for b in mine for i in b], sampler_fn=sampler_fn, progress=shown)
-        shown.finish_rounds(rounds)
-    finally:
-        shown.close()
+    stats = sample_indices(job, [i for b in mine for i in b], sampler_fn=sampler_fn, progress=shown)
+    shown.finish_rounds(rounds)
     stats.made = dist.sum(stats.made)
     stats.nfe_calls = dist.sum(stats.nfe_calls)
     dist.barrier()
@@ -520,8 +474,8 @@ class _GlobalProgress(Progress):
     def start(self, total, done, steps):
         self.inner.start(total, done, steps)
 
-    def batch(self, indices):
-        self.inner.batch(indices)
+    def batch(self, first, last):
+        self.inner.batch(first, last)
 
     def step(self, i, n, nfe_rate):
         self.inner.step(i, n, nfe_rate)
@@ -533,9 +487,6 @@ class _GlobalProgress(Progress):
     def finish_rounds(self, total_rounds: int) -> None:
         while self.rounds < total_rounds:
             self.batch_done(0)
-
-    def close(self):
-        self.inner.close()
 
 
 # ----------------------------------------------------------------------------------------
