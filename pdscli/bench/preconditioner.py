@@ -13,7 +13,7 @@ from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.models import builtin
 from pdscli.precondition import Filters, Preconditioner, compute_statistics, load_filters
 from pdscli.precondition.alpha import expected_freq_statistic, resolve_alpha
-from pdscli.sample.run import check_filters_fit
+from pdscli.sample.model import check_filters_fit
 from pdscli.settings import SamplingSettings
 
 

@@ -16,7 +16,7 @@ from pdscli.bench.timing import summarize, sync
 from pdscli.errors import PdsError
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
-from pdscli.sample.run import build_steps
+from pdscli.sample.setup import build_steps, resolve_schedule
 from pdscli.samplers import get_sampler, nfe_count, pc_steps
 from pdscli.score import CountingScore
 
@@ -116,7 +116,8 @@ def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: Precondit
         for budget in cfg.nfe:
             n = steps_for_budget(name, budget)
             try:
-                steps, schedule = build_steps(model.settings, steps=n, speed_up=None, sampler=name)
+                schedule = resolve_schedule(None, name)
+                steps = build_steps(model.settings, steps=n, speed_up=None, schedule=schedule)
             except PdsError as e:
                 rows.append({"sampler": name, "nfe_budget": budget, "steps": n, "status": "skipped", "reason": str(e)})
                 continue
