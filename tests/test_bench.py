@@ -491,17 +491,26 @@ def test_export_cache_reuses_only_a_verified_file(tiny_network, tmp_path):
     assert not cache.onnx(model, "fp32").reused and len(cache.warnings) == 1
 
 
-def test_export_cache_key_is_the_content(tiny_network, tmp_path):
-    """Other weights (here another seed of the same architecture) or another precision never find
-    this model's file, whatever the checkpoint's or config's name."""
+def test_export_cache_key_is_the_content(tiny_network, tmp_path, monkeypatch):
+    """Other weights (here another seed of the same architecture), another precision or another
+    pds version never find this model's file, whatever the checkpoint's or config's name."""
+    from pdscli.bench import export_cache
     from pdscli.bench.export_cache import ExportCache
 
     cache = ExportCache(tmp_path / "cache")
-    a = cache.onnx(tiny_network(seed=0), "fp32")
+    model = tiny_network(seed=0)
+    a = cache.onnx(model, "fp32")
     b = cache.onnx(tiny_network(seed=1), "fp32")
     assert a.key != b.key and a.path != b.path and not b.reused
     assert len(_cached_graphs(tmp_path / "cache")) == 2
     assert cache.onnx(tiny_network(seed=0), "fp32").reused  # the same weights rebuilt: the same key
+
+    meta = {"pds.precision": "fp32"}
+    key = cache.export_key(model, "fp32", meta)
+    assert cache.export_key(model, "fp16", meta) != key
+    assert cache.export_key(model, "fp32", {"pds.precision": "fp32", "pds.preset": "x"}) != key
+    monkeypatch.setattr(export_cache, "__version__", "999.0")
+    assert cache.export_key(model, "fp32", meta) != key
 
 
 def _identity_graph(channels: int, size: int) -> bytes:

@@ -14,6 +14,7 @@ from pdscli.errors import PdsError
 from pdscli.fsutil import prepare_out_file
 from pdscli.images import image_files
 from pdscli.precondition.alpha import resolve_alpha
+from pdscli.sample.model import check_filter_flags
 from pdscli.samplers import get_sampler
 from pdscli.settings import SamplingSettings
 
@@ -181,8 +182,7 @@ def check_config(cfg: BenchConfig) -> None:
     resolve_alpha(cfg.alpha, SamplingSettings(0.01, 1.0, 10, 0.1, 2, 1), 10)
     if cfg.reference is not None:
         image_files(cfg.reference)  # a missing or empty folder fails before the model load
-    if cfg.masks is not None and not Path(cfg.masks).is_file():
-        raise PdsError(f"filter file {cfg.masks} does not exist")
+    check_filter_flags(cfg.masks, None, None)
 
 
 def _check_model_flags(cfg: BenchConfig) -> None:

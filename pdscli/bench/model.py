@@ -14,12 +14,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pdscli.bench.config import ANALYTIC, ENGINE, BenchConfig, error_line
-from pdscli.engines import open_engine
 from pdscli.engines.export import load_source
 from pdscli.engines.torch_engine import torch_score
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.models import build_model, builtin
 from pdscli.models.checkpoint import load_score_model
+from pdscli.sample.model import ModelSpec, open_model
 from pdscli.settings import SamplingSettings
 
 NETWORK = "network"
@@ -89,9 +89,9 @@ def _open_random(cfg: BenchConfig, device: torch.device) -> BenchModel:
 
 
 def _open_engine(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    shape = {"image_size": cfg.image_size, "num_channels": cfg.channels}
-    sm = open_engine(cfg.engine, device=device, backend=cfg.engine_backend,
-                     overrides={k: v for k, v in shape.items() if v is not None})
+    # An engine file opens as `pds sample` opens it; the shape flags fill in missing metadata.
+    sm = open_model(ModelSpec(engine=cfg.engine, engine_backend=cfg.engine_backend, image_size=cfg.image_size,
+                              channels=cfg.channels, device=str(device)))
     return BenchModel(ENGINE, sm.score, sm.settings, device, sm.name,
                       info={"engine": str(cfg.engine), "sha256": sm.sha256, **sm.info})
 

@@ -10,10 +10,9 @@ import torch
 from pdscli.bench.config import ANALYTIC, BenchConfig
 from pdscli.bench.model import BenchModel
 from pdscli.evaluate.analytic import GaussianImageModel
-from pdscli.models import builtin
-from pdscli.precondition import Filters, Preconditioner, compute_statistics, load_filters
+from pdscli.precondition import Filters, Preconditioner, compute_statistics
 from pdscli.precondition.alpha import expected_freq_statistic, resolve_alpha
-from pdscli.sample.model import check_filters_fit
+from pdscli.sample.model import check_filters_fit, open_filters
 from pdscli.settings import SamplingSettings
 
 
@@ -23,12 +22,13 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
     exactly as real filters would (the cost does not depend on the values) but makes no
     meaningful images."""
     c, size, _ = model.shape
-    if cfg.masks is not None:
-        filters, source, meaningful = load_filters(cfg.masks), f"--masks {cfg.masks}", True
-    elif model.kind == ANALYTIC:
+    # --masks and the built-in model's own filters open as `pds sample` opens them (checked to fit).
+    filters, _ = open_filters(cfg.masks, settings=model.settings, use_builtin=model.is_builtin)
+    if filters is not None:
+        source = f"--masks {cfg.masks}" if cfg.masks is not None else "the built-in model's own filters"
+        return filters, {"source": source, "kinds": filters.kinds, "images_meaningful": True}
+    if model.kind == ANALYTIC:
         filters, source, meaningful = spectrum_filters(model.gaussian), "the analytic model's exact spectrum", True
-    elif model.is_builtin:
-        filters, source, meaningful = builtin.default_filters(), "the built-in model's own filters", True
     elif reference is not None:
         filters = compute_statistics([reference.clamp(0, 1)], source=str(cfg.reference))
         source, meaningful = f"statistics of {len(reference)} --reference images", True

@@ -1,6 +1,11 @@
 """Sampling runs: part `e2e` (vanilla PC at the full step count against PDS at 1/k of it) and
 part `samplers` (each --samplers entry at equal NFE budgets), timed batch by batch on the same
-noise and scored with the quality measure, the configurations interleaved."""
+noise and scored with the quality measure, the configurations interleaved.
+
+The batches and their noise are planned as `pds sample` plans them (pdscli.sample.loop's
+batch_indices, SampleNoise from (seed, i)); the loop itself is not sample's, which checks every
+step for NaN (a device sync per step) and writes files: here nothing but the sampler may be
+inside the timed call, and the samples stay in memory for the quality figure."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pdscli.bench.timing import summarize, sync
 from pdscli.errors import PdsError
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
+from pdscli.sample.loop import batch_count, batch_indices
 from pdscli.sample.setup import build_steps, resolve_schedule
 from pdscli.samplers import get_sampler, nfe_count, pc_steps
 from pdscli.score import CountingScore
@@ -32,9 +38,10 @@ class SamplingRun:
         self.cfg, self.model = cfg, model
         self.times, self.outs, self.batches = [], [], 0
 
-    def run_batch(self, start: int, count: int) -> None:
+    def run_batch(self, k: int, count: int) -> None:
+        """Planned batch k of `count` samples, cut as `pds sample` cuts a run."""
         batch, model = self.cfg.e2e_batch, self.model
-        noise = SampleNoise(self.cfg.seed, range(start, min(count, start + batch)), model.shape, model.device)
+        noise = SampleNoise(self.cfg.seed, batch_indices(k, count, batch), model.shape, model.device)
         sync(model.device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -54,9 +61,9 @@ class SamplingRun:
 def run_interleaved(runs: list[SamplingRun], count: int, batch: int) -> list[dict]:
     """Batch k of every run, then batch k + 1 of every run, ...: a change in the machine's load
     (a shared machine) then falls on all the runs compared, not on whichever ran last."""
-    for start in range(0, count, batch):
+    for k in range(batch_count(count, batch)):
         for run in runs:
-            run.run_batch(start, count)
+            run.run_batch(k, count)
     return [run.result() for run in runs]
 
 
