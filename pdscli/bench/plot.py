@@ -37,7 +37,9 @@ def write_plot(report: dict, path: Path) -> None:
     figure.savefig(buf, format=Path(path).suffix.lstrip(".").lower(), dpi=120)
     try:
         atomic_write_bytes(path, buf.getvalue())
-    except OSError as e:
+    except PdsError:
+        raise  # a full disk: fsutil's DiskFull names the file already
+    except OSError as e:  # a folder made read-only, a path gone meanwhile
         raise PdsError(f"cannot write the plot {path}: {e.strerror or e}") from None
 
 

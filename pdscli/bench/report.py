@@ -148,7 +148,9 @@ def write_json(report: dict, path: Path) -> None:
     """--out FILE, atomically: a full disk leaves no half-written report, and says so in one line."""
     try:
         atomic_write_text(path, to_json(report))
-    except OSError as e:
+    except PdsError:
+        raise  # a full disk: fsutil's DiskFull names the file already
+    except OSError as e:  # a folder made read-only, a path gone meanwhile
         raise PdsError(f"cannot write the report {path}: {e.strerror or e}") from None
 
 
