@@ -468,8 +468,9 @@ def _cached_graphs(folder):
     return sorted(folder.glob("*.onnx"))
 
 
+@pytest.mark.slow
 def test_export_cache_reuses_only_a_verified_file(tiny_network, tmp_path):
-    from pdscli.bench.export_cache import ExportCache
+    from pdscli.bench.export_cache import ExportCache, record_path
 
     model, folder = tiny_network(), tmp_path / "cache"
     first = ExportCache(folder).onnx(model, "fp32")
@@ -485,30 +486,29 @@ def test_export_cache_reuses_only_a_verified_file(tiny_network, tmp_path):
     assert not third.reused and third.data == first.data and first.path.read_bytes() == first.data
     assert len(cache.warnings) == 1 and str(first.path) in cache.warnings[0]
 
-    # A graph without the record beside it is not trusted either.
-    (folder / (first.path.name + ".json")).unlink()
+    # A graph without the record beside it is not trusted either (nor one whose record is another key's).
+    saved = record_path(first.path).read_text()
+    record_path(first.path).unlink()
     cache = ExportCache(folder)
-    assert not cache.onnx(model, "fp32").reused and len(cache.warnings) == 1
+    assert cache._verified(first.path, first.key) is None and len(cache.warnings) == 1
+    record_path(first.path).write_text(saved.replace(first.key, "0" * 64))
+    assert cache._verified(first.path, first.key) is None and len(cache.warnings) == 2
 
 
 def test_export_cache_key_is_the_content(tiny_network, tmp_path, monkeypatch):
-    """Other weights (here another seed of the same architecture), another precision or another
-    pds version never find this model's file, whatever the checkpoint's or config's name."""
+    """Other weights (here another seed of the same architecture), another precision, other
+    export metadata or another pds version give another key, hence another file name: whatever
+    the checkpoint's or config's name, a cached export is only ever found by its own model."""
     from pdscli.bench import export_cache
     from pdscli.bench.export_cache import ExportCache
 
-    cache = ExportCache(tmp_path / "cache")
+    cache, meta = ExportCache(tmp_path / "cache"), {"pds.precision": "fp32"}
+    key = cache.export_key(tiny_network(seed=0), "fp32", meta)
+    assert ExportCache(None).export_key(tiny_network(seed=0), "fp32", meta) == key  # the same weights rebuilt
+    assert cache.export_key(tiny_network(seed=1), "fp32", meta) != key
     model = tiny_network(seed=0)
-    a = cache.onnx(model, "fp32")
-    b = cache.onnx(tiny_network(seed=1), "fp32")
-    assert a.key != b.key and a.path != b.path and not b.reused
-    assert len(_cached_graphs(tmp_path / "cache")) == 2
-    assert cache.onnx(tiny_network(seed=0), "fp32").reused  # the same weights rebuilt: the same key
-
-    meta = {"pds.precision": "fp32"}
-    key = cache.export_key(model, "fp32", meta)
     assert cache.export_key(model, "fp16", meta) != key
-    assert cache.export_key(model, "fp32", {"pds.precision": "fp32", "pds.preset": "x"}) != key
+    assert cache.export_key(model, "fp32", {**meta, "pds.preset": "x"}) != key
     monkeypatch.setattr(export_cache, "__version__", "999.0")
     assert cache.export_key(model, "fp32", meta) != key
 
