@@ -20,6 +20,7 @@ from pdscli.engines.onnx_engine import OnnxScore, choose_providers
 from pdscli.engines.tensorrt_engine import build_engine, open_trt
 from pdscli.engines.torch_engine import torch_score
 from pdscli.errors import PdsError
+from pdscli.machine import library_versions, onnxruntime_providers
 
 ORT_PROVIDERS = {"onnx-cpu": "CPUExecutionProvider", "onnx-cuda": "CUDAExecutionProvider",
                  "onnx-trt": "TensorrtExecutionProvider"}
@@ -86,15 +87,14 @@ def _device_reason(name: str, device: torch.device) -> str | None:
 
 
 def _onnx_reason(name: str, device: torch.device) -> str | None:
-    if importlib.util.find_spec("onnxruntime") is None:
+    providers = onnxruntime_providers()
+    if not providers:
         return "onnxruntime is not installed"
     want_cpu = name == "onnx-cpu"
     if want_cpu != (device.type == "cpu"):
         return f"{name} runs on the {'CPU' if want_cpu else 'GPU'}; this run is on {device}"
-    import onnxruntime  # only once it is known to be installed
-
-    if ORT_PROVIDERS[name] not in onnxruntime.get_available_providers():
-        return f"this onnxruntime ({onnxruntime.__version__}) has no {ORT_PROVIDERS[name]}"
+    if ORT_PROVIDERS[name] not in providers:
+        return f"this onnxruntime ({library_versions()['onnxruntime']}) has no {ORT_PROVIDERS[name]}"
     return None
 
 
