@@ -523,7 +523,9 @@ def _identity_graph(channels: int, size: int) -> bytes:
     sigma = helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["N"])
     out = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", channels, size, size])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], [OUTPUT_NAME])], "foreign", [x, sigma], [out])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8  # one every supported onnxruntime loads
+    return model.SerializeToString()
 
 
 @pytest.mark.slow
