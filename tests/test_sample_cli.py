@@ -397,7 +397,8 @@ def test_sigkill_inside_a_batch_then_resume_is_byte_identical(run_pds, tmp_path,
     args += ["--per-sample-step"] if per_sample else []
     assert run_pds(*args, "--out", tmp_path / "ref").exit_code == 0
     out = tmp_path / "run"
-    kill_at = batch + 1 if batch > 1 else 2  # the second PNG of the second batch (b=1: the second batch's only one)
+    # Killed before the second PNG of the second batch (b=1: before the second batch's only PNG).
+    kill_at = batch + 2 if batch > 1 else 2
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", KILLER, str(kill_at), *map(str, args), "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
