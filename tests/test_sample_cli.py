@@ -491,15 +491,23 @@ def test_full_disk_at_the_end_writes_no_partial_set(run_pds, tmp_path, monkeypat
     assert json.loads((out / "run.json").read_text())["samples_from_png"] == []
 
 
-def test_out_of_memory_is_one_line_suggesting_a_smaller_batch(run_pds, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["cpu", "cuda", "python"])
+def test_out_of_memory_is_one_line_suggesting_a_smaller_batch(run_pds, tmp_path, monkeypatch, where):
+    import torch
+
     real = pdscli.evaluate.analytic.gaussian_score_model
+    error = {
+        "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                            "you tried to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)"),
+        "cuda": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        "python": MemoryError(),
+    }[where]
 
     def hungry(*a, **kw):
         model = real(*a, **kw)
 
         def score(x, sigma):
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
-                               "you tried to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)")
+            raise error
 
         model.score = score
         return model
