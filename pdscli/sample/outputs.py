@@ -133,8 +133,9 @@ def repair(out: Path, shape: tuple[int, ...], warn: Warn) -> None:
             warn(f"{p} is damaged; sample {m.group(1)} will be made again")
             p.unlink()
             # Made again rather than taken from its PNG, which holds only 8 bits.
-            with contextlib.suppress(FileNotFoundError):
-                pngs.get(int(m.group(1)), p).unlink()
+            png = pngs.get(int(m.group(1)))
+            if png is not None:
+                png.unlink(missing_ok=True)
 
 
 def _whole_png(path: Path) -> bool:
