@@ -14,7 +14,7 @@ from pdscli.console import err_console
 from pdscli.errors import PdsError
 
 # Each module registers its command(s) on `app` when imported.
-COMMAND_MODULES = ("info", "sample", "filters", "export", "bench", "train")
+COMMAND_MODULES = ("info", "sample", "filters", "export", "bench", "train", "fid")
 
 
 def _register_commands() -> None:
