@@ -348,3 +348,26 @@ def test_pds_fid_through_the_inception_adapter(run_pds, tmp_path, random_incepti
     same, other = json.loads(same.stdout), json.loads(other.stdout)
     assert same["feature_dim"] == 2048 and same["fid"] == pytest.approx(0.0, abs=1e-6)
     assert other["fid"] > same["fid"]
+
+
+# ----------------------------------------------------------------------------------------
+# pds bench's side: FidQuality.
+
+
+def test_bench_fid_quality_scores_runs_against_one_reference(tmp_path, tiny):
+    from pdscli.bench.fid import FidQuality, check_fid_ref, fid_cell
+
+    ref = image_folder(tmp_path / "ref", n=10)
+    same = torch.from_numpy(np.concatenate(list(open_image_set(ref).batches(10)))).float() / 255
+    q = FidQuality(ref, tiny, (3, 16, 16), CPU)
+    assert q.info["count"] == 10 and q.info["features"].startswith("pds-tiny-features/")
+    r = q.measure(same)
+    assert r["fid"] == pytest.approx(0.0, abs=1e-9) and r["samples_count"] == 10 and r["kid"]["subset_size"] == 10
+    noisy = q.measure((same + 0.3 * torch.rand_like(same)).clamp(0, 1))
+    assert noisy["fid"] > 1e-4 and "/" in fid_cell(noisy)
+    bad = q.measure(torch.full((2, 3, 16, 16), float("nan")))
+    assert bad["fid"] is None and fid_cell(bad) == "samples not finite"
+    with pytest.raises(PdsError, match="16x16"):
+        FidQuality(ref, tiny, (3, 32, 32), CPU)
+    with pytest.raises(PdsError, match="network model"):
+        check_fid_ref(ref, "gaussian")
