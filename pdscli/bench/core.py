@@ -830,7 +830,7 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
     exactly as real filters would (the cost does not depend on the values) but makes no
     meaningful images."""
     from pdscli.precondition import compute_statistics, load_filters
-    from pdscli.sample.run import check_filters_fit
+    from pdscli.sample.model import check_filters_fit
 
     c, size, _ = model.shape
     if cfg.masks is not None:
@@ -1113,14 +1113,15 @@ def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: Precondit
     """Each --samplers entry at each --nfe budget: steps = the most that fit the budget, on the
     sampler's own default grid (pc for the PC family, geometric for the accelerated ones); all
     configurations interleaved batch by batch."""
-    from pdscli.sample.run import build_steps
+    from pdscli.sample.setup import build_steps, resolve_schedule
 
     count, rows, planned = sample_count(cfg, quality), [], []
     for name in cfg.samplers:
         for budget in cfg.nfe:
             n = steps_for_budget(name, budget)
             try:
-                steps, schedule = build_steps(model.settings, steps=n, speed_up=None, sampler=name)
+                schedule = resolve_schedule(None, name)
+                steps = build_steps(model.settings, steps=n, speed_up=None, schedule=schedule)
             except PdsError as e:
                 rows.append({"sampler": name, "nfe_budget": budget, "steps": n, "status": "skipped", "reason": str(e)})
                 continue
