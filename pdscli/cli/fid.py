@@ -48,6 +48,7 @@ def fid(
     quiet: options.Quiet = False,
     as_json: options.Json = False,
 ):
+    from pdscli.cli.progress import Progress
     from pdscli.devices import resolve_device
     from pdscli.errors import PdsError
     from pdscli.evaluate import compare as lib
@@ -59,7 +60,14 @@ def fid(
             raise PdsError(f"--save-stats writes an .npz file, not {save_stats.name}")
         prepare_out_file(save_stats, force=force)  # before the work, not after
     net = open_features(features, resolve_device(device))
-    with _Bars(quiet) as progress:
+    with Progress(enabled=not quiet) as bars:
+        lanes = {}  # one bar per image set: compare calls progress(label, done, total)
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in lanes:
+                lanes[label] = bars.counter(label)
+            lanes[label](done, total)
+
         result = lib.compare(samples, reference, net, batch_size=batch_size, workers=workers, kid_subsets=kid_subsets,
                              kid_subset_size=kid_subset_size, save_stats=save_stats, progress=progress)
     result["device"] = str(net.device)
@@ -77,30 +85,3 @@ def fid(
         err_console.print(f"note: {result['note']}", highlight=False, soft_wrap=True, markup=False)
     if save_stats is not None:
         err_console.print(f"wrote {save_stats}", highlight=False, markup=False)
-
-
-class _Bars:
-    """One Rich bar per image set on stderr, fed by compare's progress(label, done, total); nothing with -q."""
-
-    def __init__(self, quiet: bool):
-        self.quiet, self.bars, self.tasks = quiet, None, {}
-
-    def __enter__(self):
-        if self.quiet:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bars = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), console=err_console)
-        self.bars.start()
-        return self.update
-
-    def update(self, label: str, done: int, total: int) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.bars.add_task(label, total=total)
-        self.bars.update(self.tasks[label], completed=done, total=total)
-
-    def __exit__(self, *exc):
-        if self.bars:
-            self.bars.stop()
-        return False
