@@ -355,7 +355,8 @@ def test_pds_fid_through_the_inception_adapter(run_pds, tmp_path, random_incepti
 
 
 def test_bench_fid_quality_scores_runs_against_one_reference(tmp_path, tiny):
-    from pdscli.bench.fid import FidQuality, check_fid_ref, fid_cell
+    from pdscli.bench.fid import FidQuality
+    from pdscli.bench.render import fid_text
 
     ref = image_folder(tmp_path / "ref", n=10)
     same = torch.from_numpy(np.concatenate(list(open_image_set(ref).batches(10)))).float() / 255
@@ -364,10 +365,44 @@ def test_bench_fid_quality_scores_runs_against_one_reference(tmp_path, tiny):
     r = q.measure(same)
     assert r["fid"] == pytest.approx(0.0, abs=1e-9) and r["samples_count"] == 10 and r["kid"]["subset_size"] == 10
     noisy = q.measure((same + 0.3 * torch.rand_like(same)).clamp(0, 1))
-    assert noisy["fid"] > 1e-4 and "/" in fid_cell(noisy)
+    assert noisy["fid"] > 1e-4 and fid_text(noisy).startswith(f"{noisy['fid']:.3g} / ")
     bad = q.measure(torch.full((2, 3, 16, 16), float("nan")))
-    assert bad["fid"] is None and fid_cell(bad) == "samples not finite"
+    assert bad["fid"] is None and fid_text(bad) == "samples not finite"
     with pytest.raises(PdsError, match="16x16"):
         FidQuality(ref, tiny, (3, 32, 32), CPU)
-    with pytest.raises(PdsError, match="network model"):
-        check_fid_ref(ref, "gaussian")
+
+
+# ----------------------------------------------------------------------------------------
+# pds bench --fid-ref.
+
+
+def test_bench_puts_fid_beside_each_sampling_run(run_pds, fixture_dir, tmp_path, tiny):
+    from test_bench import QUICK, _tiny_config
+
+    ref = image_folder(tmp_path / "ref", n=12)
+    out = tmp_path / "bench.json"
+    r = run_pds("bench", "--config", _tiny_config(fixture_dir, tmp_path), "--random-weights", *QUICK,
+                "--batch-sizes", "2", "--skip", "nfe,overhead", "--full-steps", "4", "--samplers", "ddim", "--nfe", "4",
+                "--quality-samples", "6",
+                "--fid-ref", ref, "--fid-features", tiny, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["fid"]["count"] == 12 and report["fid"]["kind"] == "folder"
+    assert report["fid"]["features"].startswith("pds-tiny-features/") and "small sample counts" in report["fid"]["note"]
+    e2e, rows = report["end_to_end"], report["samplers"]["rows"]
+    for run in [*e2e["runs"], *rows]:
+        f = run["fid"]
+        assert f["fid"] >= 0 and f["samples_count"] == e2e["samples"] == 6 and f["reference_count"] == 12
+        assert f["kid"]["subset_size"] == 6 and f["kid"]["std"] >= 0
+    assert "FID / KID" in r.stdout and str(ref) in r.stdout  # the column, and the line saying against what
+
+
+def test_bench_fid_ref_bad_inputs_get_one_line(run_pds, fixture_dir, tmp_path, tiny):
+    ref = image_folder(tmp_path / "ref", n=4)
+    assert_user_error(run_pds("bench", "--model", "gaussian", "--quick", "--fid-ref", ref, "--fid-features", tiny),
+                      "--fid-ref needs a network model")
+    assert_user_error(run_pds("bench", "--quick", "--fid-ref", tmp_path / "nope"), "no such file or folder")
+    assert_user_error(run_pds("bench", "--quick", "--fid-features", tiny), "--fid-features applies with --fid-ref")
+    # The built-in digits are 16x16 and grey; a reference at another size is refused before any timing.
+    big = image_folder(tmp_path / "big", n=4, size=32)
+    assert_user_error(run_pds("bench", "--quick", "-q", "--fid-ref", big, "--fid-features", tiny), "16x16", "32x32")

@@ -7,6 +7,7 @@ carries its count and KID's spread, and the report states FID's small-sample bia
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,20 +15,28 @@ import torch
 
 from pdscli.errors import PdsError
 from pdscli.evaluate.compare import SMALL_N_NOTE, check_pair, describe, measure, open_side, statistics
-from pdscli.evaluate.features import open_features
+from pdscli.evaluate.features import INSTALL_HINT, open_features
 from pdscli.evaluate.fid import Statistics
 from pdscli.evaluate.imagesets import ArraySet
 
 FID_BATCH = 64  # images per feature-network call
 
 
-def check_fid_ref(path: Path, model_kind: str | None) -> None:
-    """The cheap checks of --fid-ref, before any model is loaded."""
-    if model_kind == "gaussian":
+def check_fid_flags(fid_ref: Path | None, features: Path | None, model: str | None) -> None:
+    """The cheap checks of --fid-ref / --fid-features, before any model is loaded."""
+    if fid_ref is None:
+        if features is not None:
+            raise PdsError("--fid-features applies with --fid-ref")
+        return
+    if model == "gaussian":
         raise PdsError("--fid-ref needs a network model: the analytic model's quality is exact (spectral_kl), "
                        "and its images are not pictures an image network knows")
-    if not Path(path).exists():
-        raise PdsError(f"--fid-ref: no such file or folder: {path}")
+    if not Path(fid_ref).exists():
+        raise PdsError(f"--fid-ref: no such file or folder: {fid_ref}")
+    if features is not None and not Path(features).is_file():
+        raise PdsError(f"--fid-features: no such file: {features}")
+    if features is None and importlib.util.find_spec("torch_fidelity") is None:
+        raise PdsError(INSTALL_HINT)
 
 
 class FidQuality:
@@ -57,22 +66,3 @@ class _Shape:
 
     def __init__(self, shape: tuple[int, int, int]):
         self.size = (int(shape[1]), int(shape[2]))
-
-
-def fid_cell(f: dict | None) -> str:
-    """A table cell: `FID / KID ± std`, or why there is none."""
-    if not f:
-        return "—"
-    if f.get("fid") is None:
-        return f.get("reason", "—")
-    k = f["kid"]
-    return f"{f['fid']:.4g} / {k['mean']:.3g}±{k['std']:.2g}"
-
-
-def fid_header(info: dict | None, count: int | None) -> str | None:
-    """One line for the report's head: what the FID column is, and its caveat."""
-    if not info:
-        return None
-    n = f"{count} samples per run" if count else "the samples of each run"
-    return (f"FID / KID±std: {n} against {info['path']} ({info['count']} images, {info['kind']}), "
-            f"{info['features']}; FID is biased upward at this count: compare within this report only")
