@@ -397,7 +397,7 @@ def test_bench_puts_fid_beside_each_sampling_run(run_pds, fixture_dir, tmp_path,
     assert "FID / KID" in r.stdout and str(ref) in r.stdout  # the column, and the line saying against what
 
 
-def test_bench_fid_ref_bad_inputs_get_one_line(run_pds, fixture_dir, tmp_path, tiny):
+def test_bench_fid_ref_bad_inputs_get_one_line(run_pds, tmp_path, tiny, monkeypatch):
     ref = image_folder(tmp_path / "ref", n=4)
     assert_user_error(run_pds("bench", "--model", "gaussian", "--quick", "--fid-ref", ref, "--fid-features", tiny),
                       "--fid-ref needs a network model")
@@ -406,3 +406,5 @@ def test_bench_fid_ref_bad_inputs_get_one_line(run_pds, fixture_dir, tmp_path, t
     # The built-in digits are 16x16 and grey; a reference at another size is refused before any timing.
     big = image_folder(tmp_path / "big", n=4, size=32)
     assert_user_error(run_pds("bench", "--quick", "-q", "--fid-ref", big, "--fid-features", tiny), "16x16", "32x32")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed: said before the model loads
+    assert_user_error(run_pds("bench", "--quick", "--fid-ref", ref), 'pip install "pds[eval]"')
