@@ -471,8 +471,9 @@ def _has_weights(folder: Path) -> bool:
 
 def _hub_message(spec: str, repo: str, error: Exception, offline: bool) -> str:
     kind = type(error).__name__
-    local = (f"download it where the Hub is reachable (hf download {repo}) and copy the folder, or pass "
-             f"--checkpoint PATH with a local diffusers folder of it")
+    name = repo.split("/")[1]
+    local = (f"fetch it where the Hub is reachable (hf download {repo} --local-dir {name}) and pass "
+             f"--checkpoint {name} (a local diffusers folder)")
     if kind in ("GatedRepoError",) or getattr(getattr(error, "response", None), "status_code", None) == 401:
         return f"{spec}: the Hub refused access ({kind}); log in (hf auth login) or set HF_TOKEN"
     if kind == "RepositoryNotFoundError":
