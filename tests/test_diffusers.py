@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pdscli.errors import PdsError
 from pdscli.models import build_model, diffusers, get_preset
 from pdscli.models.checkpoint import load_score_model, save_safetensors
 
@@ -112,6 +113,16 @@ def test_config_round_trip(fixture_model):
         assert b[key] == m[key], key
     assert back["data"]["image_size"] == 32 and back["data"]["centered"] is False
     assert back["sampling"]["snr"] == fixture_model.config["sampling"]["snr"]
+
+
+def test_absent_fields_take_diffusers_defaults(fixture_model):
+    unet, scheduler = diffusers.config_to_diffusers(fixture_model.config)
+    quiet = {k: v for k, v in unet.items() if k != "attention_head_dim"}
+    _, warnings = diffusers.config_from_diffusers(quiet, scheduler, "cfg")
+    assert any("heads of 8" in w for w in warnings)  # diffusers' default 8 would be multi-head
+    # norm_num_groups defaults to 32 in diffusers: 32 groups on the fixture's 16-channel output head.
+    with pytest.raises(PdsError, match="norm_num_groups 32"):
+        diffusers.config_from_diffusers({k: v for k, v in unet.items() if k != "norm_num_groups"}, scheduler, "cfg")
 
 
 def test_group_counts_warned_only_under_128_channels(fixture_model):

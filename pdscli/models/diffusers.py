@@ -114,17 +114,22 @@ def config_from_diffusers(unet: dict, scheduler: dict | None, source: str) -> tu
             refuse(f"{name} is {unet[name]!r}, not {default!r}")
     if unet.get("time_embedding_dim") not in (None, 4 * nf):
         refuse(f"time_embedding_dim is {unet['time_embedding_dim']}, not 4 x block_out_channels[0]")
-    groups = unet.get("norm_num_groups")
+    # Absent fields take UNet2DModel's defaults (norm_num_groups 32, attention_head_dim 8), as in diffusers.
+    groups = unet.get("norm_num_groups", 32)
     if groups is not None and (groups != _groups(boc[-1]) or groups != _groups(nf)):
         refuse(f"norm_num_groups {groups} differs from score_sde's min(C // 4, 32) in the middle block or the output")
     heads = unet.get("attention_head_dim")
     if heads is not None and any(heads != c for c, a in zip(boc + [boc[-1]], attn + [True]) if a):
         refuse(f"attention_head_dim {heads} makes multi-head attention; NCSN++ has one head")
+    early = []
+    if "attention_head_dim" not in unet:
+        early.append(f"{source}: attention_head_dim is not set, so diffusers would split attention into heads of 8 "
+                     f"channels; pds computes NCSN++'s single-head attention")
 
     sched = dict(SCHEDULER_DEFAULTS, **(scheduler or {}))
     if sched.get("_class_name", SCHEDULER_CLASS) != SCHEDULER_CLASS:
         raise PdsError(f"{source}: the scheduler is a {sched['_class_name']}, not a {SCHEDULER_CLASS}")
-    warnings = [] if scheduler is not None else [
+    warnings = early if scheduler is not None else early + [
         f"{source}: no scheduler config; using {SCHEDULER_CLASS}'s defaults (sigma {SCHEDULER_DEFAULTS['sigma_min']:g}"
         f" .. {SCHEDULER_DEFAULTS['sigma_max']:g}, {SCHEDULER_DEFAULTS['num_train_timesteps']} steps, snr "
         f"{SCHEDULER_DEFAULTS['snr']:g})"]
