@@ -36,7 +36,7 @@ EPILOG = (
     epilog=EPILOG,
 )
 def export(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="score_sde / pds checkpoint (.pth, .safetensors), a diffusers folder, or hf:ORG/NAME[@REVISION].", rich_help_panel=MODEL),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="score_sde / pds checkpoint (.pth, .safetensors), a diffusers folder, or hf:ORG/NAME\\[@REVISION].", rich_help_panel=MODEL),
     config: Optional[Path] = typer.Option(None, "--config", help="Config of the checkpoint (.json).", rich_help_panel=MODEL),
     preset: Optional[str] = typer.Option(None, "--preset", help="Named config, e.g. cifar10, bedroom.", rich_help_panel=MODEL),
     random_weights: bool = typer.Option(False, "--random-weights", help="No checkpoint: the --preset/--config architecture with random weights (for benchmarks).", rich_help_panel=MODEL),

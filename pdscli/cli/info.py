@@ -28,7 +28,7 @@ EPILOG = (
 )
 def info(
     checkpoint: Path = typer.Argument(..., help="score_sde checkpoint (.pth), a plain state_dict (.pth, .safetensors), a diffusers "
-                                  "model or pipeline folder, or hf:ORG/NAME[@REVISION]."),
+                                  "model or pipeline folder, or hf:ORG/NAME\\[@REVISION]."),
     config: Path | None = typer.Option(None, "--config", help="score_sde config as JSON (config.to_json()); "
                                        "fields it lacks come from --preset."),
     preset: str | None = typer.Option(None, "--preset", help="Official VE config by name, e.g. cifar10, ffhq-1024."),
