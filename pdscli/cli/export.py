@@ -102,6 +102,12 @@ def _export_diffusers(checkpoint, config, preset, random_weights, raw_weights, t
     out = out or Path(f"{source_stem(checkpoint, config, preset, random_weights)}-diffusers")
     if out.exists() and not force:  # checked before the (slow) load too
         raise PdsError(f"{out} exists; pass --force to replace it")
+    if config is not None or preset is not None:  # refused before the (slow) load when the config says so
+        from pdscli.models.config import resolve_config
+
+        why = diffusers.exportable(resolve_config(config, preset)[0])
+        if why:
+            raise PdsError(f"cannot export to diffusers: {why}")
     source = load_source(checkpoint, config, preset, random_weights=random_weights,
                          weights="raw" if raw_weights else "ema", trust_checkpoint=trust_checkpoint)
     expected = source.net.state_dict()
