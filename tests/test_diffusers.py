@@ -333,3 +333,18 @@ def test_pds_loads_what_diffusers_saves(diffusers_lib, tmp_path, safe):
     x, sigma = _inputs()
     with torch.no_grad():
         assert_matches(model(x, sigma), unet(x, sigma).sample)
+
+
+@pytest.mark.parametrize("preset", ["ffhq-1024", "ffhq-256", "celebahq-256"])
+def test_official_architectures_have_diffusers_names_and_shapes(diffusers_lib, preset):
+    """The three Hub models: diffusers' own UNet2DModel (structure only) has exactly the names and shapes pds maps to."""
+    cfg = get_preset(preset)
+    unet_cfg, _ = diffusers.config_to_diffusers(cfg)
+    with torch.device("meta"):
+        unet = diffusers_lib.UNet2DModel.from_config(unet_cfg)
+    theirs = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    model = build_model(cfg, device="meta")
+    state = model.state_dict()
+    ours = {name: tuple(state[k].t().shape if transposed else state[k].shape)
+            for k, (name, transposed) in diffusers.key_map(model).items()}
+    assert ours == theirs
