@@ -34,14 +34,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from rich.markup import escape
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pdscli.console import err_console
 from pdscli.errors import PdsError
-from pdscli.models import diffusers
 from pdscli.fsutil import atomic_path, sha256_file
+from pdscli.models import diffusers
 from pdscli.models.config import (
     PRESET_NAMES,
     config_summary,
