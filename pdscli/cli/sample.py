@@ -17,6 +17,8 @@ EPILOG = (
     "Examples:\n\n"
     "  pds sample --num-samples 16 --out digits/        (the built-in model)\n\n"
     "  pds sample --model gaussian --steps 20 --num-samples 4 --out out/\n\n"
+    "  pds sample --nfe 20 --out out/        (the recommended sampler for 20 network calls)\n\n"
+    "  pds sample --model mixture --nfe 10 --sampler dpm++2m --out out/\n\n"
     "  pds sample --checkpoint checkpoint.pth --preset cifar10 --masks masks/cifar10-32.npz --speed-up 10\n\n"
     "  pds sample --engine engines/cifar10.onnx --steps 100 --num-samples 50000 --batch-size 500 --out fid/\n\n"
     "  pds sample --out out/ --resume      (finish an interrupted run)\n\n"
@@ -40,9 +42,9 @@ def sample(
     preset: Optional[str] = typer.Option(None, "--preset", help="Named config of an official checkpoint, e.g. cifar10.", rich_help_panel=MODEL),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported engine: .onnx or TensorRT .plan.", rich_help_panel=MODEL),
     backend: Optional[str] = typer.Option(None, "--backend", help="Engine backend (passed to the engine loader), e.g. cpu, cuda, tensorrt.", rich_help_panel=MODEL),
-    model: Optional[str] = typer.Option(None, "--model", help="`builtin` (the default: a small digits model, run with PDS, its own filters and 30 steps unless told otherwise) or `gaussian` (exact analytic score).", rich_help_panel=MODEL),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side of --model gaussian (default 32).", rich_help_panel=MODEL),
-    channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian (default 3).", rich_help_panel=MODEL),
+    model: Optional[str] = typer.Option(None, "--model", help="`builtin` (the default: a small digits model, run with PDS, its own filters and 30 steps unless told otherwise), `gaussian` (exact analytic score) or `mixture` (exact score of a mixture of Gaussians).", rich_help_panel=MODEL),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side of --model gaussian / mixture (default 32).", rich_help_panel=MODEL),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian / mixture (default 3).", rich_help_panel=MODEL),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading (runs code from the file).", rich_help_panel=MODEL),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | bf16, the network only (sampler state stays fp32). Default fp32, or the engine's own.", rich_help_panel=MODEL),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL),
@@ -51,9 +53,15 @@ def sample(
     freq_mask: Optional[Path] = typer.Option(None, "--freq-mask", help="Reference freq_mask.npy [C,H,W].", rich_help_panel=SAMPLER),
     space_mask: Optional[Path] = typer.Option(None, "--space-mask", help="Reference space_mask.npy [C,H,W].", rich_help_panel=SAMPLER),
     alpha: str = typer.Option("5", "--alpha", help="Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number (the reference uses 5) or `auto`: alpha from the step count, so that PDS is not worse than vanilla at many steps (docs/samplers.md).", rich_help_panel=SAMPLER),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="pc, pds, predictor, corrector, or an accelerated one: ddim, accel-ode, accel-ode2, ddpm, accel-sde. Default: pds with filters, else pc.", rich_help_panel=SAMPLER),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="pc, pds, predictor, corrector, or one on its own grid: ddim, accel-ode, accel-ode2, ddpm, accel-sde, dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, heun, edm-sde, euler-a (docs/samplers.md). Default: pds with filters, else pc; with --nfe, the recommended one for the budget.", rich_help_panel=SAMPLER),
     steps: Optional[int] = typer.Option(None, "--steps", help="Number of steps (default: the model's num_scales).", rich_help_panel=SAMPLER),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (default for the accelerated samplers) or edm.", rich_help_panel=SAMPLER),
+    nfe: Optional[int] = typer.Option(
+        None, "--nfe", min=1,
+        help=("Budget of network calls per image: the sampler takes the most steps that fit. Without --sampler, "
+              "the recommended sampler and grid for the budget (docs/samplers.md); run.json says which and why."),
+        rich_help_panel=SAMPLER,
+    ),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (log-uniform; default for the others unless docs/samplers.md says otherwise) or edm (Karras rho 7).", rich_help_panel=SAMPLER),
     speed_up: Optional[int] = typer.Option(None, "--speed-up", help="Run num_scales / k steps (the reference's speed-up, eps times k too).", rich_help_panel=SAMPLER),
     snr: Optional[float] = typer.Option(None, "--snr", help="Corrector signal-to-noise ratio (default: the model's).", rich_help_panel=SAMPLER),
     sigma_min: Optional[float] = typer.Option(None, "--sigma-min", help="Override the model's sigma_min.", rich_help_panel=SAMPLER),
@@ -94,7 +102,7 @@ def sample(
     )
     make_job = lambda: runner.build_job(  # noqa: E731
         spec, out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler,
-        steps=steps, speed_up=speed_up, schedule=schedule, snr=snr, per_sample_step=per_sample_step, num_samples=num_samples,
+        steps=steps, nfe=nfe, speed_up=speed_up, schedule=schedule, snr=snr, per_sample_step=per_sample_step, num_samples=num_samples,
         batch_size=batch_size, seed=seed, force=force, resume=resume,
     )
     progress = runner.Progress() if quiet or not dist.is_main else runner.RichProgress()

@@ -73,32 +73,55 @@ class MixtureImageModel:
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
-    def log_densities(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        """log w_k + log N(x; mu_k, Sigma_k + sigma^2 I) for every sample and component, [B, K] float64."""
+    def _spectra(self, x: torch.Tensor, sigma):
+        """(F_ortho x, [B, K] log w_k + log N_k, per-component variances lam_k + sigma^2), float64, CPU.
+
+        F(x - mu_k) = F x - mu_k sqrt(HW) at the zero frequency only (mu_k is constant per image),
+        so one transform and one |F x|^2 serve every component; the zero frequency is corrected
+        per component."""
         self.components[0]._check(x)
         b = x.shape[0]
         s2 = self.components[0]._per_sample(sigma, b, "cpu").reshape(b, 1, 1, 1) ** 2
-        xd = x.detach().to("cpu", torch.float64)
-        out = []
+        spec = torch.fft.fft2(x.detach().to("cpu", torch.float64), norm="ortho")
+        power = spec.real**2 + spec.imag**2
+        dc = spec[..., 0, 0]  # [B, C]
+        root_n = float(self.image_size)
+        levels, inverse = torch.unique(s2.reshape(-1), return_inverse=True)  # usually one level per call
+        logs, variances = [], []
         for w, comp in zip(self.weights, self.components):
             var = comp.lam[None] + s2  # [B, C, H, W]
-            power = torch.fft.fft2(xd - comp.mean, norm="ortho").abs() ** 2
             quad = (power / var).flatten(1).sum(1)
-            logdet = torch.log(2 * math.pi * var).flatten(1).sum(1)
-            out.append(math.log(float(w)) - 0.5 * (quad + logdet))
-        return torch.stack(out, dim=1)
+            dc_k = dc - comp.mean * root_n
+            quad = quad + ((dc_k.abs() ** 2 - dc.abs() ** 2) / var[..., 0, 0]).sum(1)
+            logdet = torch.log(2 * math.pi * (comp.lam[None] + levels[:, None, None, None])).flatten(1).sum(1)[inverse]
+            logs.append(math.log(float(w)) - 0.5 * (quad + logdet))
+            variances.append(var)
+        return spec, torch.stack(logs, dim=1), variances
+
+    def log_densities(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """log w_k + log N(x; mu_k, Sigma_k + sigma^2 I) for every sample and component, [B, K] float64."""
+        return self._spectra(x, sigma)[1]
 
     def responsibilities(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """P(component k | x at noise level sigma), [B, K] float64."""
         return torch.softmax(self.log_densities(x, sigma), dim=1)
 
     def score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """grad log p_sigma(x), exact: x [B, C, H, W] float32, sigma [B] -> [B, C, H, W] float32."""
-        r = self.responsibilities(x, sigma).to(x.device, torch.float32)
-        out = torch.zeros_like(x, dtype=torch.float32)
-        for k, comp in enumerate(self.components):
-            out = out + r[:, k, None, None, None] * comp.score(x, sigma)
-        return out
+        """grad log p_sigma(x), exact: x [B, C, H, W] float32, sigma [B] -> [B, C, H, W] float32.
+
+        sum_k r_k score_k = -F^-1 [ F x sum_k r_k / (lam_k + sigma^2) - (zero frequency) sum_k r_k
+        mu_k sqrt(HW) / (lam_k0 + sigma^2) ]: one inverse transform for the whole mixture."""
+        spec, logs, variances = self._spectra(x, sigma)
+        r = torch.softmax(logs, dim=1)
+        gain = torch.zeros_like(variances[0])
+        dc_shift = torch.zeros_like(variances[0][..., 0, 0])
+        for k, (comp, var) in enumerate(zip(self.components, variances)):
+            rk = r[:, k, None, None, None] / var
+            gain += rk
+            dc_shift += comp.mean * float(self.image_size) * rk[..., 0, 0]
+        total = spec * gain
+        total[..., 0, 0] -= dc_shift
+        return -torch.fft.ifft2(total, norm="ortho").real.to(x.device, torch.float32)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """n exact draws and their components: ([n, C, H, W] float32, [n] long)."""

@@ -550,7 +550,7 @@ class ModelSpec:
     preset: str | None = None
     engine: Path | None = None
     backend: str | None = None
-    model: str | None = None  # "gaussian" | "builtin"
+    model: str | None = None  # "gaussian" | "mixture" | "builtin"
     image_size: int | None = None
     channels: int | None = None
     trust_checkpoint: bool = False
@@ -559,7 +559,8 @@ class ModelSpec:
     overrides: dict = field(default_factory=dict)  # sigma_min, sigma_max, num_scales, snr (None = unset)
 
 
-MODEL_NAMES = ("gaussian", "builtin")
+MODEL_NAMES = ("gaussian", "mixture", "builtin")
+ANALYTIC_MODELS = ("gaussian", "mixture")  # exact scores, no network
 
 
 def open_model(spec: ModelSpec) -> ScoreModel:
@@ -599,6 +600,13 @@ def open_model(spec: ModelSpec) -> ScoreModel:
         if spec.precision and spec.precision.lower() != "fp32":
             raise PdsError(f"the analytic gaussian model has no network: --precision {spec.precision} does not apply")
         model = gaussian_score_model(spec.image_size or 32, spec.channels or 3, device=device)
+    elif spec.model == "mixture":
+        # The exact non-Gaussian model (pdscli.evaluate.mixture): a mixture of stationary Gaussians.
+        from pdscli.evaluate.mixture import mixture_score_model
+
+        if spec.precision and spec.precision.lower() != "fp32":
+            raise PdsError(f"the analytic mixture model has no network: --precision {spec.precision} does not apply")
+        model = mixture_score_model(spec.image_size or 32, spec.channels or 3, device=device)
     else:
         from pdscli.models.builtin import default_score_model
 
@@ -694,7 +702,7 @@ def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: s
     Default: `pc` for the predictor-corrector family, `geometric` (score_sde's log-uniform spacing)
     for the accelerated samplers.
     """
-    from pdscli.samplers import pc_steps
+    from pdscli.samplers import pc_steps, sampler_info
 
     if steps is not None and speed_up is not None:
         raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
@@ -702,7 +710,7 @@ def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: s
         raise PdsError(f"--steps must be at least 1, got {steps}")
     if speed_up is not None and speed_up < 1:
         raise PdsError(f"--speed-up must be at least 1, got {speed_up}")
-    schedule = schedule or (REFERENCE_GRID if sampler in PC_FAMILY else "geometric")
+    schedule = schedule or sampler_info(sampler).grid  # each sampler's measured-best grid
     if schedule == REFERENCE_GRID:
         return pc_steps(settings, steps, speed_up=speed_up), schedule
     from pdscli.samplers.grids import SCHEDULES, make_steps
@@ -720,7 +728,7 @@ def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: s
 
 def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=None, alpha: float | str = 5.0,
               sampler: str | None = None, steps: int | None = None, speed_up: int | None = None,
-              schedule: str | None = None,
+              schedule: str | None = None, nfe: int | None = None,
               snr: float | None = None, per_sample_step: bool = False, num_samples: int = 16,
               batch_size: int = 16, seed: int = 0, force: bool = False, resume: bool = False) -> SampleJob:
     """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
@@ -738,12 +746,28 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
         raise PdsError(f"--num-samples and --batch-size must be at least 1, got {num_samples} and {batch_size}")
     if masks and (freq_mask or space_mask):
         raise PdsError("--masks excludes --freq-mask / --space-mask: give the .npz or the .npy files")
+    if nfe is not None and (steps is not None or speed_up is not None):
+        raise PdsError("--nfe excludes --steps and --speed-up: give a budget of network calls or a number of steps")
     with _removed_if_left_empty(out):
         prepare_output(out, force=force, resume=resume)
         filter_flags = bool(masks or freq_mask or space_mask)
         # The built-in model runs as its docs say (PDS with its own filters, few steps) unless told otherwise.
         builtin = uses_builtin(spec)
+        budget = None
+        if nfe is not None:
+            # --nfe: the sampler (given, or the recommended one) takes the most steps that fit.
+            from pdscli.samplers.recommend import plan_budget
+
+            chosen = sampler is None
+            budget = plan_budget(nfe, sampler=sampler, schedule=schedule, filters=filter_flags or builtin,
+                                 analytic=spec.model in ANALYTIC_MODELS)
+            sampler, steps, schedule = budget.sampler, budget.steps, budget.grid
+            if chosen and not budget.filters:
+                masks = freq_mask = space_mask = None  # the recommended sampler runs without them (the reason says so)
+                filter_flags = False
         builtin_filters = builtin and not filter_flags and sampler in (None, "pds")
+        if budget is not None and chosen:
+            builtin_filters = builtin and not filter_flags and budget.filters
         sampler = resolve_sampler_name(sampler, has_filters=filter_flags or builtin_filters)
         if builtin and steps is None and speed_up is None:
             from pdscli.models.builtin import DEFAULT_STEPS
@@ -768,6 +792,7 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
         "filters": filters_info,
         "schedule": schedule,
         "steps_requested": {"steps": steps, "speed_up": speed_up},
+        "nfe_budget": None if budget is None else {"budget": nfe, "planned": budget.nfe, "reason": budget.reason},
         "model_load_s": round(load_s, 4),
     }
     return SampleJob(model=model, sampler=sampler, steps=grid, out=Path(out), num_samples=num_samples,
@@ -800,4 +825,4 @@ def summary_line(record: dict, out: Path) -> str:
     return (
         f"{n} images in {out}/ (grid.png, samples.npz, run.json): {record['made_now']} made in "
         f"{t['sampling_s']:.2f} s, {record['nfe']['per_sample']} NFE each, sampler {record['sampler']}"
-    )
+    ) + (f" ({record['nfe_budget']['reason']})" if record.get("nfe_budget") else "")
