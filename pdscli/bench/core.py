@@ -63,7 +63,8 @@ BACKEND_HELP = {
     ENGINE: "the --engine file on its own backend",
 }
 PARTS = ("nfe", "overhead", "e2e", "samplers")
-MODELS = ("gaussian", "builtin")
+MODELS = ("gaussian", "mixture", "builtin")
+EXACT_MODELS = ("gaussian", "mixture")  # analytic scores
 
 # Full runs are sized for a GPU; --quick is a smoke test of a minute or less on a CPU.
 DEFAULTS = {"batch_sizes": [1, 8, 32], "warmup": 3, "repeats": 20, "speed_up": 10.0, "e2e_repeats": 3,
@@ -224,9 +225,9 @@ def _check_model_flags(cfg: BenchConfig) -> None:
         raise PdsError("--config / --preset describe a --checkpoint, or an architecture with --random-weights")
     if cfg.engine_backend and not cfg.engine:
         raise PdsError("--engine-backend applies to --engine files only")
-    if (cfg.image_size or cfg.channels) and cfg.model != "gaussian" and not cfg.engine:
-        raise PdsError("--image-size / --channels apply to --model gaussian (or an --engine without metadata)")
-    if cfg.reference is not None and cfg.model == "gaussian":
+    if (cfg.image_size or cfg.channels) and cfg.model not in EXACT_MODELS and not cfg.engine:
+        raise PdsError("--image-size / --channels apply to --model gaussian / mixture (or an --engine without metadata)")
+    if cfg.reference is not None and cfg.model in EXACT_MODELS:
         raise PdsError("--reference is for network models: the analytic model's quality figure is exact already")
 
 
@@ -333,6 +334,7 @@ class BenchModel:
     net: torch.nn.Module | None = None  # the fp32 NCSN++ (network kind)
     net_config: dict | None = None
     gaussian: object | None = None  # GaussianImageModel (analytic kind)
+    mixture: object | None = None  # MixtureImageModel (analytic kind, --model mixture)
     identity: str = ""  # what cached exports are keyed on
     info: dict = field(default_factory=dict)
 
@@ -354,6 +356,8 @@ def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
         return _open_engine(cfg, device)
     if model == "gaussian":
         return _open_gaussian(cfg, device)
+    if model == "mixture":
+        return _open_mixture(cfg, device)
     if model == "builtin":
         from pdscli.models import builtin
 
@@ -369,6 +373,14 @@ def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
     g = GaussianImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
     return BenchModel(ANALYTIC, g.score, g.settings, device, "gaussian", gaussian=g, identity="gaussian",
                       info={"description": g.describe()})
+
+
+def _open_mixture(cfg: BenchConfig, device: torch.device) -> BenchModel:
+    from pdscli.evaluate.mixture import MixtureImageModel
+
+    m = MixtureImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
+    return BenchModel(ANALYTIC, m.score, m.settings, device, "mixture", mixture=m, identity="mixture",
+                      info={"description": m.describe()})
 
 
 def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) -> BenchModel:
@@ -836,7 +848,8 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
     if cfg.masks is not None:
         filters, source, meaningful = load_filters(cfg.masks), f"--masks {cfg.masks}", True
     elif model.kind == ANALYTIC:
-        filters, source, meaningful = _spectrum_filters(model.gaussian), "the analytic model's exact spectrum", True
+        exact = model.gaussian if model.gaussian is not None else model.mixture.moment_matched()
+        filters, source, meaningful = _spectrum_filters(exact), "the analytic model's exact spectrum", True
     elif _is_builtin(model):
         from pdscli.models import builtin
 
@@ -945,6 +958,32 @@ class ExactQuality:
         return self._floors[n]
 
 
+class MixtureQuality:
+    """Mode proportions on the mixture model (pdscli.evaluate.measures): TV from the true weights."""
+
+    metric = "mode_tv"
+    description = ("total variation between the share of samples in each mode (most likely mode at sigma 0) and the "
+                   "mixture's weights; also the per-mode spectral KL (the floor is what exact samples of the same count score)")
+
+    def __init__(self, mixture, seed: int = 0):
+        self.m, self.seed, self._floors = mixture, seed, {}
+
+    def measure(self, x: torch.Tensor) -> dict:
+        from pdscli.evaluate.measures import mixture_quality
+
+        q = mixture_quality(self.m, x.to(torch.float32))
+        return {"metric": self.metric, "value": _finite_or_none(q["mode_tv"]), "mean_mode_kl": q["mean_mode_kl"],
+                "mode_shares": q["mode_shares"], "samples": int(x.shape[0]), "floor": self.floor(int(x.shape[0]))}
+
+    def floor(self, n: int) -> float:
+        from pdscli.evaluate.measures import mode_tv
+
+        if n not in self._floors:
+            exact, _ = self.m.sample(n, torch.Generator(device=self.m.device).manual_seed(10_000 + self.seed))
+            self._floors[n] = mode_tv(self.m, exact)
+        return self._floors[n]
+
+
 class ReferenceQuality:
     """Spectral KL against a folder of reference images, in radial frequency bands.
 
@@ -1004,6 +1043,8 @@ class ReferenceQuality:
 
 
 def make_quality(model: BenchModel, reference: torch.Tensor | None, seed: int):
+    if model.kind == ANALYTIC and model.mixture is not None:
+        return MixtureQuality(model.mixture, seed)
     if model.kind == ANALYTIC:
         return ExactQuality(model.gaussian, seed)
     if reference is not None:

@@ -42,15 +42,15 @@ EPILOG = (
 )
 def bench(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, "--model", help="gaussian (exact analytic score, exact quality) or builtin. Default: builtin where installed, else gaussian.", rich_help_panel=MODEL),
+    model: Optional[str] = typer.Option(None, "--model", help="gaussian (exact analytic score, exact quality), mixture (exact score of a mixture of Gaussians; quality = mode proportions) or builtin. Default: builtin where installed, else gaussian.", rich_help_panel=MODEL),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="score_sde / pds checkpoint (.pth).", rich_help_panel=MODEL),
     config: Optional[Path] = typer.Option(None, "--config", help="Config of the checkpoint or architecture (.json).", rich_help_panel=MODEL),
     preset: Optional[str] = typer.Option(None, "--preset", help="Named config: cifar10, cifar10-deep, celebahq-256, ffhq-256, bedroom, church, ffhq-1024.", rich_help_panel=MODEL),
     random_weights: bool = typer.Option(False, "--random-weights", help="No checkpoint: the --preset/--config architecture with random weights (speed only).", rich_help_panel=MODEL),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Exported engine (.onnx or TensorRT .plan), benchmarked on its own backend.", rich_help_panel=MODEL),
     engine_backend: Optional[str] = typer.Option(None, "--engine-backend", help="The --engine file's backend: cpu, cuda, tensorrt.", rich_help_panel=MODEL),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side of --model gaussian (default 32).", rich_help_panel=MODEL),
-    channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian (default 3).", rich_help_panel=MODEL),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side of --model gaussian / mixture (default 32).", rich_help_panel=MODEL),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian / mixture (default 3).", rich_help_panel=MODEL),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading.", rich_help_panel=MODEL),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL),
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure, or all (default: all that apply, fp16 only on a GPU; --quick: eager only).", rich_help_panel=MEASURE),
