@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pdscli.train.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits
+from pdscli.train.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits  # noqa: E402
 
 CONFIDENCE = 0.8  # a sample counts as a recognisable digit when the classifier is this sure
 MIN_CONFIDENT_SHARE = 0.7  # real digits (held out): about 0.98; uniform noise: about 0.02

@@ -67,6 +67,7 @@ class BudgetPlan:
     filters: bool  # whether the run uses the filters at hand
     nfe: int  # score calls the plan spends (<= the budget)
     reason: str
+    chosen: bool = False  # the sampler is the recommendation (no --sampler given)
 
 
 def plan_budget(nfe: int, *, sampler: str | None = None, schedule: str | None = None, filters: bool = False,
@@ -91,4 +92,5 @@ def plan_budget(nfe: int, *, sampler: str | None = None, schedule: str | None = 
            f"{choice.sampler} on the {choice.grid} grid, {n} steps")
     if filters and not choice.filters:
         why += "; the filters are not used (measured better without them at this budget)"
-    return BudgetPlan(choice.sampler, n, grid, filters and choice.filters, sampler_info(choice.sampler).nfe(n), why)
+    return BudgetPlan(choice.sampler, n, grid, filters and choice.filters, sampler_info(choice.sampler).nfe(n), why,
+                      chosen=True)
