@@ -196,20 +196,24 @@ def render(data: dict) -> str:
                 "weakest frequencies; values below that are errors that happen to cancel it."), "",
                 "| sampler | grid | " + " | ".join(f"NFE {b}" for b in BUDGETS) + " |",
                 "|---|---|" + "---|" * len(BUDGETS)]
-        keys = []
-        for r in g["rows"]:
-            k = (r["sampler"], r["grid"], r.get("alpha"))
-            if k not in keys:
-                keys.append(k)
+        def key(r):  # "auto (8.78)" -> "auto": one row for --alpha auto, its value in the cells
+            alpha = r.get("alpha")
+            return r["sampler"], r["grid"], "auto" if str(alpha).startswith("auto") else alpha
+
+        def cell(r):
+            auto = str(r.get("alpha")).startswith("auto")
+            return fmt(r["kl"]) + (f" (alpha {r['alpha'][6:-1]})" if auto else "")
+
+        keys = list(dict.fromkeys(key(r) for r in g["rows"]))
         for k in keys:
-            cells = {r["nfe"]: r for r in g["rows"] if (r["sampler"], r["grid"], r.get("alpha")) == k}
+            cells = {r["nfe"]: r for r in g["rows"] if key(r) == k}
             name = k[0] + (f" (alpha {k[2]})" if k[2] is not None else "")
-            out.append(f"| {name} | {k[1]} | " + " | ".join(fmt(cells[b]["kl"]) if b in cells else "" for b in BUDGETS) + " |")
+            out.append(f"| {name} | {k[1]} | " + " | ".join(cell(cells[b]) if b in cells else "" for b in BUDGETS) + " |")
         out += ["", ("Distance to the exact probability-flow solution (RMS per pixel, same x_T, 8 images; "
                 "deterministic samplers):"), "",
                 "| sampler | grid | " + " | ".join(f"NFE {b}" for b in BUDGETS) + " |", "|---|---|" + "---|" * len(BUDGETS)]
         for k in keys:
-            cells = {r["nfe"]: r for r in g["rows"] if (r["sampler"], r["grid"], r.get("alpha")) == k and "ode_rms" in r}
+            cells = {r["nfe"]: r for r in g["rows"] if key(r) == k and "ode_rms" in r}
             if cells:
                 out.append(f"| {k[0]} | {k[1]} | " + " | ".join(fmt(cells[b]["ode_rms"]) for b in BUDGETS) + " |")
         out.append("")
