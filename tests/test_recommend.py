@@ -176,3 +176,22 @@ def test_exact_mixture_samples_have_the_right_mode_shares():
     from pdscli.evaluate.measures import assign_modes
 
     assert float((assign_modes(model, x) == modes).double().mean()) > 0.9  # modes are told apart
+
+
+def test_bench_opens_the_mixture_and_measures_mode_proportions():
+    from pdscli.bench.config import BenchConfig
+    from pdscli.bench.model import open_bench_model
+    from pdscli.bench.preconditioner import bench_filters
+    from pdscli.bench.quality import MixtureQuality, make_quality
+
+    cfg = BenchConfig(model="mixture", image_size=8, channels=1, quick=True).resolved()
+    model = open_bench_model(cfg, torch.device("cpu"))
+    assert model.name == "mixture" and model.shape == (1, 8, 8)
+    quality = make_quality(model, None, 0)
+    assert isinstance(quality, MixtureQuality)
+    exact, _ = model.mixture.sample(400, generator=torch.Generator().manual_seed(3))
+    good = quality.measure(exact)
+    one_mode = quality.measure(model.mixture.components[1].sample(400))  # every sample from the 0.3 mode
+    assert good["metric"] == "mode_tv" and good["value"] < 0.08 and one_mode["value"] > 0.6
+    filters, info = bench_filters(cfg, model, None)
+    assert filters.shape == (1, 8, 8) and info["images_meaningful"]
