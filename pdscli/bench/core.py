@@ -39,6 +39,7 @@ import torch
 
 from pdscli import __version__
 from pdscli.errors import PdsError
+from pdscli.precondition.alpha import ALPHA_REFERENCE
 from pdscli.score import CountingScore
 
 FORMAT = "pds-bench/1"
@@ -103,7 +104,7 @@ class BenchConfig:
     full_steps: int | None = None
     speed_up: float | None = None
     steps: int | None = None
-    alpha: str = "5"
+    alpha: str = f"{ALPHA_REFERENCE:g}"
     masks: Path | None = None
     samplers: list[str] | None = None
     nfe: list[int] | None = None

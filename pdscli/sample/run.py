@@ -87,6 +87,7 @@ class SampleJob:
     resume: bool = False
     force: bool = False
     meta: dict = field(default_factory=dict)
+    sampler_options: dict = field(default_factory=dict)  # extra keyword arguments of the sampler (PC parts)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -290,7 +291,7 @@ def sample_indices(job: SampleJob, indices: list[int], *, sampler_fn=None, progr
         with torch.no_grad():
             x = sampler_fn(
                 score, noise, job.steps, precond=job.precond, snr=job.snr,
-                per_sample_step=job.per_sample_step, callback=callback,
+                per_sample_step=job.per_sample_step, callback=callback, **job.sampler_options,
             )
         # A NaN in the last step's output (after the final callback) must not become a black PNG.
         if not bool(torch.isfinite(x).all()):
@@ -688,7 +689,7 @@ PC_FAMILY = ("pc", "pds", "predictor", "corrector")
 REFERENCE_GRID = "pc"
 
 
-def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: str = "pc", schedule: str | None = None):
+def build_steps(settings, *, steps: int | None, speed_up: float | None, sampler: str = "pc", schedule: str | None = None):
     """The step grid: `pc` = the reference's (pc_steps), else a pdscli.samplers.grids grid of the same length.
 
     Default: `pc` for the predictor-corrector family, `geometric` (score_sde's log-uniform spacing)
@@ -700,8 +701,8 @@ def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: s
         raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
     if steps is not None and steps < 1:
         raise PdsError(f"--steps must be at least 1, got {steps}")
-    if speed_up is not None and speed_up < 1:
-        raise PdsError(f"--speed-up must be at least 1, got {speed_up}")
+    if speed_up is not None and not speed_up > 0:
+        raise PdsError(f"--speed-up must be a positive number, got {speed_up}")
     schedule = schedule or (REFERENCE_GRID if sampler in PC_FAMILY else "geometric")
     if schedule == REFERENCE_GRID:
         return pc_steps(settings, steps, speed_up=speed_up), schedule
@@ -718,16 +719,15 @@ def build_steps(settings, *, steps: int | None, speed_up: int | None, sampler: s
     return make_steps(schedule, settings, n), schedule
 
 
-def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=None, alpha: float | str = 5.0,
-              sampler: str | None = None, steps: int | None = None, speed_up: int | None = None,
+def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=None, alpha: float | str | None = None,
+              sampler: str | None = None, steps: int | None = None, speed_up: float | None = None,
               schedule: str | None = None,
               snr: float | None = None, per_sample_step: bool = False, num_samples: int = 16,
               batch_size: int = 16, seed: int = 0, force: bool = False, resume: bool = False) -> SampleJob:
     """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
-    from pdscli.precondition.alpha import resolve_alpha
+    from pdscli.precondition.alpha import check_alpha
 
-    if str(alpha).strip().lower() != "auto":
-        alpha = resolve_alpha(alpha, None, 0)  # a bad number fails before the slow model load
+    check_alpha(alpha)  # a bad number fails before the slow model load
     if snr is not None and not snr > 0:
         raise PdsError(f"--snr must be positive, got {snr}")
     if steps is not None and steps < 1:
@@ -755,16 +755,19 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
         load_s = time.perf_counter() - t0
         filters, filters_info = open_filters(masks, freq_mask, space_mask, settings=model.settings, builtin=builtin_filters)
         grid, schedule = build_steps(model.settings, steps=steps, speed_up=speed_up, sampler=sampler, schedule=schedule)
-        alpha_given, alpha = alpha, resolve_alpha(alpha, model.settings, len(grid))
-        precond = None
-        if filters is not None:
-            from pdscli.precondition import Preconditioner
-
-            precond = Preconditioner.from_filters(filters, alpha, model.device)
+        precond, alpha_choice = preconditioner_for(filters, alpha, model, sampler, len(grid))
+        sampler_options, warnings = sampler_setup(model.settings, sampler, grid, snr)
+        if alpha_choice is not None and alpha_choice.off:
+            warnings.insert(0, alpha_choice.note)
+    for line in warnings:
+        warn(line)
     meta = {
         "precision": model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
-        "alpha": alpha if precond is not None else None,
-        "alpha_given": alpha_given if precond is not None else None,
+        "alpha": alpha_choice.alpha if precond is not None else None,
+        "alpha_given": alpha_choice.given if alpha_choice is not None else None,
+        "filter_off": alpha_choice.note if alpha_choice is not None and alpha_choice.off else None,
+        "pc_parts": sampler_options.get("options").__dict__ if "options" in sampler_options else None,
+        "warnings": warnings,
         "filters": filters_info,
         "schedule": schedule,
         "steps_requested": {"steps": steps, "speed_up": speed_up},
@@ -772,7 +775,48 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
     }
     return SampleJob(model=model, sampler=sampler, steps=grid, out=Path(out), num_samples=num_samples,
                      batch_size=batch_size, seed=seed, precond=precond, snr=snr, per_sample_step=per_sample_step,
-                     resume=resume, force=force, meta=meta)
+                     resume=resume, force=force, meta=meta, sampler_options=sampler_options)
+
+
+def preconditioner_for(filters, alpha, model, sampler: str, n_steps: int):
+    """(Preconditioner or None, AlphaChoice or None): --alpha for this sampler and step count; a
+    calibrated auto may switch the filter off (the choice's note says why)."""
+    if filters is None:
+        return None, None
+    from pdscli.precondition import Preconditioner
+    from pdscli.precondition.alpha import choose_alpha
+
+    choice = choose_alpha(alpha, model.settings, n_steps, sampler)
+    if choice.off:
+        return None, choice
+    return Preconditioner.from_filters(filters, choice.alpha, model.device), choice
+
+
+def sampler_setup(settings, sampler: str, grid, snr) -> tuple[dict, list[str]]:
+    """The PC family's parts from the model's sampling section (only passed when not the
+    reference default, so the default call is the plain one), and warnings about the run."""
+    from pdscli.samplers.pc import PCOptions, corrector_stalls
+
+    if sampler not in PC_FAMILY:
+        return {}, []
+    options = PCOptions.from_settings(settings, sampler)
+    warnings = []
+    if options.predictor == "none":
+        stall = corrector_stalls(grid, snr if snr is not None else settings.snr, options.n_steps_each)
+        if stall:
+            warnings.append(stall)
+    if sampler in ("pc", "pds") and options.is_reference_default:
+        return {}, warnings
+    return {"options": options}, warnings
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr (the run also records it in run.json)."""
+    from rich.markup import escape
+
+    from pdscli.console import err_console
+
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
