@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pdscli.evaluate.analytic import GaussianImageModel  # noqa: E402
-from pdscli.precondition import alpha as A  # noqa: E402
+from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.precondition import alpha as A
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ("pds", "ddpm", "accel-sde")

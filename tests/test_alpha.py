@@ -158,12 +158,14 @@ def test_default_alpha_per_sampler(model):
 
 
 def test_one_default_alpha_everywhere():
-    from pdscli.bench.core import BenchConfig
+    from pdscli.bench.config import BenchConfig
     from pdscli.models import builtin
+    from pdscli.sample.setup import SampleFlags
 
     assert builtin.DEFAULT_ALPHA == AL.ALPHA_REFERENCE == 5.0
     assert float(BenchConfig.alpha) == AL.ALPHA_REFERENCE
     assert AL.default_alpha_flag("pds") == f"{AL.ALPHA_REFERENCE:g}"
+    assert SampleFlags.alpha is None  # unset: the sampler's default, from this module
 
 
 # -- the exact yardstick agrees with the samplers ------------------------------------------------
