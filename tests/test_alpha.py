@@ -49,7 +49,7 @@ def kl(m, sampler, n, alpha):
 # -- never worse than vanilla, with a margin from the cliff -------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["pds", "ddpm", "accel-sde"])
+@pytest.mark.parametrize("sampler", ["pds", "predictor", "ddpm", "accel-sde"])
 def test_auto_never_worse_than_vanilla_exactly(exact, sampler):
     """The issue's requirement: at 2 ... 1000 steps, KL(auto) <= KL(vanilla) on the exact model
     (population KL from the second-moment recursion), and still so with the filter's excess

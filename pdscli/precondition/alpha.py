@@ -393,10 +393,12 @@ def spectral_kl_of_moments(model, q: torch.Tensor) -> torch.Tensor | float:
 
 
 def exact_moments(model, sampler: str, n_steps: int, p: torch.Tensor, *, snr: float | None = None) -> torch.Tensor:
-    """Second moments of `sampler` (pds / pc, ddpm, accel-sde) at n_steps on its default grid."""
+    """Second moments of `sampler` (pds / pc, predictor, ddpm, accel-sde) at n_steps on its default grid."""
     snr = model.settings.snr if snr is None else float(snr)
     if sampler in ("pds", "pc"):
         return pc_second_moments(model, pc_steps(model.settings, n_steps), p, snr)
+    if sampler == "predictor":
+        return pc_second_moments(model, pc_steps(model.settings, n_steps), p, snr, corrector=False)
     if sampler == "ddpm":
         return ddpm_second_moments(model, geometric(model.settings, n_steps), p)
     if sampler == "accel-sde":
