@@ -155,7 +155,7 @@ def fmt_alpha(e: float) -> str:
     return "off" if e <= 0 else f"{1 + 1 / e:.3g}"
 
 
-def markdown(results, seconds: float) -> str:
+def markdown(results, seconds: float, models=()) -> str:
     lines = [
         "### `--alpha auto`: calibration on the exact models",
         "",
@@ -168,6 +168,8 @@ def markdown(results, seconds: float) -> str:
         f"was checked: auto is never worse than vanilla (to {TOLERANCE:g}), and neither is twice its excess. "
         "`best` = the best alpha on the grid (unsafe ones included), `auto/van` = KL(auto) / KL(vanilla).",
         "",
+        *alpha_by_steps(),
+        *corrector_alone(models),
     ]
     for sampler, (knots, points) in results.items():
         lines += [f"**{sampler}** knots (h: alpha): "
@@ -183,6 +185,40 @@ def markdown(results, seconds: float) -> str:
                 f"| {p['kl_best_grid']:.3g} | {fmt_alpha(p['auto'])} | {p['kl_auto']:.3g} | {p['kl_auto'] / p['van']:.3f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def alpha_by_steps() -> list[str]:
+    """The shipped tables read back: auto alpha per sampler and step count for two sigma ranges."""
+    ranges = (("0.01-378 (LSUN)", 0.01, 378.0), ("0.01-50 (CIFAR-10)", 0.01, 50.0))
+    lines = ["auto alpha by step count (the shipped tables; `off` = no filter):", "",
+             "| sigma range | sampler | " + " | ".join(str(n) for n in SHOWN) + " |",
+             "|---|---|" + "---|" * len(SHOWN)]
+    for label, smin, smax in ranges:
+        for sampler in SAMPLERS:
+            cells = [fmt_alpha(A.auto_excess(n, smin, smax, sampler)) for n in SHOWN]
+            lines.append(f"| {label} | {sampler} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def corrector_alone(models) -> list[str]:
+    """The corrector without a predictor: exact KL and whether `corrector_stalls` warns."""
+    from pdscli.samplers import pc_steps
+    from pdscli.samplers.pc import corrector_stalls
+
+    counts = (20, 100, 200, 400, 700, 1000, 2000)
+    lines = ["The corrector alone (`--sampler corrector`, vanilla): exact spectral KL, and `warn` where "
+             "`pdscli.samplers.pc.corrector_stalls` warns that it stays near the prior:", "",
+             "| model | snr | " + " | ".join(str(n) for n in counts) + " |", "|---|---|" + "---|" * len(counts)]
+    for label, model in models:
+        st = model.settings
+        p = torch.ones_like(model.lam)
+        cells = []
+        for n in counts:
+            steps = pc_steps(st, n)
+            kl = A.spectral_kl_of_moments(model, A.pc_second_moments(model, steps, p, st.snr, predictor=False))
+            cells.append(f"{kl:.3g}" + (" warn" if corrector_stalls(steps, st.snr) else ""))
+        lines.append(f"| {label} | {st.snr:g} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def table_source(results) -> str:
@@ -230,7 +266,7 @@ def main(argv: list[str]) -> None:
         results[sampler] = (fit(sampler, points), points)
         print(f"{sampler}: fitted in {time.time() - t0:.0f} s", file=sys.stderr)
     source = table_source(results)
-    text = markdown(results, time.time() - t0)
+    text = markdown(results, time.time() - t0, models)
     print(source)
     print(text)
     if "--write" in argv:

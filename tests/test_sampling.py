@@ -648,10 +648,13 @@ def test_corrector_stall_warning_matches_the_exact_model():
     from pdscli.precondition import alpha as AL
     from pdscli.samplers.pc import corrector_stalls
 
-    for model in (GaussianImageModel(16, 1), GaussianImageModel(16, 1, sigma_max=50.0, snr=0.16, num_scales=1000)):
+    models = (GaussianImageModel(16, 1), GaussianImageModel(16, 1, sigma_max=50.0, snr=0.16, num_scales=1000),
+              GaussianImageModel(16, 1, sigma_max=8.6), GaussianImageModel(16, 1, sigma_max=8.6, snr=0.16, num_scales=1000),
+              GaussianImageModel(16, 1, sigma_max=1348.0, snr=0.15))
+    for model in models:
         reduced = AL.reduce_model(model)
         p = torch.ones_like(reduced.lam)
-        for n in (20, 100, 200, 400, 1000, 2000):
+        for n in (20, 200, 400, 600, 1000, 1500, 2000, 3000):
             steps = pc_steps(model.settings, n)
             kl = AL.spectral_kl_of_moments(reduced, AL.pc_second_moments(reduced, steps, p, model.settings.snr,
                                                                           predictor=False))
@@ -744,3 +747,20 @@ def test_cli_runs_the_config_parts(run_pds, fixture_dir, tmp_path):
     assert record["pc_parts"]["predictor"] == "ancestral_sampling" and record["pc_parts"]["corrector"] == "ald"
     assert record["settings"]["n_steps_each"] == 2
     assert record["nfe"]["per_sample"] == 3 * 3
+
+
+def test_cli_ddpm_filters_default_to_auto(run_pds, tmp_path):
+    """ddpm / accel-sde: an unset --alpha is auto, so their filters are off where they hurt."""
+    from pdscli.evaluate.analytic import GaussianImageModel
+    from pdscli.precondition import alpha as AL
+
+    masks = _gauss_filters(tmp_path / "f.npz")
+    st = GaussianImageModel(8, 1).settings
+    r = run_pds(*GAUSS, "--sampler", "ddpm", "--masks", masks, "--steps", "1000", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    record = _run_json(tmp_path / "o")
+    assert "filter off" in r.stderr and record["preconditioned"] is False and record["alpha_given"] == "auto"
+    r = run_pds(*GAUSS, "--sampler", "accel-sde", "--masks", masks, "--steps", "15", "--out", tmp_path / "p")
+    record = _run_json(tmp_path / "p")
+    assert record["preconditioned"] is True
+    assert record["alpha"] == AL.auto_alpha(15, sigma_min=st.sigma_min, sigma_max=st.sigma_max, sampler="accel-sde")

@@ -66,8 +66,8 @@ def sample(
     alpha: Annotated[Optional[str], _opt("--alpha", help=(
         "Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number, or `auto`: calibrated per "
         "sampler and step count so that filters are never worse than none on the exact model, and off (with a "
-        "warning) where nothing helps. auto keeps filters on where measured to help: pds about 3-250 steps, ddpm "
-        "3-350, accel-sde 5-35 (for sigma 0.01-378; docs/samplers.md). Default: 5 (the reference's) for pds, "
+        "warning) where nothing helps. auto keeps filters on where measured to help: pds at 3-256 steps, ddpm "
+        "4-497, accel-sde 5-49 (for sigma 0.01-378; docs/samplers.md). Default: 5 (the reference's) for pds, "
         "predictor and corrector; auto for ddpm and accel-sde, whose filters hurt at many steps. ddim, accel-ode "
         "and accel-ode2 take no filters."))] = None,
     sampler: Annotated[Optional[str], _opt("--sampler", help=(

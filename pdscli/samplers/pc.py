@@ -261,20 +261,25 @@ def corrector(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_
 # -- a corrector alone ------------------------------------------------------------------------
 
 
+DATA_VARIANCE = 0.01  # per pixel: a std of 0.1, the low end for images in [0, 1] (so the check errs towards warning)
+
+
 def corrector_spread(steps: Steps, snr: float, n_steps_each: int = 1) -> float:
     """How far a corrector-only run ends from the data: the final variance over the data's of
-    Langevin steps on one white coefficient of unit data variance (a = sigma^2 + 1),
+    Langevin steps on one white coefficient of data variance v = DATA_VARIANCE (a = sigma^2 + v),
     q <- (1 - e/a)^2 q + 2e with e = 2 snr^2 a^2 / q, the step the batch norms give. Each step
     moves x toward the data by at most 1 - 2 snr^2, and less while x lags behind its level, so
-    at small snr the grid outruns it. Matches the exact model (analytic Gaussian) closely."""
+    at small snr the grid outruns it. On the exact models it is above STALL_RATIO exactly where
+    the spectral KL is above 1 (docs/samplers.md)."""
     q = float(steps.sigma_max) ** 2
     c = 2.0 * float(snr) ** 2
+    v = DATA_VARIANCE
     for s in steps.sigma.tolist():
-        a = s * s + 1.0
+        a = s * s + v
         for _ in range(n_steps_each):
             e = c * a * a / q
             q = (1.0 - e / a) ** 2 * q + 2.0 * e
-    return q
+    return q / v
 
 
 STALL_RATIO = 4.0  # final variance over the data's: above it the samples are still mostly noise
