@@ -14,7 +14,7 @@ from pdscli.bench.plot import PLOT_FORMATS, require_matplotlib
 from pdscli.errors import PdsError
 from pdscli.fsutil import prepare_out_file
 from pdscli.images import image_files
-from pdscli.precondition.alpha import resolve_alpha
+from pdscli.precondition.alpha import ALPHA_REFERENCE, resolve_alpha
 from pdscli.samplers import get_sampler
 from pdscli.settings import SamplingSettings
 
@@ -73,7 +73,7 @@ class BenchConfig:
     full_steps: int | None = None
     speed_up: float | None = None
     steps: int | None = None
-    alpha: str = "5"
+    alpha: str = f"{ALPHA_REFERENCE:g}"
     masks: Path | None = None
     samplers: list[str] | None = None
     nfe: list[int] | None = None

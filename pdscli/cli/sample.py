@@ -66,9 +66,13 @@ def sample(
     masks: Annotated[Optional[Path], _opt("--masks", help="Filters .npz made by `pds filters`.")] = None,
     freq_mask: Annotated[Optional[Path], _opt("--freq-mask", help="Reference freq_mask.npy [C,H,W].")] = None,
     space_mask: Annotated[Optional[Path], _opt("--space-mask", help="Reference space_mask.npy [C,H,W].")] = None,
-    alpha: Annotated[str, _opt("--alpha", help=(
-        "Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number (the reference uses 5) or "
-        "`auto`: alpha from the step count, so that PDS is not worse than vanilla at many steps (docs/samplers.md)."))] = "5",
+    alpha: Annotated[Optional[str], _opt("--alpha", help=(
+        "Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number, or `auto`: calibrated per "
+        "sampler and step count so that filters are never worse than none on the exact model, and off (with a "
+        "warning) where nothing helps. auto keeps filters on where measured to help: pds at 3-256 steps, ddpm "
+        "4-497, accel-sde 5-49 (for sigma 0.01-378; docs/samplers.md). Default: 5 (the reference's) for pds, "
+        "predictor and corrector; auto for ddpm and accel-sde, whose filters hurt at many steps. ddim, accel-ode "
+        "and accel-ode2 take no filters."))] = None,
     sampler: Annotated[Optional[str], _opt("--sampler", help=(
         "pc, pds, predictor, corrector, or one on its own grid: ddim, accel-ode, accel-ode2, ddpm, accel-sde, "
         "dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, heun, edm-sde, euler-a (docs/samplers.md). "
@@ -80,8 +84,8 @@ def sample(
     schedule: Annotated[Optional[str], _opt("--schedule", help=(
         "Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (log-uniform; the "
         "default for the others) or edm (Karras rho 7)."))] = None,
-    speed_up: Annotated[Optional[int], _opt("--speed-up", min=1, help=(
-        "Run num_scales / k steps (the reference's speed-up, eps times k too)."))] = None,
+    speed_up: Annotated[Optional[float], _opt("--speed-up", help=(
+        "Run int(num_scales / k) steps for any k > 0, e.g. 2.5 (the reference's speed-up, eps times k too)."))] = None,
     snr: Annotated[Optional[float], _opt("--snr", help="Corrector signal-to-noise ratio (default: the model's).")] = None,
     sigma_min: Annotated[Optional[float], _opt("--sigma-min", help="Override the model's sigma_min.")] = None,
     sigma_max: Annotated[Optional[float], _opt("--sigma-max", help="Override the model's sigma_max.")] = None,
