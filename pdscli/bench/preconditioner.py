@@ -28,7 +28,8 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
         source = f"--masks {cfg.masks}" if cfg.masks is not None else "the built-in model's own filters"
         return filters, {"source": source, "kinds": filters.kinds, "images_meaningful": True}
     if model.kind == ANALYTIC:
-        filters, source, meaningful = spectrum_filters(model.gaussian), "the analytic model's exact spectrum", True
+        exact = model.gaussian if model.gaussian is not None else model.mixture.moment_matched()
+        filters, source, meaningful = spectrum_filters(exact), "the analytic model's exact spectrum", True
     elif reference is not None:
         filters = compute_statistics([reference.clamp(0, 1)], source=str(cfg.reference))
         source, meaningful = f"statistics of {len(reference)} --reference images", True
