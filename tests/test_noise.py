@@ -243,3 +243,27 @@ def test_other_seeds_and_high_index_words_give_unrelated_streams():
         b = other().reshape(-1).double()
         assert not torch.equal(a, b)
         assert abs(float(_corr(a, b))) < 6 / math.sqrt(n)
+
+
+# -- the run records the version and --resume checks it -------------------------------------------
+
+
+def test_run_records_the_noise_version_and_resume_refuses_another(run_pds, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    args = ("sample", "--model", "gaussian", "--image-size", "8", "--steps", "3", "--quiet", "--out", out, "-b", "2")
+    assert run_pds(*args, "-n", "2").exit_code == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["noise_version"] == NOISE_VERSION == record["fingerprint"]["noise_version"]
+
+    # The same version resumes (extends the run) ...
+    assert run_pds(*args, "-n", "3", "--resume").exit_code == 0
+    # ... a run made before the version was recorded (version 1) does not.
+    record = json.loads((out / "run.json").read_text())
+    del record["fingerprint"]["noise_version"]
+    (out / "run.json").write_text(json.dumps(record))
+    r = run_pds(*args, "-n", "4", "--resume")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert f"noise generator version 1 and this pds draws version {NOISE_VERSION}" in r.stderr
+    assert not (out / "000003.png").exists()

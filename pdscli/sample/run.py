@@ -47,7 +47,7 @@ from pdscli import __version__
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, prepare_out_dir
 from pdscli.images import load_png, make_grid, save_png, to_numpy
-from pdscli.noise import SampleNoise
+from pdscli.noise import NOISE_VERSION, SampleNoise
 from pdscli.score import CountingScore, ScoreModel
 
 PARTIAL = ".partial"
@@ -119,6 +119,7 @@ class SampleJob:
             "per_sample_step": self.per_sample_step,
             "alpha": self.meta.get("alpha") if self.precond is not None else None,
             "filters": (self.meta.get("filters") or {}).get("sha256") if self.precond is not None else None,
+            "noise_version": NOISE_VERSION,
         }
 
 
@@ -397,6 +398,7 @@ def run_record(job: SampleJob, stats: Stats, *, started: float, resumed: int, fr
         "per_sample_step": job.per_sample_step,
         "preconditioned": job.precond is not None,
         "seed": job.seed,
+        "noise_version": NOISE_VERSION,
         "num_samples": job.num_samples,
         "batch_size": job.batch_size,
         "device": str(model.device),
@@ -431,11 +433,21 @@ def _check_resume(job: SampleJob) -> None:
                 break
     if not before:
         return
+    _check_noise_version(job.out, before)
     now = json.loads(json.dumps(job.fingerprint()))  # the same JSON round trip as the stored copy
     changed = [k for k in now if k in before and before[k] != now[k]]
     if changed:
         diffs = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed)
         raise PdsError(f"--resume would mix two different runs ({diffs}); use the same flags, or --force to start over")
+
+
+def _check_noise_version(out: Path, before: dict) -> None:
+    """Another noise generator makes other images for the same seed: never mix them in one run.
+    Runs that predate the record drew version 1 (a torch.Generator per sample)."""
+    made_with = before.get("noise_version", 1)
+    if made_with != NOISE_VERSION:
+        raise PdsError(f"--resume: {out} was made with noise generator version {made_with} and this pds draws version "
+                       f"{NOISE_VERSION}, so its images would not continue that run; use --force to start over")
 
 
 def prepare_output(out, *, force: bool, resume: bool) -> Path:
