@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from pdscli import __version__
+from pdscli.bench.mfu import add_mfu
+from pdscli.devices import tf32_state
 from pdscli.errors import PdsError
 from pdscli.score import CountingScore
 
@@ -1175,6 +1177,8 @@ def _run(cfg: BenchConfig, device: torch.device, cache: ExportCache, log) -> dic
 
     entries, kept = run_backends(cfg, model, flops, cache, log) if "nfe" not in cfg.skip else ([], {})
     add_speed_ratios(entries)
+    # MFU against the device's listed peak for the precision each backend computes in (a GPU in the table).
+    add_mfu(entries, (machine.get("gpu") or {}).get("name"), tf32=tf32_state()["conv"])
     report["backends"] = entries
     ok = [e["name"] for e in entries if e["status"] == "ok"]
     e2e_name = e2e_backend_name(cfg, model, ok)
@@ -1247,7 +1251,8 @@ def _precision_flags(device: torch.device) -> dict:
     """TF32 silently changes what "fp32" means on Ampere and later: record it."""
     if device.type != "cuda":
         return {}
-    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    tf32 = tf32_state(device)
+    return {"cudnn_allow_tf32": tf32["conv"], "matmul_allow_tf32": tf32["matmul"], "tf32_policy": tf32["policy"],
             "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
 

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from pdscli.cli import options
 from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
@@ -53,6 +54,7 @@ def bench(
     channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian (default 3).", rich_help_panel=MODEL),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading.", rich_help_panel=MODEL),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL),
+    tf32: options.Tf32 = "off",
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure, or all (default: all that apply, fp16 only on a GPU; --quick: eager only).", rich_help_panel=MEASURE),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default 1,8,32; --quick 1,8).", rich_help_panel=MEASURE),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed calls before timing (default 3; --quick 1).", rich_help_panel=MEASURE),
@@ -81,7 +83,9 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines.", rich_help_panel=OUTPUT),
 ):
     from pdscli.bench import core as lib
+    from pdscli.devices import set_tf32
 
+    set_tf32(tf32)
     cfg = lib.BenchConfig(
         model=model, checkpoint=checkpoint, config=config, preset=preset, random_weights=random_weights, engine=engine,
         engine_backend=engine_backend, image_size=image_size, channels=channels, trust_checkpoint=trust_checkpoint,

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from pdscli.cli import options
 from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
@@ -46,6 +47,7 @@ def sample(
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading (runs code from the file).", rich_help_panel=MODEL),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | bf16, the network only (sampler state stays fp32). Default fp32, or the engine's own.", rich_help_panel=MODEL),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL),
+    tf32: options.Tf32 = "off",
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's, one per core). On a busy machine 1 is often much faster for small models.", rich_help_panel=MODEL),
     masks: Optional[Path] = typer.Option(None, "--masks", help="Filters .npz made by `pds filters`.", rich_help_panel=SAMPLER),
     freq_mask: Optional[Path] = typer.Option(None, "--freq-mask", help="Reference freq_mask.npy [C,H,W].", rich_help_panel=SAMPLER),
@@ -79,8 +81,10 @@ def sample(
 ):
     from pdscli.sample import distributed
     from pdscli.sample import run as runner
+    from pdscli.devices import set_tf32
     from pdscli.sample.run import ModelSpec, RunInterrupted
 
+    set_tf32(tf32)
     if threads is not None:
         from pdscli.devices import set_threads
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from pdscli import __version__
+from pdscli.devices import tf32_state
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, prepare_out_dir
 from pdscli.images import load_png, make_grid, save_png, to_numpy
@@ -402,6 +403,7 @@ def run_record(job: SampleJob, stats: Stats, *, started: float, resumed: int, fr
         "num_samples": job.num_samples,
         "batch_size": job.batch_size,
         "device": str(model.device),
+        "tf32": tf32_state(model.device),
         **job.meta,
         "nfe": {"per_sample": stats.nfe_per_sample, "network_calls": stats.nfe_calls},
         "timings": {
