@@ -239,7 +239,7 @@ def _assert_parity_within(stderr: str, tol: float, rows: int) -> None:
     """Read the printed parity table (batch, sigma, max-abs, rel) back and check every row."""
     table = [line.split() for line in stderr.splitlines() if line.startswith("  ") and len(line.split()) == 4]
     assert len(table) == rows, stderr
-    for batch, sigma, err, rel in table:
+    for _batch, sigma, err, rel in table:
         assert float(rel) <= tol and math.isfinite(float(err)), (sigma, rel)
 
 
