@@ -70,6 +70,7 @@ def sample(
         ),
         rich_help_panel=SAMPLER,
     ),
+    step_graphs: bool = typer.Option(False, "--step-graphs", help="On a GPU: capture each whole step (score call and sampler update) in a CUDA graph after one eager batch, and replay it for every batch of the same size; falls back to eager where it cannot (run.json says which path ran).", rich_help_panel=RUN),
     num_samples: int = typer.Option(16, "--num-samples", "-n", help="How many images.", rich_help_panel=RUN),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch.", rich_help_panel=RUN),
     seed: int = typer.Option(0, "--seed", help="Run seed; sample i uses a generator seeded from (seed, i).", rich_help_panel=RUN),
@@ -99,7 +100,7 @@ def sample(
     make_job = lambda: runner.build_job(  # noqa: E731
         spec, out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler,
         steps=steps, speed_up=speed_up, schedule=schedule, snr=snr, per_sample_step=per_sample_step, num_samples=num_samples,
-        batch_size=batch_size, seed=seed, force=force, resume=resume,
+        batch_size=batch_size, seed=seed, force=force, resume=resume, step_graphs=step_graphs,
     )
     progress = runner.Progress() if quiet or not dist.is_main else runner.RichProgress()
     try:

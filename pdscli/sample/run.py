@@ -45,6 +45,7 @@ import torch
 
 from pdscli import __version__
 from pdscli.devices import tf32_state
+from pdscli.engines.graph_step import StepGraphSampler
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, prepare_out_dir
 from pdscli.images import load_png, make_grid, save_png, to_numpy
@@ -87,6 +88,7 @@ class SampleJob:
     per_sample_step: bool = False
     resume: bool = False
     force: bool = False
+    step_graphs: bool = False  # replay whole steps from CUDA graphs where possible (pdscli.engines.graph_step)
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -252,6 +254,7 @@ class Stats:
     nfe_calls: int = 0  # batched network calls
     nfe_per_sample: int = 0  # calls one sample went through
     sampling_s: float = 0.0
+    step_graph: dict | None = None  # the path the steps ran on (StepGraphSampler.summary)
 
 
 def _finite_check(indices: list[int]):
@@ -276,6 +279,8 @@ def sample_indices(job: SampleJob, indices: list[int], *, sampler_fn=None, progr
     progress = progress or Progress()
     score = CountingScore(job.model.score)
     device = job.model.device
+    # Eager unless asked; on a CPU, or where capture fails, it says why and runs eagerly.
+    sampler_fn = StepGraphSampler(sampler_fn, device, enabled=job.step_graphs)
     stats = Stats()
     t0 = time.perf_counter()
     for batch in batches(indices, job.batch_size):
@@ -305,6 +310,7 @@ def sample_indices(job: SampleJob, indices: list[int], *, sampler_fn=None, progr
         progress.batch_done(len(batch))
     stats.nfe_calls = score.calls
     stats.sampling_s = time.perf_counter() - t0
+    stats.step_graph = sampler_fn.summary()
     return stats
 
 
@@ -404,6 +410,7 @@ def run_record(job: SampleJob, stats: Stats, *, started: float, resumed: int, fr
         "batch_size": job.batch_size,
         "device": str(model.device),
         "tf32": tf32_state(model.device),
+        "step_graph": stats.step_graph,
         **job.meta,
         "nfe": {"per_sample": stats.nfe_per_sample, "network_calls": stats.nfe_calls},
         "timings": {
@@ -736,7 +743,8 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
               sampler: str | None = None, steps: int | None = None, speed_up: int | None = None,
               schedule: str | None = None,
               snr: float | None = None, per_sample_step: bool = False, num_samples: int = 16,
-              batch_size: int = 16, seed: int = 0, force: bool = False, resume: bool = False) -> SampleJob:
+              batch_size: int = 16, seed: int = 0, force: bool = False, resume: bool = False,
+              step_graphs: bool = False) -> SampleJob:
     """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
     from pdscli.precondition.alpha import resolve_alpha
 
@@ -786,7 +794,7 @@ def build_job(spec: ModelSpec, *, out, masks=None, freq_mask=None, space_mask=No
     }
     return SampleJob(model=model, sampler=sampler, steps=grid, out=Path(out), num_samples=num_samples,
                      batch_size=batch_size, seed=seed, precond=precond, snr=snr, per_sample_step=per_sample_step,
-                     resume=resume, force=force, meta=meta)
+                     resume=resume, force=force, step_graphs=step_graphs, meta=meta)
 
 
 @contextlib.contextmanager
