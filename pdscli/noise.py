@@ -19,13 +19,20 @@ and is rounded once to float32: transcendental functions may differ in their las
 between CPU kernels (vector body against scalar tail) or between CPU and GPU, a difference
 about 2^29 times smaller than float32's rounding step, so the float32 result is the same.
 
+On a GPU the whole draw is one fused kernel (`torch.compile` of `normals`, when Triton is
+there): eager torch would launch some two hundred elementwise kernels per draw, each a pass
+over the batch, which at 1024x1024 costs about as much as a network call. The fused kernel
+computes the same integers and the same float64 functions, rounded to the same float32.
+
 NOISE_VERSION names this definition; a run records it, and `--resume` refuses to continue a
 run made with another (version 1 was one torch.Generator per sample, seeded by `sample_seed`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -101,6 +108,26 @@ def normals(key: tuple[int, int], rows: torch.Tensor, draw: torch.Tensor, groups
     return z[:, :numel].float()
 
 
+_FUSED = {}  # "fn": the compiled `normals`, or None once compiling it failed
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether draws on `device` run as one compiled kernel: a CUDA device with Triton installed."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None and _FUSED.get("fn", True) is not None
+
+
+def _draw_fused(key, rows, draw, groups, numel) -> torch.Tensor:
+    if "fn" not in _FUSED:
+        _FUSED["fn"] = torch.compile(normals, dynamic=False, fullgraph=True)
+    try:
+        return _FUSED["fn"](key, rows, draw, groups, numel)
+    except Exception as e:  # a compiler problem must not stop a run: the eager ops give the same numbers
+        _FUSED["fn"] = None
+        warnings.warn(f"pds: the fused noise kernel did not compile ({type(e).__name__}); drawing noise with eager torch ops",
+                      RuntimeWarning, stacklevel=3)
+        return normals(key, rows, draw, groups, numel)
+
+
 def index_words(indices, device) -> torch.Tensor:
     """[B, 2] int64: (low, high) 32-bit words of each sample index."""
     ints = [int(i) for i in indices]
@@ -115,7 +142,7 @@ class SampleNoise:
     CUDA graph that captured draws replays them for new indices after `rebind`.
     """
 
-    def __init__(self, seed: int, indices, shape, device="cpu"):
+    def __init__(self, seed: int, indices, shape, device="cpu", *, fused: bool | None = None):
         self.seed = int(seed)
         self.key = (self.seed & MASK32, (self.seed >> 32) & MASK32)
         self.indices = [int(i) for i in indices]
@@ -126,9 +153,12 @@ class SampleNoise:
         self.groups = torch.arange((self.numel + 3) // 4, dtype=torch.int64, device=self.device)[None, :]
         self.draw = torch.zeros((), dtype=torch.int64, device=self.device)
         self.draws = 0  # draws made since construction or `rebind` (Python-side count)
+        # None: fused where available (a GPU with Triton); the eager ops everywhere else.
+        self.fused = fused_available(self.device) if fused is None else bool(fused)
 
     def __call__(self) -> torch.Tensor:
-        z = normals(self.key, self.rows, self.draw, self.groups, self.numel)
+        draw = _draw_fused if self.fused and _FUSED.get("fn", True) is not None else normals
+        z = draw(self.key, self.rows, self.draw, self.groups, self.numel)
         self.draw.add_(1)
         self.draws += 1
         return z.view(len(self.indices), *self.shape)
