@@ -73,7 +73,7 @@ def sample(
     step_graphs: bool = typer.Option(False, "--step-graphs", help="On a GPU: capture each whole step (score call and sampler update) in a CUDA graph after one eager batch, and replay it for every batch of the same size; falls back to eager where it cannot (run.json says which path ran).", rich_help_panel=RUN),
     num_samples: int = typer.Option(16, "--num-samples", "-n", help="How many images.", rich_help_panel=RUN),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch.", rich_help_panel=RUN),
-    seed: int = typer.Option(0, "--seed", help="Run seed; sample i uses a generator seeded from (seed, i).", rich_help_panel=RUN),
+    seed: int = typer.Option(0, "--seed", help="Run seed; sample i's noise is a function of (seed, i), whatever the batch.", rich_help_panel=RUN),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder.", rich_help_panel=OUTPUT),
     force: bool = typer.Option(False, "--force", help="Start over in a non-empty output folder (removes an earlier run's images).", rich_help_panel=OUTPUT),
     resume: bool = typer.Option(False, "--resume", help="Continue a run: keep the images on disk, make the rest.", rich_help_panel=OUTPUT),

@@ -1,7 +1,7 @@
 """torchrun / torch.distributed support: sample indices sharded across ranks.
 
-A run is a list of sample indices; every sample's noise comes from its own generator seeded
-from (seed, index), so which rank makes which sample changes nothing in the images.
+A run is a list of sample indices; every sample's noise is a function of (seed, index) and the
+draw (pdscli.noise), so which rank makes which sample changes nothing in the images.
 Collectives are only used in lockstep rounds that every rank joins (see `rounds`).
 """
 

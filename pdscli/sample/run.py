@@ -1,7 +1,7 @@
 """The sampling run: sample indices in, one PNG per index out (in the style of NVlabs/edm generate.py).
 
-The unit of work is a sample index. Sample i's noise comes from its own generator seeded
-from (seed, i), so an index's image does not depend on which batch (or, later, which rank)
+The unit of work is a sample index. Sample i's noise is a function of (seed, i) and the draw
+(pdscli.noise), so an index's image does not depend on which batch (or, later, which rank)
 makes it. A run is:
 
     plan_indices -> pending_indices (skip what --resume finds on disk) -> sample_indices
