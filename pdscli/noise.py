@@ -64,16 +64,26 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (s >> 32) + (p_hi >> 16), s & MASK32
 
 
-def philox4x32(c0, c1, c2, c3, key: tuple[int, int], rounds: int = PHILOX_ROUNDS):
+def key_schedule(key: tuple[int, int], rounds: int = PHILOX_ROUNDS) -> list[tuple[int, int]]:
+    """The round keys of a Philox4x32 key: the key, then Weyl increments mod 2^32."""
+    k0, k1 = key[0] & MASK32, key[1] & MASK32
+    keys = []
+    for _ in range(rounds):
+        keys.append((k0, k1))
+        k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+    return keys
+
+
+def philox4x32(c0, c1, c2, c3, key, rounds: int = PHILOX_ROUNDS):
     """Philox4x32 on broadcastable int64 tensors of 32-bit words; returns the four output words.
 
-    The key is two Python ints: it depends on the seed only, so its schedule is computed here,
-    not per element.
+    key: two Python ints (the schedule is then computed here, once, not per element), or a
+    [rounds, 2] int64 tensor of round keys (`key_schedule`), the form a compiled kernel takes as
+    an input rather than specialising on the seed.
     """
-    k0, k1 = key[0] & MASK32, key[1] & MASK32
+    keys = key_schedule(key, rounds) if isinstance(key, tuple) else key
     for r in range(rounds):
-        if r:
-            k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+        k0, k1 = keys[r][0], keys[r][1]
         hi0, lo0 = _mulhilo(c0, PHILOX_M[0])
         hi1, lo1 = _mulhilo(c2, PHILOX_M[1])
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
@@ -92,10 +102,10 @@ def _box_muller(u_word: torch.Tensor, v_word: torch.Tensor) -> tuple[torch.Tenso
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def normals(key: tuple[int, int], rows: torch.Tensor, draw: torch.Tensor, groups: torch.Tensor, numel: int) -> torch.Tensor:
+def normals(key, rows: torch.Tensor, draw: torch.Tensor, groups: torch.Tensor, numel: int) -> torch.Tensor:
     """Draw `draw` for every row: [B, numel] float32.
 
-    rows [B, 2] int64: each sample index's (low, high) 32-bit words; draw: int64 scalar tensor;
+    key: the seed's Philox key, as `philox4x32` takes it; rows [B, 2] int64: each sample index's (low, high) 32-bit words; draw: int64 scalar tensor;
     groups [1, K] int64: 0..K-1 with 4K >= numel. One philox4x32 call for the whole batch.
     """
     lo, hi = rows[:, :1], rows[:, 1:]
@@ -118,7 +128,8 @@ def fused_available(device: torch.device) -> bool:
 
 def _draw_fused(key, rows, draw, groups, numel) -> torch.Tensor:
     if "fn" not in _FUSED:
-        _FUSED["fn"] = torch.compile(normals, dynamic=False, fullgraph=True)
+        # Shapes may vary (a run's last batch, other image sizes): one dynamic recompile, not one per shape.
+        _FUSED["fn"] = torch.compile(normals, fullgraph=True)
     try:
         return _FUSED["fn"](key, rows, draw, groups, numel)
     except Exception as e:  # a compiler problem must not stop a run: the eager ops give the same numbers
@@ -155,10 +166,14 @@ class SampleNoise:
         self.draws = 0  # draws made since construction or `rebind` (Python-side count)
         # None: fused where available (a GPU with Triton); the eager ops everywhere else.
         self.fused = fused_available(self.device) if fused is None else bool(fused)
+        # The compiled kernel takes the round keys as a tensor, so a new seed is no recompile.
+        self.key_table = torch.tensor(key_schedule(self.key), dtype=torch.int64, device=self.device) if self.fused else None
 
     def __call__(self) -> torch.Tensor:
-        draw = _draw_fused if self.fused and _FUSED.get("fn", True) is not None else normals
-        z = draw(self.key, self.rows, self.draw, self.groups, self.numel)
+        if self.fused and _FUSED.get("fn", True) is not None:
+            z = _draw_fused(self.key_table, self.rows, self.draw, self.groups, self.numel)
+        else:
+            z = normals(self.key, self.rows, self.draw, self.groups, self.numel)
         self.draw.add_(1)
         self.draws += 1
         return z.view(len(self.indices), *self.shape)

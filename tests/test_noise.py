@@ -267,3 +267,19 @@ def test_run_records_the_noise_version_and_resume_refuses_another(run_pds, tmp_p
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert f"noise generator version 1 and this pds draws version {NOISE_VERSION}" in r.stderr
     assert not (out / "000003.png").exists()
+
+
+def test_round_keys_as_a_tensor_give_the_same_words():
+    # The compiled GPU kernel takes the key schedule as a tensor input; the words must not change.
+    from pdscli.noise import key_schedule, normals
+
+    seed = 2**40 + 12345
+    key = (seed & MASK32, seed >> 32)
+    noise = SampleNoise(seed, [3, 9], SHAPE)
+    table = torch.tensor(key_schedule(key), dtype=torch.int64)
+    for d in range(2):
+        draw = torch.tensor(d, dtype=torch.int64)
+        a = normals(key, noise.rows, draw, noise.groups, noise.numel)
+        b = normals(table, noise.rows, draw, noise.groups, noise.numel)
+        assert torch.equal(a, b)
+    assert key_schedule(key)[0] == key and len(key_schedule(key)) == 10

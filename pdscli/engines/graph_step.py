@@ -43,7 +43,7 @@ class _Capture:
         self.key = key
         self.noise = noise  # the captured noise: its buffers are the graphs' inputs
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.infos: list[dict] = []  # what the sampler's callback saw after each step (graph outputs)
+        self.infos: list[dict] = []  # the callback's view of each step (its tensors: buffers graph i fills)
         self.calls: list[int] = []  # score calls made by the end of each graph
         self.out: torch.Tensor | None = None
 
@@ -119,9 +119,21 @@ class StepGraphSampler:
         pool = torch.cuda.graph_pool_handle()  # one pool: the graphs replay in capture order
         calls0 = getattr(score, "calls", 0)
 
+        buffers: dict[str, torch.Tensor] = {}
+
         def boundary(info: dict) -> None:
+            # The step's tensors are copied (inside graph i) into buffers that outlive the capture:
+            # holding every step's own tensors instead would keep n steps of state in memory.
+            shown = {}
+            for name, value in info.items():
+                if isinstance(value, torch.Tensor):
+                    if name not in buffers:
+                        buffers[name] = torch.empty_like(value)
+                    buffers[name].copy_(value)
+                    value = buffers[name]
+                shown[name] = value
             cap.graphs[-1].capture_end()
-            cap.infos.append(dict(info))
+            cap.infos.append(shown)
             cap.calls.append(getattr(score, "calls", 0) - calls0)
             cap.graphs.append(torch.cuda.CUDAGraph())
             cap.graphs[-1].capture_begin(pool=pool)
