@@ -17,12 +17,14 @@ and its 64-bit key the seed. One counter gives four 32-bit words, i.e. two Boxâ€
 so element e of a sample is normal 4k + j with k = e // 4, j = e % 4. Boxâ€“Muller runs in float64
 and is rounded once to float32: transcendental functions may differ in their last float64 bit
 between CPU kernels (vector body against scalar tail) or between CPU and GPU, a difference
-about 2^29 times smaller than float32's rounding step, so the float32 result is the same.
+about 2^29 times smaller than float32's rounding step: it changes the float32 only where it
+straddles a rounding boundary, about once in 2^29 numbers (tests/test_noise.py checks bit
+identity across batch sizes and thread counts; scripts/gpu_bench.py measures CPU against GPU).
 
 On a GPU the whole draw is one fused kernel (`torch.compile` of `normals`, when Triton is
-there): eager torch would launch some two hundred elementwise kernels per draw, each a pass
-over the batch, which at 1024x1024 costs about as much as a network call. The fused kernel
-computes the same integers and the same float64 functions, rounded to the same float32.
+there): eager torch launches some two hundred elementwise kernels per draw, each a pass over
+the batch's int64 lanes. The fused kernel computes the same integers and the same float64
+functions (to the last bit or so), rounded to float32.
 
 NOISE_VERSION names this definition; a run records it, and `--resume` refuses to continue a
 run made with another (version 1 was one torch.Generator per sample, seeded by `sample_seed`).

@@ -232,8 +232,10 @@ def render_gpu(report: dict, name: str) -> str:
     m, gpu = report["machine"], report["machine"]["gpu"]
     parts = [f"Command: `{report['command']}`  \nMeasured {report['created']} on {gpu['name']} ({gpu['memory_gib']} GiB, "
              f"driver {gpu['driver']}, CUDA {gpu['cuda']}, cuDNN {gpu['cudnn']}), host {m['cpu']}; torch "
-             f"{m['libraries']['torch']}, pds {report['pds_version']}; the run took {report['elapsed_s']:.0f} s. "
-             f"Full report: `docs/bench/{name}.json`."]
+             f"{m['libraries']['torch']}, pds {report['pds_version']}; "
+             + (f"the run took {report['elapsed_s']:.0f} s. " if report.get("complete") else
+                "**the run was cut short: parts missing below were not measured.** ")
+             + f"Full report: `docs/bench/{name}.json`."]
     peaks = report["peaks"]
     parts.append("Matmul peaks (one {n}³ GEMM, measured / data sheet dense): ".format(n=peaks["matmul_n"]) + ", ".join(
         f"{k} {_f((v or 0) / 1e12, '.0f')} / {_f(((peaks['listed'].get(k) or {}).get('flops_per_s') or 0) / 1e12, '.0f')} TFLOP/s"
@@ -242,9 +244,10 @@ def render_gpu(report: dict, name: str) -> str:
              "pds_overhead_share_of_nfe": "PDS overhead per NFE, share of the fastest call (256², batch 8)",
              "pds66_vs_vanilla2000_speedup": "PDS@66 vs vanilla PC@2000, end to end (1024², batch 1)",
              "mfu_bf16_b32": "MFU of bf16 eager at batch 32 (listed bf16 peak)"}
-    rows = [[names.get(k, k), _f(g["goal"]), _f(g["value"]), "met" if g["met"] else "not met"] for k, g in report["goals"].items()]
+    rows = [[names.get(k, k), _f(g["goal"]), _f(g["value"]), "met" if g["met"] else "not met"]
+            for k, g in report.get("goals", {}).items()]
     parts.append("Goals, as measured:\n\n" + _md(["goal", "target", "measured", ""], rows))
-    for arch, lat in report["latency"].items():
+    for arch, lat in report.get("latency", {}).items():
         if not _ok(lat):
             parts.append(f"Latency {arch}: failed ({lat.get('reason')}).")
             continue

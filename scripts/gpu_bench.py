@@ -31,6 +31,7 @@ import json
 import math
 import platform
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,8 +60,8 @@ GOALS = {
     "pds66_vs_vanilla2000_speedup": 29.0,
     "mfu_bf16_b32": 0.40,
 }
-# Shares of --budget-s per part, in the order they run.
-SHARES = {"noise": 0.05, "step_graphs": 0.12, "latency": 0.45, "overhead": 0.03, "e2e": 0.2, "samplers": 0.15}
+# Shares of --budget-s per part, in the order they run; time a part leaves unused rolls on to the next.
+SHARES = {"noise": 0.04, "step_graphs": 0.10, "latency": 0.42, "overhead": 0.03, "e2e": 0.30, "samplers": 0.11}
 
 
 # -- sizes -----------------------------------------------------------------------------------
@@ -117,14 +118,18 @@ def time_it(fn, device: torch.device, *, warmup: int, repeats: int) -> dict:
 
 
 class Budget:
-    """A deadline per part: what does not fit is recorded as not measured, with the reason."""
+    """A deadline per part: what does not fit is recorded as not measured, with the reason. A
+    part gets its share of the time still left among the parts still to run."""
 
     def __init__(self, total_s: float):
         self.start, self.total = time.perf_counter(), total_s
         self.part_end = self.start
 
     def begin(self, part: str) -> None:
-        self.part_end = time.perf_counter() + SHARES[part] * self.total
+        now = time.perf_counter()
+        later = list(SHARES)[list(SHARES).index(part):]
+        left = max(0.0, self.start + self.total - now)
+        self.part_end = now + left * SHARES[part] / sum(SHARES[k] for k in later)
 
     def left(self) -> float:
         return self.part_end - time.perf_counter()
@@ -294,7 +299,7 @@ def part_latency(arch: str, nets: Nets, p: dict, tiny: bool, share: float) -> di
         t_setup = time.perf_counter()
         try:
             for b in p["batches"]:
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > deadline - need:
                     entry.setdefault("not_measured", []).append({"batch": b, "reason": "over this part's time budget"})
                     continue
                 x, sigma, ref = refs[b]
@@ -544,6 +549,31 @@ def goals(report: dict) -> dict:
 # -- main -------------------------------------------------------------------------------------
 
 
+class HardStop(BaseException):
+    """Raised by the alarm at --hard-stop-s: the run ends with what it has, rather than being killed."""
+
+    fired = False
+
+
+def _hard_stop(signum, frame):
+    HardStop.fired = True
+    raise HardStop("hard stop: --hard-stop-s reached")
+
+
+OUT: list[Path] = []
+
+
+def save(report: dict) -> None:
+    """Write the report as it stands (atomically): called between parts and at the end."""
+    if not OUT:
+        return
+    path = OUT[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(path)
+
+
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     tiny, p = args.tiny, plan(args.tiny)
@@ -561,11 +591,15 @@ def run(args) -> dict:
         print(f"[{time.perf_counter() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
     def guarded(part, fn):
-        budget.begin(part)
-        log(f"{part} ...")
+        save(report)  # what is measured so far survives a run that is cut short
+        if HardStop.fired:
+            return {"status": "not measured", "reason": "the run was stopped at --hard-stop-s"}
+        if part is not None:  # None: a piece of a part already begun
+            budget.begin(part)
+        log(f"{part or 'latency'} ...")
         try:
             return fn()
-        except Exception as e:  # a part failing must not lose the others' figures
+        except (Exception, HardStop) as e:  # a part failing must not lose the others' figures
             log(f"{part} failed: {one_line(e)}")
             return {"status": "failed", "reason": one_line(e)}
 
@@ -575,18 +609,14 @@ def run(args) -> dict:
     report["latency"] = {}
     budget.begin("latency")
     for arch in archs:
-        log(f"latency {arch} ...")
         share = max(0.0, budget.left()) * (0.45 if arch == "ffhq-256" else 1.0)
-        try:
-            report["latency"][arch] = part_latency(arch, nets, p, tiny, share)
-        except Exception as e:
-            report["latency"][arch] = {"status": "failed", "reason": one_line(e)}
-            log(f"latency {arch} failed: {one_line(e)}")
+        report["latency"][arch] = guarded(None, lambda arch=arch, share=share: part_latency(arch, nets, p, tiny, share))
     report["pds_overhead"] = guarded("overhead", lambda: part_overhead(nets, p, report["latency"].get("ffhq-256", {})))
     report["e2e"] = guarded("e2e", lambda: part_e2e(nets, p, report["latency"].get("ffhq-1024", {}), budget))
     report["samplers"] = guarded("samplers", lambda: part_samplers(nets, p, report["latency"].get("ffhq-256", {}), budget))
     report["goals"] = goals(report)
     report["elapsed_s"] = time.perf_counter() - started
+    report["complete"] = not HardStop.fired
     return report
 
 
@@ -596,14 +626,19 @@ def main(argv=None) -> None:
     ap.add_argument("--tiny", action="store_true", help="small architectures and step counts: a CPU smoke run")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is visible")
     ap.add_argument("--budget-s", type=float, default=480.0, help="seconds for all the parts together (default 480)")
+    ap.add_argument("--hard-stop-s", type=float, default=None,
+                    help="stop whatever runs at this many seconds and write what was measured (default: budget + 60)")
     args = ap.parse_args(argv)
     if args.tiny and "docs" in args.out.resolve().parts:
         ap.error("a --tiny run makes CPU smoke-test numbers: write it outside docs/")
-    report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(args.out)
+    OUT[:] = [args.out]
+    signal.signal(signal.SIGALRM, _hard_stop)
+    signal.alarm(int(args.hard_stop_s if args.hard_stop_s is not None else args.budget_s + 60))
+    try:
+        report = run(args)
+    finally:
+        signal.alarm(0)
+    save(report)
     print(f"wrote {args.out} ({report['elapsed_s']:.0f} s)", file=sys.stderr)
 
 

@@ -52,7 +52,7 @@ def _report(tiny=False, device="cuda:0"):
     return {
         "format": "pds-gpu-bench/1", "tiny": tiny, "device": device, "created": "2026-01-01T00:00:00+0000",
         "command": "python scripts/gpu_bench.py --out docs/bench/gpu-h200.json", "pds_version": "0",
-        "elapsed_s": 1.0, "plan": {"sampler_nfe": 20, "graph_batch": 8, "graph_steps": 10},
+        "elapsed_s": 1.0, "complete": True, "plan": {"sampler_nfe": 20, "graph_batch": 8, "graph_steps": 10},
         "machine": {"cpu": "host", "libraries": {"torch": "2"}, "gpu": {"name": "NVIDIA H200", "memory_gib": 139,
                                                                         "driver": "1", "cuda": "13", "cudnn": 9}},
         "peaks": {"matmul_n": 8192, "flops_per_s": {"bf16": 7.0e14}, "listed": {"bf16": {"flops_per_s": 9.894e14}}},
