@@ -590,17 +590,17 @@ def run(args) -> dict:
     def log(msg):
         print(f"[{time.perf_counter() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    def guarded(part, fn):
+    def guarded(part, fn, label=None):
         save(report)  # what is measured so far survives a run that is cut short
         if HardStop.fired:
             return {"status": "not measured", "reason": "the run was stopped at --hard-stop-s"}
         if part is not None:  # None: a piece of a part already begun
             budget.begin(part)
-        log(f"{part or 'latency'} ...")
+        log(f"{label or part} ...")
         try:
             return fn()
         except (Exception, HardStop) as e:  # a part failing must not lose the others' figures
-            log(f"{part} failed: {one_line(e)}")
+            log(f"{label or part} failed: {one_line(e)}")
             return {"status": "failed", "reason": one_line(e)}
 
     report["peaks"] = measure_peaks(device, tiny)
@@ -610,7 +610,8 @@ def run(args) -> dict:
     budget.begin("latency")
     for arch in archs:
         share = max(0.0, budget.left()) * (0.45 if arch == "ffhq-256" else 1.0)
-        report["latency"][arch] = guarded(None, lambda arch=arch, share=share: part_latency(arch, nets, p, tiny, share))
+        report["latency"][arch] = guarded(None, lambda arch=arch, share=share: part_latency(arch, nets, p, tiny, share),
+                                          label=f"latency {arch}")
     report["pds_overhead"] = guarded("overhead", lambda: part_overhead(nets, p, report["latency"].get("ffhq-256", {})))
     report["e2e"] = guarded("e2e", lambda: part_e2e(nets, p, report["latency"].get("ffhq-1024", {}), budget))
     report["samplers"] = guarded("samplers", lambda: part_samplers(nets, p, report["latency"].get("ffhq-256", {}), budget))
