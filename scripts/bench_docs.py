@@ -290,7 +290,8 @@ def render_gpu(report: dict, name: str) -> str:
     sg = report.get("step_graphs")
     if _ok(sg):
         rows = [[r["sampler"], r.get("path", "—"), "yes" if r.get("bit_equal") else _f(r.get("max_rel_diff_vs_eager"), ".1e"),
-                 _ms(r.get("eager_per_step_s")), _ms(r.get("graph_per_step_s")), (r.get("reason") or "")[:80]]
+                 _ms(r.get("eager_per_step_s")), _ms(r.get("graph_per_step_s")),
+                 (r.get("reason") or "")[:80] if r.get("path") == "eager" else ""]
                 if r["status"] == "ok" else [r["sampler"], "—", "—", "—", "—", r["status"]] for r in sg["rows"]]
         parts.append(f"Whole steps from CUDA graphs against the eager step ({sg['architecture']}, batch "
                      f"{report['plan']['graph_batch']}, {report['plan']['graph_steps']} steps):\n\n"

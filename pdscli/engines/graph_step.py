@@ -52,7 +52,7 @@ class StepGraphSampler:
     """`sampler_fn` with its steps captured in CUDA graphs where possible; same call signature.
 
     `info` records the path the last batch took and, for eager, why; `batches` counts batches
-    per path. `enabled=False` always runs eagerly (the path a user asked for).
+    per path; `summary()` is what a run records. `enabled=False` always runs eagerly (the path a user asked for).
     """
 
     def __init__(self, sampler_fn, device, *, enabled: bool = True):
@@ -62,7 +62,8 @@ class StepGraphSampler:
         self.capture: _Capture | None = None
         self.warm_key = None
         self.failed: tuple | None = None  # (key, reason) of a setting whose capture failed
-        self.info: dict = {"path": EAGER, "reason": "no batch run yet"}
+        self.info: dict = {"path": EAGER, "reason": "no batch run yet"}  # the last batch's
+        self.eager_reason: str | None = None
         self.batches = {EAGER: 0, CUDA_GRAPH: 0}
 
     # -- the sampler signature ------------------------------------------------------------------
@@ -88,8 +89,11 @@ class StepGraphSampler:
         return self._replay(score, noise, callback)
 
     def summary(self) -> dict:
-        """For run.json and bench: the last batch's path, the reason if eager, batches per path."""
-        return {**self.info, "batches": dict(self.batches)}
+        """For run.json and bench: `path` cuda-graph if any batch replayed graphs, else eager;
+        `reason`: why the last eager batch was eager (the warm-up, a partial batch, ...);
+        `batches` per path."""
+        path = CUDA_GRAPH if self.batches[CUDA_GRAPH] else EAGER
+        return {"path": path, "reason": self.eager_reason, "batches": dict(self.batches)}
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -111,6 +115,7 @@ class StepGraphSampler:
 
     def _eager(self, reason, score, noise, steps, opts, callback):
         self.info = {"path": EAGER, "reason": reason}
+        self.eager_reason = reason
         self.batches[EAGER] += 1
         return self.fn(score, noise, steps, callback=callback, **opts)
 
