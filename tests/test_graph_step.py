@@ -56,14 +56,15 @@ def test_switched_off_it_is_the_sampler_itself(model):
 
 
 def test_a_run_records_the_path_and_makes_the_same_images(model, tmp_path):
-    from pdscli.sample import run as runner
+    from pdscli.sample.job import SampleJob
+    from pdscli.sample.run import run
 
     records, samples = [], []
     for graphs in (False, True):
         out = tmp_path / f"graphs-{graphs}"
-        job = runner.SampleJob(model=model, sampler="pc", steps=_steps(model, "pc"), out=out, num_samples=3,
-                               batch_size=2, seed=2, step_graphs=graphs)
-        records.append(runner.run(job))
+        job = SampleJob(model=model, sampler="pc", steps=_steps(model, "pc"), out=out, num_samples=3,
+                        batch_size=2, seed=2, snr=model.settings.snr, step_graphs=graphs)
+        records.append(run(job))
         samples.append(np.load(out / "samples.npz")["samples"])
         assert json.loads((out / "run.json").read_text())["step_graph"] == records[-1]["step_graph"]
     np.testing.assert_array_equal(samples[0], samples[1])
