@@ -52,7 +52,8 @@ class StepGraphSampler:
     """`sampler_fn` with its steps captured in CUDA graphs where possible; same call signature.
 
     `info` records the path the last batch took and, for eager, why; `batches` counts batches
-    per path; `summary()` is what a run records. `enabled=False` always runs eagerly (the path a user asked for).
+    per path; `summary()` is what a run records. `enabled=False` always runs eagerly (the path
+    a user asked for).
     """
 
     def __init__(self, sampler_fn, device, *, enabled: bool = True):
@@ -152,7 +153,7 @@ class StepGraphSampler:
                 cap.graphs[-1].capture_begin(pool=pool)
                 try:
                     cap.out = self.fn(score, cap.noise, steps, callback=boundary, **opts)
-                except Exception:
+                except BaseException:  # Ctrl-C too: a stream left capturing would break every later CUDA call
                     # End the broken capture, but report what broke it, not the end's own error.
                     with contextlib.suppress(Exception):
                         cap.graphs[-1].capture_end()
