@@ -18,6 +18,7 @@ from pdscli.engines import open_engine
 from pdscli.engines.export import load_source
 from pdscli.engines.torch_engine import torch_score
 from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.evaluate.mixture import MixtureImageModel
 from pdscli.models import build_model, builtin
 from pdscli.models.checkpoint import load_score_model
 from pdscli.settings import SamplingSettings
@@ -37,6 +38,7 @@ class BenchModel:
     net: torch.nn.Module | None = None  # the fp32 NCSN++ (network kind)
     net_config: dict | None = None
     gaussian: GaussianImageModel | None = None  # the analytic kind
+    mixture: MixtureImageModel | None = None  # the analytic kind, --model mixture
     info: dict = field(default_factory=dict)
 
     @property
@@ -54,6 +56,8 @@ def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
         return _open_engine(cfg, device)
     if model == "gaussian":
         return _open_gaussian(cfg, device)
+    if model == "mixture":
+        return _open_mixture(cfg, device)
     if model == "builtin":
         return _network_from_checkpoint(builtin.WEIGHTS, builtin.CONFIG, None, False, device, name=builtin.NAME)
     if cfg.random_weights:
@@ -65,6 +69,11 @@ def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
     g = GaussianImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
     return BenchModel(ANALYTIC, g.score, g.settings, device, "gaussian", gaussian=g,
                       info={"description": g.describe()})
+
+
+def _open_mixture(cfg: BenchConfig, device: torch.device) -> BenchModel:
+    m = MixtureImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
+    return BenchModel(ANALYTIC, m.score, m.settings, device, "mixture", mixture=m, info={"description": m.describe()})
 
 
 def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) -> BenchModel:

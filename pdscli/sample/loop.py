@@ -122,7 +122,7 @@ def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, 
             noise = SampleNoise(job.seed, indices, job.shape, job.model.device)
             with torch.no_grad():
                 x = sampler_fn(score, noise, job.steps, precond=job.precond, snr=job.snr,
-                               per_sample_step=job.per_sample_step, callback=callback)
+                               per_sample_step=job.per_sample_step, callback=callback, **job.sampler_options)
         except (MemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e):
                 raise

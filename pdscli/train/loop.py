@@ -31,6 +31,7 @@ from pdscli.errors import PdsError
 from pdscli.noise import sample_seed
 
 CHECKPOINT_NAME = "checkpoint.pth"
+WEIGHTS_NAME = "ema.safetensors"  # the EMA weights alone, config in its metadata: `pds sample --checkpoint` reads it
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 SUMMARY_NAME = "train.json"
@@ -203,10 +204,14 @@ def _strip_module(state_dict: dict) -> dict:
 
 
 def save_training_checkpoint(path, state: TrainState) -> None:
-    """The score_sde layout (`optimizer`, `model`, `ema`, `step`); save_checkpoint renames it into place in one step."""
-    from pdscli.models.checkpoint import save_checkpoint
+    """The score_sde layout (`optimizer`, `model`, `ema`, `step`), and the EMA weights as safetensors beside it.
+
+    Each file is renamed into place in one step.
+    """
+    from pdscli.models.checkpoint import save_checkpoint, save_safetensors
 
     save_checkpoint(path, state.net, ema_params=state.ema.shadow, optimizer_state=state.optimizer.state_dict(), step=state.step)
+    save_safetensors(Path(path).with_name(WEIGHTS_NAME), state.net, ema_params=state.ema.shadow, step=state.step)
 
 
 def restore_training_checkpoint(path, state: TrainState) -> None:
