@@ -143,3 +143,13 @@ def test_replayed_graphs_give_the_eager_samples(name):
         assert summary["path"] == EAGER and "capture failed" in summary["reason"]
     else:
         assert summary["path"] == CUDA_GRAPH and summary["batches"] == {EAGER: 1, CUDA_GRAPH: 2}
+
+
+def test_a_samplers_own_keywords_pass_through(model):
+    from pdscli.samplers.pc import PCOptions
+
+    fn, steps = get_sampler("pc"), _steps(model, "pc")
+    options = PCOptions(corrector="none")
+    wrapped = StepGraphSampler(fn, "cpu")
+    got = wrapped(model.score, SampleNoise(5, [0, 1], model.settings.shape), steps, options=options)
+    assert torch.equal(got, fn(model.score, SampleNoise(5, [0, 1], model.settings.shape), steps, options=options))

@@ -69,8 +69,9 @@ class StepGraphSampler:
 
     # -- the sampler signature ------------------------------------------------------------------
 
-    def __call__(self, score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None):
-        opts = dict(precond=precond, snr=snr, per_sample_step=per_sample_step)
+    def __call__(self, score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None, **extra):
+        # `extra`: a sampler's own keywords (the PC family's `options`), passed through unchanged.
+        opts = dict(precond=precond, snr=snr, per_sample_step=per_sample_step, **extra)
         reason = self._eager_reason(noise)
         key = self._key(score, noise, steps, opts)
         if reason is None and self.failed is not None and self.failed[0] == key:
@@ -111,8 +112,9 @@ class StepGraphSampler:
 
     @staticmethod
     def _key(score, noise, steps, opts) -> tuple:
+        extra = tuple(sorted((k, repr(v)) for k, v in opts.items() if k not in ("precond", "snr", "per_sample_step")))
         return (id(score), getattr(noise, "seed", None), len(noise), getattr(noise, "shape", None), id(steps),
-                id(opts["precond"]), float(opts["snr"]), bool(opts["per_sample_step"]))
+                id(opts["precond"]), float(opts["snr"]), bool(opts["per_sample_step"]), extra)
 
     def _eager(self, reason, score, noise, steps, opts, callback):
         self.info = {"path": EAGER, "reason": reason}
