@@ -57,6 +57,7 @@ def bench(
     channels: options.Channels = None,
     trust_checkpoint: options.TrustCheckpoint = False,
     device: options.Device = "auto",
+    tf32: options.Tf32 = "off",
     threads: options.Threads = None,
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure, or all (default: all that apply, fp16 only on a GPU; --quick: eager only).", rich_help_panel=MEASURE),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default 1,8,32; --quick 1,8).", rich_help_panel=MEASURE),
@@ -92,7 +93,9 @@ def bench(
     from pdscli.bench.render import to_rich
     from pdscli.bench.report import to_json, write_json
     from pdscli.bench.run import run_bench
+    from pdscli.devices import set_tf32
 
+    set_tf32(tf32)
     cfg = BenchConfig(
         model=model, checkpoint=checkpoint, config=config, preset=preset, random_weights=random_weights, engine=engine,
         engine_backend=engine_backend, image_size=image_size, channels=channels, trust_checkpoint=trust_checkpoint,

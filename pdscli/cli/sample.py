@@ -25,7 +25,7 @@ EPILOG = (
     "  pds sample --out out/ --resume      (finish an interrupted run)\n\n"
     "  torchrun --nproc-per-node 4 -m pdscli sample --checkpoint ... --out fid/      (one process per GPU)\n\n"
     "Writes NNNNNN.png per sample (as soon as its batch is done), grid.png, samples.npz "
-    "(float32 [N,C,H,W] in [0,1]) and run.json. Sample i's noise is seeded from (--seed, i)."
+    "(float32 [N,C,H,W] in [0,1]) and run.json. Sample i's noise is a function of (--seed, i)."
 )
 
 Model = Annotated[Optional[str], typer.Option(
@@ -63,6 +63,7 @@ def sample(
     precision: Precision = None,
     device: options.Device = "auto",
     threads: options.Threads = None,
+    tf32: options.Tf32 = "off",
     masks: Annotated[Optional[Path], _opt("--masks", help="Filters .npz made by `pds filters`.")] = None,
     freq_mask: Annotated[Optional[Path], _opt("--freq-mask", help="Reference freq_mask.npy [C,H,W].")] = None,
     space_mask: Annotated[Optional[Path], _opt("--space-mask", help="Reference space_mask.npy [C,H,W].")] = None,
@@ -94,9 +95,13 @@ def sample(
         "Corrector step size per sample. Default: the reference's batch-mean step size (for fidelity), which couples "
         "the samples of a batch, so images then depend on --batch-size; with this flag a seed gives the same images "
         "at any batch size."))] = False,
+    step_graphs: Annotated[bool, _opt("--step-graphs", help=(
+        "On a GPU: capture each whole step (score call and sampler update) in CUDA graphs after one eager batch, and "
+        "replay them for every batch of the same size; eager where that cannot be done (run.json says which path ran)."),
+        panel=RUN)] = False,
     num_samples: Annotated[int, _opt("--num-samples", "-n", min=1, help="How many images.", panel=RUN)] = 16,
     batch_size: Annotated[int, _opt("--batch-size", "-b", min=1, help="Images per batch.", panel=RUN)] = 16,
-    seed: Annotated[int, _opt("--seed", min=0, help="Run seed (0 or more); sample i uses a generator seeded from (seed, i).",
+    seed: Annotated[int, _opt("--seed", min=0, help="Run seed (0 or more); sample i's noise is a function of (seed, i), whatever the batch.",
                               panel=RUN)] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=options.OUTPUT)] = Path("samples"),
     force: Annotated[bool, typer.Option("--force", help=(
@@ -107,7 +112,7 @@ def sample(
     as_json: options.Json = False,
 ):
     from pdscli.cli.progress import Progress, SampleBars
-    from pdscli.devices import set_threads
+    from pdscli.devices import set_tf32, set_threads
     from pdscli.sample import distributed
     from pdscli.sample.job import RunInterrupted
     from pdscli.sample.model import ModelSpec
@@ -116,6 +121,7 @@ def sample(
 
     if threads is not None:
         set_threads(threads)
+    set_tf32(tf32)
     # Under torchrun each rank joins the process group and takes its local GPU (or the CPU).
     dist, device = distributed.setup(device)
     spec = ModelSpec(
@@ -126,7 +132,7 @@ def sample(
     flags = SampleFlags(
         out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler, steps=steps, nfe=nfe,
         speed_up=speed_up, schedule=schedule, per_sample_step=per_sample_step, num_samples=num_samples,
-        batch_size=batch_size, seed=seed, force=force, resume=resume,
+        batch_size=batch_size, seed=seed, force=force, resume=resume, step_graphs=step_graphs,
     )
     try:
         with Progress(enabled=not quiet and dist.is_main) as bars:

@@ -1,7 +1,9 @@
 """PyTorch engine: an `nn.Module` with `net(x, sigma) -> score` as the score callable.
 
 Eager by default. `compile=True` runs it through `torch.compile` (fixed shapes: the sampler's
-batch does not change within a run). `cuda_graph=True` captures one network call at a fixed
+batch does not change within a run). `channels_last=True` stores the weights and the network's
+input NHWC, the layout cuDNN's tensor-core convolutions read natively (fp16/bf16 on a GPU); the
+score handed back is in the ordinary layout again. `cuda_graph=True` captures one network call at a fixed
 batch in a CUDA graph and replays it each step: static input/output buffers, inputs copied in;
 partial batches are padded by `BatchAdapter`.
 """
@@ -18,16 +20,23 @@ WARMUP_CALLS = 3  # before capture: cuDNN autotuning and lazy allocations must n
 
 
 class TorchScore:
-    def __init__(self, net: nn.Module, device, *, compile: bool = False):
+    def __init__(self, net: nn.Module, device, *, compile: bool = False, channels_last: bool = False):
         self.device = torch.device(device)
+        self.channels_last = channels_last
         self.net = net.eval().to(self.device)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
         # dynamic=False: one graph per batch size is what a sampler needs, and it is the fastest.
         self.fn = torch.compile(self.net, dynamic=False) if compile else self.net
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x, sigma = as_inputs(x, sigma, self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.fn(x, sigma).float()
+            out = self.fn(x, sigma).float()
+        # The samplers' state is in the ordinary layout: mixing layouts in their updates is slow.
+        return out.contiguous() if self.channels_last else out
 
 
 class CudaGraphScore:
@@ -74,22 +83,26 @@ def torch_score(
     cuda_graph: bool = False,
     batch_size: int | None = None,
     shape=None,
+    channels_last: bool = False,
 ):
     """The score callable of `net` on `device` (the net is moved and, at fp16/bf16, converted
-    in place with its `set_precision`). `cuda_graph` needs `batch_size` and `shape` (C, H, W)."""
+    in place with its `set_precision`: time embedding and normalisation statistics stay float32).
+    `cuda_graph` needs `batch_size` and `shape` (C, H, W)."""
     if precision and precision != "fp32":
         from pdscli.engines.export import DTYPES
 
         if not hasattr(net, "set_precision"):
             raise PdsError(f"this model cannot run at {precision} (it has no set_precision)")
         net.set_precision(DTYPES[precision])
-    engine = TorchScore(net, device, compile=compile)
+    engine = TorchScore(net, device, compile=compile, channels_last=channels_last)
     if not cuda_graph:
         return engine
     if batch_size is None or shape is None:
         raise ValueError("cuda_graph needs batch_size and shape")
 
     def call(x, sigma):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return engine.fn(x, sigma).float()
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdscli.errors import PdsError
+from pdscli.noise import NOISE_VERSION
 from pdscli.precondition import Preconditioner
 from pdscli.sample.model import FiltersInfo
 from pdscli.samplers import Steps
@@ -50,6 +51,7 @@ class SampleJob:
     per_sample_step: bool = False
     resume: bool = False
     force: bool = False
+    step_graphs: bool = False  # replay whole steps from CUDA graphs where possible (pdscli.engines.graph_step)
     # For run.json: what the flags asked for and where things came from.
     schedule: str = "pc"
     alpha: float | None = None  # the filter strength used (None without a preconditioner)
@@ -91,6 +93,7 @@ class SampleJob:
             "per_sample_step": self.per_sample_step,
             "alpha": self.alpha if preconditioned else None,
             "filters": self.filters.sha256 if preconditioned and self.filters else None,
+            "noise_version": NOISE_VERSION,
         }
         if self.coupled_batches:
             record["batch_size"] = self.batch_size

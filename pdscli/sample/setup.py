@@ -55,6 +55,7 @@ class SampleFlags:
     seed: int = 0
     force: bool = False
     resume: bool = False
+    step_graphs: bool = False
 
     @property
     def has_filter_files(self) -> bool:
@@ -196,6 +197,7 @@ def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
         model=model, sampler=sampler, steps=grid, out=out, num_samples=flags.num_samples,
         batch_size=flags.batch_size, seed=flags.seed, snr=settings.snr,  # --snr is already in the settings
         precond=precond, per_sample_step=flags.per_sample_step, resume=flags.resume, force=flags.force,
+        step_graphs=flags.step_graphs,
         schedule=schedule, alpha=choice.alpha if precond is not None else None,
         alpha_given=choice.given if choice is not None else None, filters=filters_info,
         precision=model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
