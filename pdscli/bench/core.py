@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import hashlib
 import importlib.util
 import json
 import math
@@ -372,32 +371,33 @@ def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
 
 
 def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) -> BenchModel:
-    from pdscli.models.checkpoint import load_score_model
-    from pdscli.engines.torch_engine import torch_score
+    from pdscli.models.checkpoint import open_network
 
-    net = load_score_model(path, config, preset=preset, trust_checkpoint=trust, device=device)
-    info = dict(net.checkpoint_info)
-    return BenchModel("network", torch_score(net, device=device), net.settings, device,
-                      name or f"checkpoint:{info['file']}", net=net, net_config=net.config,
-                      identity=info["sha256"][:16],
-                      info={"checkpoint": str(path), "sha256": info["sha256"], "preset": info.get("preset"),
-                            "config": info.get("config"), "weights": info.get("weights"),
-                            "num_params": info.get("num_params")})
+    return _network_model(open_network(path, config, preset, trust_checkpoint=trust, device=device), device, name)
 
 
 def _open_random(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    from pdscli.engines.torch_engine import torch_score
-    from pdscli.engines.export import load_source
+    from pdscli.models.checkpoint import open_network
 
-    source = load_source(config=cfg.config, preset=cfg.preset, random_weights=True, seed=cfg.seed)
-    net = source.net.to(device).eval()
-    digest = hashlib.sha256(json.dumps(net.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    label = cfg.preset or Path(cfg.config).stem
-    return BenchModel("network", torch_score(net, device=device), source.settings, device,
-                      f"random:{label}", net=net, net_config=net.config, identity=f"random-{digest}-s{cfg.seed}",
-                      info={"preset": cfg.preset, "config": str(cfg.config) if cfg.config else None,
-                            "weights": f"random (seed {cfg.seed}): an architecture benchmark, not a trained model",
-                            "num_params": sum(p.numel() for p in net.parameters())})
+    return _network_model(open_network(config=cfg.config, preset=cfg.preset, random_weights=True, seed=cfg.seed,
+                                       device=device), device)
+
+
+def _network_model(network, device: torch.device, name: str | None = None) -> BenchModel:
+    """A BenchModel of a `pdscli.models.checkpoint.Network` (fp32, eager)."""
+    from pdscli.engines.torch_engine import torch_score
+
+    if network.checkpoint is not None:
+        name = name or f"checkpoint:{network.checkpoint.name}"
+        info = {"checkpoint": str(network.checkpoint), "sha256": network.sha256, "preset": network.preset,
+                "config": network.config_label, "weights": network.weights}
+    else:
+        name = name or f"random:{network.stem.removesuffix('-random')}"
+        info = {"preset": network.preset, "config": network.config_label,
+                "weights": f"random (seed {network.seed}): an architecture benchmark, not a trained model"}
+    return BenchModel("network", torch_score(network.net, device=device), network.settings, device, name,
+                      net=network.net, net_config=network.config, identity=network.identity,
+                      info={**info, "num_params": network.num_params})
 
 
 def _open_engine(cfg: BenchConfig, device: torch.device) -> BenchModel:
@@ -611,34 +611,16 @@ def make_backend(name: str, model: BenchModel, cache: ExportCache, threads: int 
 
 
 def _onnx_backend(name, model, cache, threads, info) -> Backend:
-    from pdscli.engines.onnx_engine import OnnxScore, choose_providers
+    from pdscli.engines.onnx_engine import OnnxScore, choose_providers, create_session
 
     data, reused = cache.onnx_bytes(model, "fp32")
     backend_flag = {"onnx-cpu": "cpu", "onnx-cuda": "cuda", "onnx-trt": "tensorrt"}[name]
     providers = choose_providers(model.device, backend_flag, cache_dir=cache.folder / "ort-trt-cache")
-    session = ort_session(data, providers, threads, label=name)
+    session = create_session(data, providers, threads=threads, label=f"the {name} graph")
     score = OnnxScore(session, model.device)
     return Backend(name, lambda b: score, {**info, "precision": "fp32", "provider": score.provider,
                                            "onnx_reused_from_cache": reused,
                                            "intra_op_threads": threads or "onnxruntime default"})
-
-
-def ort_session(data: bytes, providers: list, threads: int | None, *, label: str):
-    """An ONNX Runtime session with `threads` intra-op threads (the same budget as torch, so CPU
-    backends compete fairly); refuses ORT's silent fallback to the CPU provider."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    try:
-        session = ort.InferenceSession(data, opts, providers=providers)
-    except Exception as e:  # ORT's own pybind exception types
-        raise PdsError(f"ONNX Runtime cannot load the graph for {label}: {_one_line(e)}") from None
-    if session.get_providers()[0] != providers[0][0]:
-        raise PdsError(f"ONNX Runtime fell back to {session.get_providers()[0]} instead of {providers[0][0]}")
-    return session
 
 
 def _trt_backend(name, model, cache, batches, info) -> Backend:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pdscli.errors import PdsError
-from pdscli.score import ScoreModel
+from pdscli.score import ScoreModel, as_inputs
 
 ONNX_SUFFIXES = (".onnx",)
 TRT_SUFFIXES = (".plan", ".engine")
@@ -95,15 +95,6 @@ def check_io_signature(path, inputs, outputs) -> tuple[tuple[int, int, int], int
         raise PdsError(f"{name}: images must be square, got {chw[1]}x{chw[2]}")
     batch = x_s[0] if isinstance(x_s[0], int) else None
     return tuple(chw), batch
-
-
-def as_inputs(x: torch.Tensor, sigma: torch.Tensor, device: torch.device):
-    """float32, contiguous, on `device`; a scalar sigma is broadcast to the batch."""
-    x = x.detach().to(device=device, dtype=torch.float32).contiguous()
-    sigma = torch.as_tensor(sigma).detach().to(device=device, dtype=torch.float32).reshape(-1)
-    if sigma.numel() == 1 and x.shape[0] != 1:
-        sigma = sigma.expand(x.shape[0])
-    return x, sigma.contiguous()
 
 
 class BatchAdapter:

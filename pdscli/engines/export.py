@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from pdscli import __version__
+from pdscli.devices import PRECISIONS
 from pdscli.errors import PdsError
+from pdscli.engines.onnx_engine import OnnxScore, choose_providers, create_session
+from pdscli.models.checkpoint import open_network
 from pdscli.settings import SamplingSettings
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Conv / MatMul take bfloat16 only from opset 22; 18 keeps fp32/fp16 graphs loadable by older
 # TensorRT 10.x parsers and ONNX Runtime builds.
 OPSETS = {"fp32": 18, "fp16": 18, "bf16": 22}
@@ -117,7 +118,7 @@ def at_precision(net: nn.Module, precision: str) -> nn.Module:
     if not hasattr(net, "set_precision"):
         raise PdsError(f"this model cannot run at {precision} (it has no set_precision); export at fp32")
     low = copy.deepcopy(net)
-    low.set_precision(DTYPES[precision])
+    low.set_precision(PRECISIONS[precision])
     return low.eval()
 
 
@@ -361,8 +362,6 @@ def check_parity_or_fail(report: ParityReport, what: str) -> None:
 
 def onnx_parity(net, data: bytes, settings, *, precision, device, batches, sigmas, tolerance, log) -> ParityReport | None:
     """Run the serialized graph in ONNX Runtime against `net`; None if ORT cannot run it here."""
-    from pdscli.engines.onnx_engine import OnnxScore, choose_providers, create_session
-
     device = torch.device(device)
     try:
         session = create_session(data, choose_providers(device, None), label="the exported graph")
@@ -431,9 +430,6 @@ def export_onnx(
 
 # --- the model to export -----------------------------------------------------------------------
 
-RANDOM_STD = 0.01
-
-
 @dataclass
 class ExportSource:
     net: nn.Module
@@ -442,45 +438,14 @@ class ExportSource:
     stem: str  # default file name stem
 
 
-def randomize(net: nn.Module, seed: int = 0, std: float = RANDOM_STD) -> nn.Module:
-    """Add N(0, std^2) to every parameter, as the reference fixture does.
-
-    score_sde initialises the last conv of each block at scale ~1e-10 (init_scale=0), so a
-    freshly built NCSN++ outputs almost nothing: fp16 flushes those weights to zero and a
-    parity check compares near-zeros. The offset makes a random-weights export exercise the
-    whole graph."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype) * std)
-    return net
-
-
 def load_source(checkpoint=None, config=None, preset=None, *, random_weights=False, weights="ema",
                 trust_checkpoint=False, seed: int = 0) -> ExportSource:
     """The fp32 network to export, its settings and provenance metadata."""
-    if random_weights:
-        if checkpoint is not None:
-            raise PdsError("--random-weights and --checkpoint exclude each other")
-        from pdscli.models import build_model, load_config, settings_from_config
-
-        cfg = load_config(config, preset)
-        with torch.random.fork_rng(devices=[]):  # build_model's init draws from the global generator
-            torch.manual_seed(seed)
-            net = randomize(build_model(cfg), seed)
-        settings = settings_from_config(cfg)
-        stem = f"{preset or Path(config).stem}-random"
-        meta = export_metadata(settings, precision="", preset=preset, weights=f"random(seed={seed})")
-        return ExportSource(net.eval(), settings, meta, stem)
-    if checkpoint is None:
-        raise PdsError("pass --checkpoint FILE (or --random-weights with --preset/--config)")
-    from pdscli.models.checkpoint import load_score_model
-
-    net = load_score_model(checkpoint, config, preset=preset, weights=weights, trust_checkpoint=trust_checkpoint)
-    info = net.checkpoint_info
-    meta = export_metadata(net.settings, precision="", preset=info.get("preset") or preset,
-                           checkpoint_sha256=info.get("sha256"), weights=info.get("weights", weights))
-    return ExportSource(net.eval(), net.settings, meta, Path(checkpoint).stem)
+    network = open_network(checkpoint, config, preset, random_weights=random_weights, seed=seed, weights=weights,
+                           trust_checkpoint=trust_checkpoint)
+    meta = export_metadata(network.settings, precision="", preset=network.preset or preset,
+                           checkpoint_sha256=network.sha256, weights=network.weights)
+    return ExportSource(network.net, network.settings, meta, network.stem)
 
 
 def default_out(stem: str, precision: str, fmt: str, folder: str | Path = "engines") -> Path:

@@ -53,8 +53,11 @@ def choose_providers(device: torch.device, backend: str | None, cache_dir: Path 
     return [cuda]
 
 
-def create_session(model, providers: list, *, label: str):
-    """An InferenceSession from a path or the model's bytes; a clear error when it cannot be made."""
+def create_session(model: bytes | str | Path, providers: list, *, threads: int | None = None, label: str):
+    """The one way `pds` makes an ONNX Runtime session: from a file or the model's bytes, with the
+    execution `providers` (`choose_providers`), `threads` intra-op threads (None: ORT's default;
+    the bench gives ORT the same budget as torch), and a one-line error naming `label` when the
+    model cannot be loaded or ORT silently falls back from the provider asked for to the CPU."""
     ort = _ort()
     have = ort.get_available_providers()
     wanted = providers[0][0]
@@ -63,6 +66,8 @@ def create_session(model, providers: list, *, label: str):
         raise PdsError(f"this onnxruntime ({ort.__version__}) has no {wanted}{hint}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT's warnings are about its own internals
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers)
     except Exception as e:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)

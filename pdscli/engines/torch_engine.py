@@ -11,23 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdscli.engines import BatchAdapter, as_inputs
+from pdscli.devices import PRECISIONS
+from pdscli.engines import BatchAdapter
 from pdscli.errors import PdsError
+from pdscli.score import TorchScore, as_inputs
 
 WARMUP_CALLS = 3  # before capture: cuDNN autotuning and lazy allocations must not be captured
-
-
-class TorchScore:
-    def __init__(self, net: nn.Module, device, *, compile: bool = False):
-        self.device = torch.device(device)
-        self.net = net.eval().to(self.device)
-        # dynamic=False: one graph per batch size is what a sampler needs, and it is the fastest.
-        self.fn = torch.compile(self.net, dynamic=False) if compile else self.net
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        x, sigma = as_inputs(x, sigma, self.device)
-        with torch.inference_mode():
-            return self.fn(x, sigma).float()
 
 
 class CudaGraphScore:
@@ -78,11 +67,9 @@ def torch_score(
     """The score callable of `net` on `device` (the net is moved and, at fp16/bf16, converted
     in place with its `set_precision`). `cuda_graph` needs `batch_size` and `shape` (C, H, W)."""
     if precision and precision != "fp32":
-        from pdscli.engines.export import DTYPES
-
         if not hasattr(net, "set_precision"):
             raise PdsError(f"this model cannot run at {precision} (it has no set_precision)")
-        net.set_precision(DTYPES[precision])
+        net.set_precision(PRECISIONS[precision])
     engine = TorchScore(net, device, compile=compile)
     if not cuda_graph:
         return engine

@@ -18,6 +18,8 @@ mismatch is an error that names it: nothing is ever loaded partially.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import pickle
 import re
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from pdscli.devices import resolve_device, resolve_precision
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, sha256_file
 from pdscli.models.config import (
@@ -40,7 +43,8 @@ from pdscli.models.config import (
     settings_from_config,
 )
 from pdscli.models.ncsnpp import NCSNpp, build_model
-from pdscli.score import ScoreModel
+from pdscli.score import ScoreModel, TorchScore
+from pdscli.settings import SamplingSettings
 
 PREFIX = "module."  # torch.nn.DataParallel's, present in every score_sde checkpoint
 WEIGHTS = ("ema", "raw")
@@ -243,11 +247,7 @@ def _load_ema(model: nn.Module, ema: dict, path: Path) -> None:
 
 
 def _device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    from pdscli.devices import resolve_device
-
-    return resolve_device(device)
+    return device if isinstance(device, torch.device) else resolve_device(device)
 
 
 def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = None, *, preset: str | None = None,
@@ -296,30 +296,17 @@ def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = 
     return model
 
 
-class TorchScore:
-    """The score contract for a PyTorch module: `score(x, sigma)` under inference mode."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.module(x, sigma)
-
-
 def open_checkpoint(checkpoint: str | Path, config: str | Path | dict | None = None, preset: str | None = None, *,
                     device: str | torch.device, precision: str = "fp32", weights: str = "ema",
                     trust_checkpoint: bool = False) -> ScoreModel:
     """A checkpoint as a `ScoreModel` for the samplers; `precision` fp16/bf16 runs the body in half."""
-    from pdscli.devices import resolve_precision
-
     dtype = resolve_precision(precision)
     model = load_score_model(checkpoint, config, preset=preset, weights=weights,
                              trust_checkpoint=trust_checkpoint, device=device)
     model.set_precision(dtype)
     info = model.checkpoint_info
     return ScoreModel(
-        score=TorchScore(model),
+        score=TorchScore(model, next(model.parameters()).device),
         settings=model.settings,
         name=f"checkpoint:{info['file']}",
         device=next(model.parameters()).device,
@@ -327,6 +314,78 @@ def open_checkpoint(checkpoint: str | Path, config: str | Path | dict | None = N
         info={"backend": "torch", "precision": precision.lower(), "config": info["config"], "preset": info["preset"],
               "weights": info["weights"], "step": info["step"], "num_params": info["num_params"]},
     )
+
+
+# ---- one opener for every command that needs the network itself ----
+
+RANDOM_STD = 0.01
+
+
+@dataclass
+class Network:
+    """An fp32 NCSN++ in eval mode and where it came from (a checkpoint, or random weights)."""
+
+    net: NCSNpp
+    settings: SamplingSettings
+    config: dict
+    config_label: str  # "preset:cifar10", a config file, ...
+    preset: str | None
+    weights: str  # "ema", "raw", "state_dict" or "random(seed=N)"
+    stem: str  # a default file-name stem: the checkpoint's, or "<preset or config>-random"
+    checkpoint: Path | None = None
+    sha256: str | None = None  # of the checkpoint file
+    seed: int | None = None  # random weights only
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    @property
+    def identity(self) -> str:
+        """What exports of this network are cached under: the checkpoint's digest, or the
+        architecture's and the seed for random weights."""
+        if self.sha256:
+            return self.sha256[:16]
+        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return f"random-{digest}-s{self.seed}"
+
+
+def randomize(net: nn.Module, seed: int = 0, std: float = RANDOM_STD) -> nn.Module:
+    """Add N(0, std^2) to every parameter, as the reference fixture does.
+
+    score_sde initialises the last conv of each block at scale ~1e-10 (init_scale=0), so a
+    freshly built NCSN++ outputs almost nothing: fp16 flushes those weights to zero and a
+    parity check compares near-zeros. The offset makes a random-weights network exercise the
+    whole graph."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype) * std)
+    return net
+
+
+def open_network(checkpoint: str | Path | None = None, config: str | Path | dict | None = None,
+                 preset: str | None = None, *, random_weights: bool = False, seed: int = 0, weights: str = "ema",
+                 trust_checkpoint: bool = False, device: str | torch.device = "cpu") -> Network:
+    """The fp32 NCSN++ of a checkpoint (config / preset optional, as in `load_score_model`) or,
+    with `random_weights`, of a config / preset's architecture with seeded random weights."""
+    if random_weights:
+        if checkpoint is not None:
+            raise PdsError("--random-weights and --checkpoint exclude each other")
+        cfg, label, preset_name = resolve_config(config, preset)
+        with torch.random.fork_rng(devices=[]):  # build_model's init draws from the global generator
+            torch.manual_seed(seed)
+            net = randomize(build_model(cfg), seed)
+        stem = f"{preset or ('config' if isinstance(config, dict) else Path(config).stem)}-random"
+        return Network(net.to(_device(device)).eval(), settings_from_config(cfg), cfg, label, preset_name,
+                       f"random(seed={seed})", stem, seed=seed)
+    if checkpoint is None:
+        raise PdsError("pass --checkpoint FILE (or --random-weights with --preset/--config)")
+    net = load_score_model(checkpoint, config, preset=preset, weights=weights, trust_checkpoint=trust_checkpoint,
+                           device=device)
+    info = net.checkpoint_info
+    return Network(net, net.settings, net.config, info["config"], info.get("preset"), info["weights"],
+                   Path(checkpoint).stem, checkpoint=Path(checkpoint), sha256=info["sha256"])
 
 
 def checkpoint_report(model: NCSNpp) -> dict:
