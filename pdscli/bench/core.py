@@ -547,7 +547,7 @@ class ExportCache:
 
     def onnx_bytes(self, model: BenchModel, precision: str) -> tuple[bytes, bool]:
         """The model's ONNX graph at `precision` (exported once per identity); (bytes, reused)."""
-        from pdscli.engines.export import export_metadata, export_onnx
+        from pdscli.engines.onnx_export import export_metadata, export_onnx
         from pdscli.fsutil import atomic_write_bytes
 
         path = self.folder / f"{model.identity}-{precision}.onnx"
@@ -586,7 +586,7 @@ class Backend:
 def make_backend(name: str, model: BenchModel, cache: ExportCache, threads: int | None, batches: list[int]) -> Backend:
     """The backend called `name` (availability was checked by `unavailable_reason`)."""
     from pdscli.engines.torch_engine import torch_score
-    from pdscli.engines.export import at_precision
+    from pdscli.engines.onnx_export import at_precision
 
     info = {"description": BACKEND_HELP[name]}
     if name == ENGINE and str(model.info.get("engine", "")).lower().endswith(".onnx"):
@@ -625,7 +625,7 @@ def _onnx_backend(name, model, cache, threads, info) -> Backend:
 
 def _trt_backend(name, model, cache, batches, info) -> Backend:
     from pdscli.engines.tensorrt_engine import build_engine, open_trt
-    from pdscli.engines.export import export_metadata
+    from pdscli.engines.onnx_export import export_metadata
 
     precision = name.split("-", 1)[1]
     data, _ = cache.onnx_bytes(model, precision)
@@ -687,7 +687,7 @@ def reference_outputs(model: BenchModel, cfg: BenchConfig) -> dict:
     """Eager fp32 outputs on each batch's inputs: what every backend is compared with. TF32 is
     off here (on a GPU it is on by default for convolutions): the reference is true fp32, so
     eager's own TF32 error shows in its row instead of hiding in everyone else's."""
-    from pdscli.engines.export import exact_fp32
+    from pdscli.engines.parity import exact_fp32
 
     if model.kind != "network":
         return {}
@@ -1236,7 +1236,7 @@ def _precision_flags(device: torch.device) -> dict:
 def consistency_warnings(report: dict) -> list[str]:
     """What a reader must know before trusting the figures: a loaded machine, a backend that
     computes something else, a run faster than its own network calls (timing noise)."""
-    from pdscli.engines.export import TOLERANCES
+    from pdscli.engines.parity import TOLERANCES
 
     warnings = []
     load, cores = report["machine"].get("load_average"), report["machine"].get("usable_cores") or 1

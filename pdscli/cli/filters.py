@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from pdscli.cli import options
 from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
@@ -39,9 +40,9 @@ def filters(
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: CPU count, at most 8)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .npz (default masks/<folder>-<size>.npz)."),
     npy: bool = typer.Option(False, "--npy", help="Also write the reference's freq_mask.npy and space_mask.npy (in a folder named after --out)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    force: options.Force = False,
+    quiet: options.Quiet = False,
+    as_json: options.Json = False,
 ):
     from pdscli.precondition import filters as lib
 

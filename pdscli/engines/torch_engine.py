@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pdscli.devices import PRECISIONS
-from pdscli.engines import BatchAdapter
+from pdscli.engines.contract import BatchAdapter
 from pdscli.errors import PdsError
 from pdscli.score import TorchScore, as_inputs
 

@@ -23,6 +23,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -69,6 +70,12 @@ def read_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> RawC
     return _parse(_torch_load(path, trust_checkpoint), path)
 
 
+def load_file(path: str | Path, *, trust_checkpoint: bool = False):
+    """What `torch.load` returns for a checkpoint file, with a one-line PdsError for a missing,
+    empty, truncated or foreign file, or one that needs unpickling without `trust_checkpoint`."""
+    return _torch_load(Path(path), trust_checkpoint)
+
+
 def _torch_load(path: Path, trust: bool):
     try:
         with open(path, "rb") as f:
@@ -88,11 +95,17 @@ def _torch_load(path: Path, trust: bool):
         # The zip directory sits at the end of the file: a cut-off copy loses it first.
         raise PdsError(f"checkpoint {path} is truncated or corrupt (its zip directory is missing); copy it again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():
+            # torch warns about legacy (pre-1.6) files on its way to the error we report in one line.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         raise PdsError(_unpickling_message(path, str(e), trust)) from None
     except Exception as e:  # torch.load fails in many ways on damaged files; all mean the same to a user
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "TorchScript" in detail:
+            raise PdsError(f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint: "
+                           "save the model's state_dict with torch.save") from None
         if trust and isinstance(e, (ModuleNotFoundError, AttributeError)):
             raise PdsError(f"cannot unpickle checkpoint {path}: it refers to code that is not installed ({detail})") from None
         raise PdsError(f"checkpoint {path} is truncated or corrupt ({detail})") from None

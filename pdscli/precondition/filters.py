@@ -9,6 +9,7 @@ before the next-but-one is read.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from pdscli.errors import PdsError
-from pdscli.fsutil import atomic_save_image, atomic_write_bytes, prepare_out_file
+from pdscli.fsutil import atomic_path, prepare_out_file
 from pdscli.images import image_files, load_image
 
 CHUNK = 64  # images per batch handed to the accumulator
@@ -139,14 +140,31 @@ def check_outputs(out, *, npy: bool, force: bool) -> dict[str, Path]:
 
 
 def write_filters(filters, out, *, npy: bool = False, force: bool = False) -> dict[str, Path]:
-    """The .npz (Filters.save), a preview PNG and optionally freq_mask.npy / space_mask.npy; all atomic."""
+    """The .npz (Filters.save), a preview PNG and optionally freq_mask.npy / space_mask.npy.
+
+    The set is written whole or not at all: every file goes to a temporary file beside its
+    target first (where a full disk shows), and only then is each renamed into place.
+    """
     paths = check_outputs(out, npy=npy, force=force)
-    filters.save(paths["npz"])
-    atomic_save_image(paths["preview"], preview_image(filters))
+    preview = io.BytesIO()
+    preview_image(filters).save(preview, format="PNG")
+    blobs = {paths["preview"]: preview.getvalue()}
     if npy:
         # The reference's layout: float32 [C, H, W], freq = log(1 + mean|fft2|²), space = mean x².
-        _save_npy(paths["freq_npy"], _as_numpy(filters.freq))
-        _save_npy(paths["space_npy"], _as_numpy(filters.space))
+        blobs[paths["freq_npy"]] = _npy_bytes(_as_numpy(filters.freq))
+        blobs[paths["space_npy"]] = _npy_bytes(_as_numpy(filters.space))
+    current = paths["npz"]
+    try:
+        with contextlib.ExitStack() as stack:
+            filters.save(stack.enter_context(atomic_path(current)))
+            for current, data in blobs.items():
+                with open(stack.enter_context(atomic_path(current)), "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            current = paths["npz"].parent  # from here on: the renames into place
+    except OSError as e:
+        raise PdsError(f"cannot write {current}: {e.strerror or e}; no filter file was written") from None
     return paths
 
 
@@ -156,10 +174,10 @@ def _as_numpy(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def preview_image(filters, min_side: int = 192):
