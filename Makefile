@@ -21,6 +21,7 @@ demo: $(STAMP)
 	@echo "demo: images in demo-out/ (grid: demo-out/grid.png)"
 
 test: $(STAMP)
+	$(BIN)/ruff check pdscli tests scripts
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -4,28 +4,30 @@
     .venv/bin/python scripts/bench_docs.py --run all                 # every CPU run (tens of minutes)
     .venv/bin/python scripts/bench_docs.py                           # only re-render the tables
 
+It needs the package importable (installed, or PYTHONPATH=. from a checkout).
+
 Each run's full report (every raw timing, settings, machine) is kept as docs/bench/<name>.json;
 the Markdown between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in docs/benchmarks.md is
-generated from it, so no figure in those blocks is typed by hand.
+generated from it by `pds bench`'s own renderer (pdscli.bench.render.to_markdown: the same
+tables the terminal shows), so no figure in those blocks is typed by hand.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pdscli.bench.render import to_markdown
+from pdscli.bench.report import load_report
 
-from pdscli.bench import core as bench  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 DATA = REPO / "docs" / "bench"
-FIXTURE = REPO.parent / "shared" / "fixtures" / "ncsnpp_small"
+FIXTURE = REPO / "tests" / "fixtures" / "ncsnpp_small"
 
 # One thread: the documentation machine is a shared 2-core box, and one thread keeps the
 # figures comparable between runs made while other jobs come and go.
@@ -59,153 +61,31 @@ GPU_RUNS = {
 
 def command(name: str) -> list[str]:
     args = [*RUNS[name], *COMMON] if name in RUNS else [*GPU_RUNS[name], *GPU_COMMON]
-    return ["pds", "bench", *args, "--json", str(DATA / f"{name}.json"), "--force"]
+    return ["pds", "bench", *args, "--out", str(DATA / f"{name}.json"), "--force"]
 
 
 def run(name: str) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     cmd = command(name)
-    cmd[0] = str(REPO / ".venv" / "bin" / "pds")
     print("+", shlex.join(cmd), flush=True)
+    cmd[:1] = [sys.executable, "-m", "pdscli"]  # the `pds` of this interpreter
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-# --- Markdown from a report -----------------------------------------------------------------
-
-
-# The number formats of `pds bench`'s own tables, so the docs read the same.
-_ms, _g, _pct = bench._ms, bench._num, bench._pct
-
-
-def _rate(v) -> str:
-    return "—" if v is None else (f"{v:,.0f}" if v >= 1000 else f"{v:.4g}")
-
-
-def _md(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _quality(q) -> str:
-    if not q or q.get("value") is None:
-        return "—"
-    floor = f" (floor {q['floor']:.2g})" if q.get("floor") is not None else ""
-    return f"{q['value']:.3g}{floor}"
+# --- Markdown from a report: pdscli.bench.render's own tables ----------------------------------
 
 
 def _command(report: dict) -> str:
-    # The recorded command, with this checkout's absolute paths shortened for the reader.
-    return report["command"].replace(str(FIXTURE), "../shared/fixtures/ncsnpp_small").replace(str(DATA) + "/", "docs/bench/")
-
-
-def header(report: dict, name: str) -> str:
-    m = report["machine"]
-    load = m.get("load_average") or ["?"]
-    end = m.get("load_average_end") or ["?"]
-    libs = m["libraries"]
-    return (f"Command: `{_command(report)}`  \n"
-            f"Measured {report['created']} on {m['cpu']} ({m['usable_cores']} cores usable, "
-            f"{report['settings']['torch_threads']} torch thread), load average {load[0]} at the start and {end[0]} at the end "
-            f"(the machine was shared); torch {libs['torch']}, onnxruntime {libs['onnxruntime']}, pds {libs['pds']}; "
-            f"the run took {report['elapsed_s']:.0f} s. The full report (every raw timing): `docs/bench/{name}.json`.")
-
-
-def nfe_table(report: dict) -> str:
-    ok = [e for e in report["backends"] if e["status"] == "ok"]
-    if not ok:
-        return ""
-    base = next((k for k in ok[0]["batches"][0] if k.startswith("speedup_vs_")), None)
-    rows = []
-    for e in ok:
-        for r in e["batches"]:
-            rows.append([e["name"], e.get("precision") or "?", str(r["batch"]), _ms(r["median_s"]), _ms(r["iqr_s"]),
-                         f"{_ms(r['min_s'])}–{_ms(r['max_s'])}", _rate(r["images_per_s"]),
-                         _g(r.get(base), ".2f") + "×" if base and r.get(base) else "—",
-                         _g(r["achieved_flops_per_s"] / 1e9 if r.get("achieved_flops_per_s") else None),
-                         _g(r.get("max_rel_err_vs_eager_fp32"), ".1e")])
-    s = report["settings"]
-    text = (f"Per network call, {s['repeats']} timed calls after {s['warmup']} warm-up"
-            + (f"; model FLOPs {report['flops']['per_image'] / 1e9:.3g} GFLOP per image per call "
-               f"({report['flops']['method']})" if report["flops"].get("per_image") else "") + ":\n\n")
-    table = _md(["backend", "precision", "batch", "median ms", "IQR ms", "min–max ms", "images/s",
-                 f"vs {base.removeprefix('speedup_vs_') if base else '—'}", "GFLOP/s", "rel. error vs eager fp32"], rows)
-    setup = [f"{e['name']} {e['setup_s']:.1f} s" for e in ok if e.get("setup_s", 0) > 0.5]
-    # A first call much slower than the steady state holds compilation or lazy set-up: say so.
-    first = [f"{e['name']} {max(r['first_call_s'] for r in e['batches']):.3g} s" for e in ok
-             if any((r.get("first_call_s") or 0) > 2 * max(x["median_s"] for x in e["batches"]) + 0.1 for r in e["batches"])]
-    notes = []
-    if setup:
-        notes.append(f"Set-up before the first call (export, model copies): {', '.join(setup)}.")
-    if first:
-        notes.append(f"Slowest first (warm-up, untimed) call: {', '.join(first)}.")
-    notes = ("\n\n" + " ".join(notes)) if notes else ""
-    return text + table + notes
-
-
-def overhead_table(report: dict) -> str:
-    part = report.get("pds_overhead", {})
-    if part.get("status") != "ok":
-        return ""
-    rows = [[str(r["batch"]), _ms(r["noise"]["median_s"]), _ms(r["grad"]["median_s"]), _ms(r["per_nfe_s"]),
-             _pct(r.get("fraction_of_e2e_backend_nfe")),
-             (_pct(r["fraction_of_fastest_nfe"]) + f" ({r['fastest_backend']})") if r.get("fastest_backend") else "—"]
-            for r in part["batches"]]
-    return ("PDS overhead per network call (one M z and one M Mᵀ g; a PC step makes two of each):\n\n"
-            + _md(["batch", "M z ms", "M Mᵀ g ms", "per NFE ms", "% of one NFE (e2e backend)", "% of the fastest NFE"], rows))
-
-
-def e2e_table(report: dict) -> str:
-    part = report.get("end_to_end", {})
-    if part.get("status") != "ok":
-        return ""
-    rows = []
-    for r in part["runs"]:
-        alpha = f", α {r['alpha']:.3g}" if r.get("alpha") is not None else ""
-        rows.append([f"{r['label']} ({r['sampler']}{alpha})", str(r["steps"]), str(r["nfe"]),
-                     f"{r['timing']['median_s']:.4g}", f"{r['timing']['iqr_s']:.2g}", str(r["timing"]["count"]),
-                     _rate(r["images_per_s"]), _quality(r["quality"])])
-    q = report["quality"]
-    return (f"End to end on `{part['backend']}`, batch {part['batch']}, {part['samples']} images per run (the two runs "
-            f"interleaved batch by batch): **PDS speedup {part['speedup']:.2f}×** in wall time for an NFE ratio of "
-            f"{part['nfe_ratio']:.2f}×. Quality: {q['metric'] or 'none (no reference)'}.\n\n"
-            + _md(["run", "steps", "NFE", "median s per batch", "IQR s", "batches timed", "images/s", "quality"], rows))
-
-
-def samplers_table(report: dict) -> str:
-    part = report.get("samplers", {})
-    if part.get("status") != "ok":
-        return ""
-    rows = []
-    for r in part["rows"]:
-        if r["status"] != "ok":
-            rows.append([r["sampler"], str(r["nfe_budget"]), str(r["steps"]), "—", "—", "—", f"skipped: {r['reason']}"])
-            continue
-        alpha = f" (α {r['alpha']:.3g})" if r.get("alpha") is not None else ""
-        rows.append([r["sampler"] + alpha, str(r["nfe_budget"]), str(r["steps"]), str(r["nfe"]),
-                     f"{r['per_image_s'] * 1e3:.3g}", _rate(r["images_per_s"]), _quality(r["quality"])])
-    return (f"Samplers at equal NFE budgets, batch {part['batch']}, {part['samples']} images each:\n\n"
-            + _md(["sampler", "NFE budget", "steps", "NFE", "ms per image", "images/s", "quality"], rows))
-
-
-def flops_line(report: dict) -> str:
-    per_call = report["flops"].get("per_call")
-    if not per_call or any(e["status"] == "ok" for e in report["backends"]):
-        return ""  # the latency table states it already
-    counts = ", ".join(f"batch {b}: {f / 1e9:,.1f} GFLOP" for b, f in per_call.items())
-    return (f"Model FLOPs per network call of `{report['model']['name']}` ({report['model'].get('num_params', 0):,} "
-            f"parameters, {'x'.join(map(str, report['model']['shape']))}): {counts} ({report['flops']['method']}; "
-            f"{report['flops']['counts']}). Nothing was timed in this run.")
+    """The recorded command as a reader in the repository's root would type it: the absolute
+    paths of the checkout that ran it made relative. Reports recorded before `--out` existed
+    name their file with `--json FILE`: the same run, spelled as the command line spells it now."""
+    command = re.sub(r"\S*/fixtures/ncsnpp_small", "tests/fixtures/ncsnpp_small", report["command"])
+    command = re.sub(r"\S*/docs/bench/", "docs/bench/", command)
+    return re.sub(r"--json (\S+\.json)", r"--out \1", command)
 
 
 def render(report: dict, name: str) -> str:
-    parts = [header(report, name), flops_line(report), nfe_table(report), overhead_table(report), e2e_table(report), samplers_table(report)]
-    skipped = [f"`{e['name']}` ({e['reason']})" for e in report["backends"] if e["status"] != "ok"]
-    if skipped:
-        parts.append("Not measured: " + "; ".join(skipped) + ".")
-    if report.get("warnings"):
-        parts.append("Warnings the run printed: " + " ".join(f"*{w}.*" for w in report["warnings"]))
-    return "\n\n".join(p for p in parts if p)
+    return to_markdown(report, command=_command(report), full_report=f"docs/bench/{name}.json")
 
 
 def update_doc() -> None:
@@ -216,7 +96,7 @@ def update_doc() -> None:
         if not block.search(text):
             print(f"note: docs/benchmarks.md has no block for {name}", file=sys.stderr)
             continue
-        body = render(json.loads(path.read_text()), name)
+        body = render(load_report(path), name)
         text = block.sub(lambda m: m.group(1) + body + m.group(2), text)
     DOC.write_text(text)
 
@@ -232,7 +112,7 @@ def main(argv=None) -> None:
         if name not in RUNS and name not in GPU_RUNS:
             p.error(f"unknown run {name!r}")
         if args.print:
-            print(shlex.join(command(name)).replace(str(REPO) + "/", "").replace(str(FIXTURE), "../shared/fixtures/ncsnpp_small"))
+            print(shlex.join(command(name)).replace(str(REPO) + "/", ""))
         else:
             run(name)
     if not args.print:

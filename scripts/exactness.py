@@ -24,15 +24,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.fsutil import atomic_write_text
+from pdscli.images import save_png
+from pdscli.noise import SampleNoise
+from pdscli.precondition import Preconditioner, compute_statistics
+from pdscli.samplers import REGISTRY, get_sampler, pc_steps
 
-from pdscli.evaluate.analytic import GaussianImageModel  # noqa: E402
-from pdscli.fsutil import atomic_write_text  # noqa: E402
-from pdscli.images import save_png  # noqa: E402
-from pdscli.noise import SampleNoise  # noqa: E402
-from pdscli.precondition import Preconditioner, compute_statistics  # noqa: E402
-from pdscli.samplers import REGISTRY, get_sampler, pc_steps  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 N_BANDS = 4
 SOURCE = "exact model samples saved as 8-bit PNGs"

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import math
 import platform
-import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdscli.precondition import alpha as AL  # noqa: E402
-from pdscli.evaluate.analytic import GaussianImageModel  # noqa: E402
-from pdscli.precondition import Filters, Preconditioner, compute_statistics  # noqa: E402
-from pdscli.samplers import get_sampler, pc_steps, pds  # noqa: E402
-from pdscli.samplers import accelerated as A  # noqa: E402
-from pdscli.samplers.grids import edm, geometric  # noqa: E402
+from pdscli.precondition import alpha as AL
+from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.precondition import Filters, Preconditioner, compute_statistics
+from pdscli.samplers import get_sampler, pc_steps, pds
+from pdscli.samplers import accelerated as A
+from pdscli.samplers.grids import edm, geometric
 
 SIZE = 32  # 32x32x1, the model's default settings (sigma_max 189, snr 0.075, 2000 scales)
 ODE_STEPS = (10, 20, 40, 80, 160)

@@ -15,9 +15,10 @@ from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
 from pdscli.samplers import REGISTRY, get_sampler, nfe_count
 
+from pdscli.samplers.grids import SCHEDULES, edm, geometric, make_steps, steps_from_levels
+
 ACCELERATED = sorted(n for n, s in REGISTRY.items() if not s.pc_grid)
 DETERMINISTIC = sorted(n for n, s in REGISTRY.items() if s.deterministic)
-from pdscli.samplers.grids import SCHEDULES, edm, geometric, make_steps, steps_from_levels
 
 
 @pytest.fixture(scope="module")

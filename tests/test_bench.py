@@ -11,7 +11,9 @@ import struct
 import pytest
 import torch
 
-from pdscli.bench import core as bench
+from pdscli.bench import backends, latency, quality, report as bench_report, runs, timing
+from pdscli.bench.config import NETWORK_BACKENDS, BenchConfig
+from pdscli.bench.model import BenchModel
 from pdscli.errors import PdsError
 
 QUICK = ["--quick", "--threads", "1", "--quiet"]
@@ -79,7 +81,7 @@ def gaussian_report(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench")
     args = ["bench", "--model", "gaussian", "--image-size", "16", *QUICK, "--samplers", "pc,pds,ddim,accel-ode2",
-            "--nfe", "10,20", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+            "--nfe", "10,20", "--out", str(out / "bench.json"), "--plot", str(out / "bench.png")]
     try:
         main(args)
     except SystemExit as e:
@@ -89,7 +91,7 @@ def gaussian_report(tmp_path_factory):
 
 def test_gaussian_report_structure(gaussian_report):
     report, _ = gaussian_report
-    assert report["format"] == bench.FORMAT
+    assert report["format"] == bench_report.FORMAT
     assert report["command"].startswith("pds bench --model gaussian")
     _check_machine(report)
     assert report["model"]["kind"] == "analytic" and report["model"]["shape"] == [3, 16, 16]
@@ -106,7 +108,7 @@ def test_gaussian_pds_overhead_is_measured_per_batch(gaussian_report):
         _stats_ok(r["noise"], 3)
         _stats_ok(r["grad"], 3)
         assert r["per_nfe_s"] == pytest.approx(r["noise"]["median_s"] + r["grad"]["median_s"])
-        nfe = bench.nfe_median(report["backends"], "analytic", r["batch"])
+        nfe = latency.nfe_median(report["backends"], "analytic", r["batch"])
         assert r["fraction_of_nfe"]["analytic"] == pytest.approx(r["per_nfe_s"] / nfe)
 
 
@@ -148,7 +150,7 @@ def test_gaussian_plot_is_written(gaussian_report):
 
 def test_json_to_stdout_keeps_stdout_parseable(run_pds):
     r = run_pds("bench", "--model", "gaussian", "--image-size", "8", "--channels", "1", *QUICK,
-                "--skip", "overhead,e2e", "--json", "-")
+                "--skip", "overhead,e2e", "--json")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["end_to_end"]["status"] == "skipped" and report["pds_overhead"]["reason"] == "--skip overhead"
@@ -159,7 +161,7 @@ def test_json_to_stdout_keeps_stdout_parseable(run_pds):
 def test_default_quick_run_is_the_smoke_test(run_pds):
     """`pds bench --quick` as the README shows it: the built-in network (with its training digits as
     the quality reference) where it is installed, else the analytic model."""
-    r = run_pds("bench", *QUICK, "--json", "-")
+    r = run_pds("bench", *QUICK, "--json")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["model"]["name"] in ("builtin:digits", "gaussian")
@@ -192,7 +194,7 @@ def reference_dir(tmp_path_factory):
 def test_fixture_network_quick(run_pds, fixture_dir, reference_dir):
     r = run_pds("bench", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
                 *QUICK, "--backends", "eager,bf16,cuda-graph,trt-fp16,analytic", "--batch-sizes", "1,2",
-                "--full-steps", "8", "--speed-up", "4", "--reference", reference_dir, "--quality-samples", "8", "--json", "-")
+                "--full-steps", "8", "--speed-up", "4", "--reference", reference_dir, "--quality-samples", "8", "--json")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     _check_machine(report)
@@ -246,7 +248,7 @@ def test_random_weights_architecture(run_pds, fixture_dir, tmp_path):
 def test_onnx_cpu_backend_matches_eager(run_pds, fixture_dir, tmp_path):
     r = run_pds("bench", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
                 *QUICK, "--backends", "eager,onnx-cpu", "--batch-sizes", "2", "--skip", "e2e,overhead",
-                "--cache-dir", tmp_path / "cache", "--json", tmp_path / "b.json")
+                "--cache-dir", tmp_path / "cache", "--out", tmp_path / "b.json")
     assert r.exit_code == 0, r.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     onnx = next(e for e in report["backends"] if e["name"] == "onnx-cpu")
@@ -258,7 +260,7 @@ def test_onnx_cpu_backend_matches_eager(run_pds, fixture_dir, tmp_path):
 
     # The same file as an --engine: its own backend only, settings from its metadata.
     r = run_pds("bench", "--engine", exported[0], *QUICK, "--batch-sizes", "2", "--skip", "overhead",
-                "--full-steps", "4", "--speed-up", "2", "--json", "-")
+                "--full-steps", "4", "--speed-up", "2", "--json")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["model"]["kind"] == "engine" and report["model"]["sampling_settings"]["sigma_max"] == 1348
@@ -271,7 +273,7 @@ def test_onnx_cpu_backend_matches_eager(run_pds, fixture_dir, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_gpu_backends_use_cuda_events(run_pds, fixture_dir, tmp_path):
     r = run_pds("bench", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
-                "--device", "cuda", *QUICK, "--backends", "eager,fp16,cuda-graph", "--json", "-")
+                "--device", "cuda", *QUICK, "--backends", "eager,fp16,cuda-graph", "--json")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["machine"]["gpu"]["name"]
@@ -309,7 +311,7 @@ def test_user_errors(run_pds, args, message):
 def test_existing_json_needs_force(run_pds, tmp_path):
     target = tmp_path / "b.json"
     target.write_text("{}")
-    r = run_pds("bench", "--model", "gaussian", *QUICK, "--json", target)
+    r = run_pds("bench", "--model", "gaussian", *QUICK, "--out", target)
     assert r.exit_code == 2 and "--force" in r.stderr
     assert target.read_text() == "{}"
 
@@ -318,18 +320,18 @@ def test_existing_json_needs_force(run_pds, tmp_path):
 
 
 def test_summarize_and_time_calls():
-    s = bench.summarize([3.0, 1.0, 2.0, 4.0])
+    s = timing.summarize([3.0, 1.0, 2.0, 4.0])
     assert (s["median_s"], s["min_s"], s["max_s"], s["count"]) == (2.5, 1.0, 4.0, 4)
     assert s["q1_s"] == pytest.approx(1.75) and s["iqr_s"] == pytest.approx(1.5)
     calls = []
-    t = bench.time_calls(lambda: calls.append(1), warmup=2, repeats=5, device=torch.device("cpu"))
+    t = timing.time_calls(lambda: calls.append(1), warmup=2, repeats=5, device=torch.device("cpu"))
     assert len(calls) == 7 and t["count"] == 5 and t["clock"] == "perf_counter" and t["first_call_s"] >= 0
 
 
 @pytest.mark.parametrize("sampler, budget, steps", [("pc", 20, 10), ("pc", 21, 10), ("ddim", 20, 20),
                                                      ("accel-ode2", 20, 10), ("predictor", 7, 7)])
 def test_steps_for_budget(sampler, budget, steps):
-    assert bench.steps_for_budget(sampler, budget) == steps
+    assert runs.steps_for_budget(sampler, budget) == steps
 
 
 def test_reference_statistic_is_zero_on_itself_and_sees_leftover_noise():
@@ -337,7 +339,7 @@ def test_reference_statistic_is_zero_on_itself_and_sees_leftover_noise():
 
     g = GaussianImageModel(16, 3)
     images = g.sample(400, torch.Generator().manual_seed(0)).clamp(0, 1).double()
-    q = bench.ReferenceQuality(images)
+    q = quality.ReferenceQuality(images)
     assert q.measure(images)["value"] == pytest.approx(0, abs=1e-12)
     fresh = g.sample(100, torch.Generator().manual_seed(1)).clamp(0, 1)
     noisy = (fresh + 0.1 * torch.randn(fresh.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
@@ -351,7 +353,7 @@ def test_exact_quality_of_exact_samples_is_near_its_floor():
     from pdscli.evaluate.analytic import GaussianImageModel
 
     g = GaussianImageModel(16, 1)
-    q = bench.ExactQuality(g)
+    q = quality.ExactQuality(g)
     x = g.sample(256, torch.Generator().manual_seed(5))
     m = q.measure(x)
     assert m["floor"] == pytest.approx(1 / (4 * 256), rel=0.5) and m["value"] == pytest.approx(m["floor"], rel=0.5)
@@ -361,27 +363,27 @@ def test_backend_plan_reasons():
     from pdscli.settings import SamplingSettings
 
     settings = SamplingSettings(0.01, 50.0, 1000, 0.16, 8, 3)
-    net = bench.BenchModel("network", lambda x, s: x, settings, torch.device("cpu"), "n")
-    cfg = bench.BenchConfig(model=None, quick=False).resolved()
-    plan = dict(bench.backend_plan(cfg, net))
-    assert list(plan) == list(bench.NETWORK_BACKENDS)
+    net = BenchModel("network", lambda x, s: x, settings, torch.device("cpu"), "n")
+    cfg = BenchConfig(model=None, quick=False).resolved()
+    plan = dict(backends.backend_plan(cfg, net))
+    assert list(plan) == list(NETWORK_BACKENDS)
     assert plan["eager"] is None and plan["bf16"] is None
     assert "--device cuda" in plan["cuda-graph"] and "--device cuda" in plan["trt-fp16"]
     assert "CPU deployment" in plan["fp16"] and "GPU" in plan["onnx-cuda"]
-    quick = dict(bench.backend_plan(bench.BenchConfig(quick=True).resolved(), net))
+    quick = dict(backends.backend_plan(BenchConfig(quick=True).resolved(), net))
     assert quick["eager"] is None and "--quick" in quick["bf16"]
-    analytic = bench.BenchModel("analytic", lambda x, s: x, settings, torch.device("cpu"), "gaussian")
-    assert bench.backend_plan(cfg, analytic) == [("analytic", None)]
+    analytic = BenchModel("analytic", lambda x, s: x, settings, torch.device("cpu"), "gaussian")
+    assert backends.backend_plan(cfg, analytic) == [("analytic", None)]
 
 
 def test_json_is_strict():
     with pytest.raises(ValueError):
-        bench.to_json({"x": math.nan})
-    assert bench._finite_or_none(math.inf) is None and bench._finite_or_none(2) == 2.0
+        bench_report.to_json({"x": math.nan})
+    assert quality.finite_or_none(math.inf) is None and quality.finite_or_none(2) == 2.0
 
 
 def test_config_errors_are_pds_errors():
     with pytest.raises(PdsError, match="--e2e-backend"):
-        bench.BenchConfig(e2e_backend="fastest").resolved()
-    cfg = bench.BenchConfig(batch_sizes=[1, 2], e2e_batch=3).resolved()
+        BenchConfig(e2e_backend="fastest").resolved()
+    cfg = BenchConfig(batch_sizes=[1, 2], e2e_batch=3).resolved()
     assert cfg.batch_sizes == [1, 2, 3]  # the e2e batch is always measured per NFE too

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdscli.sample.distributed import Dist
-
 pytestmark = pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                                 reason="torchrun not found beside the Python interpreter")
 
@@ -56,13 +54,6 @@ def _assert_same_run(a: Path, b: Path, n: int) -> None:
     sa, sb = np.load(a / "samples.npz"), np.load(b / "samples.npz")
     assert np.array_equal(sa["indices"], np.arange(n))
     assert np.array_equal(sa["samples"], sb["samples"])
-
-
-def test_shard_and_rounds_are_consistent():
-    ranks = [Dist(rank=r, world_size=3) for r in range(3)]
-    shards = [d.shard(list(range(10))) for d in ranks]
-    assert sorted(i for s in shards for i in s) == list(range(10))
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
 @pytest.mark.parametrize("model_args", [

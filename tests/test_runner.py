@@ -1,4 +1,4 @@
-"""The sampling loop (pdscli.sample.run) on a tiny exact model: files, resume, interruption, NaN, determinism."""
+"""The sampling run (pdscli.sample.run, .loop, .outputs) on a tiny exact model: files, resume, interruption, NaN, determinism."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from pdscli.sample import run as runner
-from pdscli.evaluate.analytic import gaussian_score_model
 from pdscli.errors import PdsError
+from pdscli.evaluate.analytic import gaussian_score_model
 from pdscli.images import load_png, make_grid, to_uint8
-from pdscli.sample.run import NonFiniteState, RunInterrupted, SampleJob
-from pdscli.samplers import pc_steps
+from pdscli.sample import loop, outputs
+from pdscli.sample import run as runner
+from pdscli.sample.job import NonFiniteState, RunInterrupted, SampleJob
+from pdscli.samplers import get_sampler, pc_steps
 
 SIZE, CH = 8, 3
 
@@ -27,7 +28,7 @@ def make_job(model, out, **kw) -> SampleJob:
     opts = dict(sampler="pc", num_samples=5, batch_size=2, seed=3, per_sample_step=True)
     opts.update(kw)
     steps = pc_steps(model.settings, opts.pop("n_steps", 6))
-    return SampleJob(model=model, steps=steps, out=out, **opts)
+    return SampleJob(model=model, steps=steps, out=out, snr=model.settings.snr, **opts)
 
 
 def samples_of(out) -> np.ndarray:
@@ -53,14 +54,14 @@ class Breaking:
 
 
 def test_png_names_pad_and_sort():
-    assert runner.png_name(12, 100) == "000012.png"
-    assert runner.png_name(5, 10_000_001) == "00000005.png"
+    assert outputs.png_name(12, 100) == "000012.png"
+    assert outputs.png_name(5, 10_000_001) == "00000005.png"
 
 
 def test_run_writes_every_file(model, tmp_path):
     out = tmp_path / "run"
     record = runner.run(make_job(model, out))
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != ".pds-lock")
     assert names == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "run.json", "samples.npz"]
     x = samples_of(out)
     assert x.shape == (5, CH, SIZE, SIZE) and x.dtype == np.float32
@@ -79,7 +80,7 @@ def test_grid_is_the_first_samples(model, tmp_path):
     out = tmp_path / "run"
     runner.run(make_job(model, out))
     grid = load_png(out / "grid.png")
-    assert np.array_equal(to_uint8(grid), to_uint8(make_grid(samples_of(out), min_cell=runner.GRID_MIN_CELL)))
+    assert np.array_equal(to_uint8(grid), to_uint8(make_grid(samples_of(out), min_cell=outputs.GRID_MIN_CELL)))
 
 
 def test_same_seed_same_images_at_any_batch_size(model, tmp_path):
@@ -109,7 +110,7 @@ def test_interrupt_keeps_finished_batches_and_resume_finishes_identically(model,
     assert record["resumed_from_disk"] == 4 and record["made_now"] == 1
     # Batches restart on a batch boundary, so even the batch-mean step size gives the same images.
     np.testing.assert_array_equal(samples_of(out), samples_of(tmp_path / "ref"))
-    assert not (out / runner.PARTIAL).exists()
+    assert not (out / outputs.PARTIAL).exists()
 
 
 def test_resume_after_deleting_pngs_remakes_them_exactly(model, tmp_path):
@@ -128,7 +129,7 @@ def test_resume_without_float_records_uses_the_pngs_and_says_so(model, tmp_path)
     broken = dataclasses.replace(model, score=Breaking(model.score, after=13))
     with pytest.raises(RunInterrupted):
         runner.run(make_job(broken, out))
-    (out / runner.PARTIAL / "1.npy").unlink()
+    (out / outputs.PARTIAL / "1.npy").unlink()
     record = runner.run(make_job(model, out, resume=True))
     assert record["samples_from_png"] == [1]
     x = samples_of(out)
@@ -161,14 +162,6 @@ def test_force_clears_an_earlier_run(model, tmp_path):
     assert samples_of(out).shape[0] == 2
 
 
-def test_non_empty_folder_needs_force_or_resume(model, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "x.txt").write_text("x")
-    with pytest.raises(PdsError, match="not empty"):
-        runner.run(make_job(model, out))
-
-
 def test_nan_stops_the_run_naming_step_and_sigma_and_keeps_images(model, tmp_path):
     out = tmp_path / "run"
     broken = dataclasses.replace(model, score=Breaking(model.score, after=15, nan=True))
@@ -177,22 +170,24 @@ def test_nan_stops_the_run_naming_step_and_sigma_and_keeps_images(model, tmp_pat
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
 
 
-def test_job_rejects_bad_counts(model, tmp_path):
-    with pytest.raises(PdsError, match="num-samples"):
-        make_job(model, tmp_path, num_samples=0)
-    with pytest.raises(PdsError, match="batch-size"):
-        make_job(model, tmp_path, batch_size=0)
-
-
-def test_shardable_pieces(model, tmp_path):
-    # What a distributed driver does: each rank makes its own indices; rank 0 finalizes.
+def test_ranks_share_the_batch_plan(model, tmp_path):
+    # What torchrun ranks do: each makes every other pending batch; the main rank finishes.
     out = tmp_path / "run"
-    job = make_job(model, out, num_samples=5)
-    runner.begin(job)
-    indices = runner.plan_indices(5)
-    stats = [runner.sample_indices(job, indices[r::2]) for r in range(2)]
-    assert runner.indices_on_disk(out) == set(range(5))
-    record = runner.finalize(job, stats[0], started=0.0, resumed=0)
+    job = make_job(model, out, num_samples=5, per_sample_step=False)
+    runner.begin(job).release()
+    todo = loop.pending_batches(5, 2, None)
+    stats = [loop.sample_batches(job, todo[r::2], sampler_fn=get_sampler("pc"), progress=loop.NoProgress())
+             for r in range(2)]
+    assert outputs.indices_on_disk(out) == set(range(5))
+    record = runner._finish(job, stats[0], started=0.0, resumed=0)
     assert record["num_samples"] == 5
-    runner.run(make_job(model, tmp_path / "ref", num_samples=5))
-    np.testing.assert_allclose(samples_of(out), samples_of(tmp_path / "ref"), atol=1e-5)
+    runner.run(make_job(model, tmp_path / "ref", num_samples=5, per_sample_step=False))
+    np.testing.assert_array_equal(samples_of(out), samples_of(tmp_path / "ref"))
+
+
+def test_the_plan_is_ranges_not_lists():
+    # -n 10**12 must not build a list of indices before the first batch.
+    todo = loop.pending_batches(10**12, 7, None)
+    assert isinstance(todo, range) and len(todo) == -(-10**12 // 7)
+    assert loop.batch_indices(len(todo) - 1, 10**12, 7) == range(10**12 - 10**12 % 7, 10**12)
+    assert isinstance(todo[1::4], range)

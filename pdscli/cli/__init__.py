@@ -7,11 +7,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+import typer
 from rich.markup import escape
 
 from pdscli.cli.app import app
 from pdscli.console import err_console
 from pdscli.errors import PdsError
+
+try:  # recent Typer carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older Typer uses click itself
+    from click import exceptions as click_errors
 
 # Each module registers its command(s) on `app` when imported.
 COMMAND_MODULES = ("info", "sample", "filters", "export", "bench", "train")
@@ -26,10 +32,24 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors (ours and Typer's usage errors) become one line on stderr and exit code 2."""
     try:
-        # Standalone mode: Typer prints usage errors itself (exit 2) and calls sys.exit.
-        app(args=argv, prog_name="pds")
+        # Not standalone: usage errors come here as exceptions, to be printed as one line like ours.
+        code = app(args=argv, prog_name="pds", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:
+        err_console.print(e.ctx.get_help() if e.ctx else str(e), highlight=False, soft_wrap=True, markup=False)
+        sys.exit(e.exit_code)
+    except click_errors.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "pds"
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())} (see `{escape(command)} --help`)",
+                          highlight=False, soft_wrap=True, markup=True)
+        sys.exit(e.exit_code)
+    except click_errors.ClickException as e:
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True, markup=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("interrupted", highlight=False)
+        sys.exit(130)
     except PdsError as e:
         # escape: messages quote user text and brackets (`pip install "pds[trt]"`, `x [B,C,H,W]`), never markup.
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True, markup=True)
@@ -37,3 +57,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)

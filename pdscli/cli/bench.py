@@ -1,4 +1,4 @@
-"""`pds bench`: flags -> a BenchConfig -> pdscli.bench.core.run_bench -> tables, JSON, plot."""
+"""`pds bench`: flags -> a BenchConfig -> pdscli.bench.run.run_bench -> a report -> tables, JSON, plot."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from pdscli.cli import options
 from pdscli.cli.app import app
 from pdscli.console import console, err_console
 
@@ -19,9 +20,10 @@ EPILOG = (
     "Examples:\n\n"
     "  pds bench --quick                                   (a smoke run of under a minute on a CPU)\n\n"
     "  pds bench --model gaussian --speed-up 10 --samplers pc,pds,ddim,accel-ode --nfe 20,50,100\n\n"
-    "  pds bench --preset ffhq-256 --random-weights --device cuda --batch-sizes 1,8,32 --json bench.json\n\n"
+    "  pds bench --preset ffhq-256 --random-weights --device cuda --batch-sizes 1,8,32 --out bench.json\n\n"
     "  pds bench --checkpoint ckpt.pth --preset cifar10 --masks masks/cifar10-32.npz --reference ~/data/cifar10 --plot bench.png\n\n"
     "  pds bench --engine engines/cifar10-fp16.onnx --device cuda --skip e2e\n\n"
+    "  pds bench --quick --json > bench.json                 (the report on stdout, the tables on stderr)\n\n"
     "Parts (--skip any): nfe = per-call latency per backend and batch; overhead = the PDS preconditioner per NFE; "
     "e2e = vanilla PC at the full step count against PDS at --speed-up k, same backend and noise; samplers = "
     "--samplers at equal --nfe budgets. Quality: the exact spectral KL on --model gaussian, a spectral statistic "
@@ -43,21 +45,21 @@ EPILOG = (
 def bench(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", help="gaussian (exact analytic score, exact quality) or builtin. Default: builtin where installed, else gaussian.", rich_help_panel=MODEL),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="score_sde / pds checkpoint (.pth).", rich_help_panel=MODEL),
-    config: Optional[Path] = typer.Option(None, "--config", help="Config of the checkpoint or architecture (.json).", rich_help_panel=MODEL),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Named config: cifar10, cifar10-deep, celebahq-256, ffhq-256, bedroom, church, ffhq-1024.", rich_help_panel=MODEL),
-    random_weights: bool = typer.Option(False, "--random-weights", help="No checkpoint: the --preset/--config architecture with random weights (speed only).", rich_help_panel=MODEL),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Exported engine (.onnx or TensorRT .plan), benchmarked on its own backend.", rich_help_panel=MODEL),
-    engine_backend: Optional[str] = typer.Option(None, "--engine-backend", help="The --engine file's backend: cpu, cuda, tensorrt.", rich_help_panel=MODEL),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side of --model gaussian (default 32).", rich_help_panel=MODEL),
-    channels: Optional[int] = typer.Option(None, "--channels", help="Channels of --model gaussian (default 3).", rich_help_panel=MODEL),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading.", rich_help_panel=MODEL),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL),
+    checkpoint: options.Checkpoint = None,
+    config: options.Config = None,
+    preset: options.Preset = None,
+    random_weights: options.RandomWeights = False,
+    engine: options.Engine = None,
+    engine_backend: options.EngineBackend = None,
+    image_size: options.ImageSize = None,
+    channels: options.Channels = None,
+    trust_checkpoint: options.TrustCheckpoint = False,
+    device: options.Device = "auto",
+    threads: options.Threads = None,
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure, or all (default: all that apply, fp16 only on a GPU; --quick: eager only).", rich_help_panel=MEASURE),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default 1,8,32; --quick 1,8).", rich_help_panel=MEASURE),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed calls before timing (default 3; --quick 1).", rich_help_panel=MEASURE),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed calls per measurement (default 20; --quick 3).", rich_help_panel=MEASURE),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and ONNX Runtime (default: torch's).", rich_help_panel=MEASURE),
     skip: Optional[str] = typer.Option(None, "--skip", help="Parts to leave out: nfe, overhead, e2e, samplers.", rich_help_panel=MEASURE),
     quick: bool = typer.Option(False, "--quick", help="Smoke run: batches 1,8, 3 repeats, vanilla at <= 40 steps, PDS at half, 16 quality samples.", rich_help_panel=MEASURE),
     speed_up: Optional[float] = typer.Option(None, "--speed-up", help="PDS runs full-steps / k steps (default 10; --quick 2).", rich_help_panel=SAMPLING),
@@ -74,48 +76,52 @@ def bench(
     quality_samples: Optional[int] = typer.Option(None, "--quality-samples", help="Images per quality figure (default 256; --quick 16).", rich_help_panel=QUALITY),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Folder of real images: a spectral quality statistic for a network model.", rich_help_panel=QUALITY),
     reference_limit: Optional[int] = typer.Option(None, "--reference-limit", help="Reference images read, at most (default 2000; --quick 200).", rich_help_panel=QUALITY),
-    json_out: Optional[str] = typer.Option(None, "--json", help="Write the full report (every timing, settings, machine) to FILE, or - for stdout.", rich_help_panel=OUTPUT),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the full report (every timing, settings, machine) as JSON to FILE.", rich_help_panel=OUTPUT),
+    as_json: options.Json = False,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a plot (.png, .pdf, .svg): time and quality against NFE, latency against batch. Needs matplotlib.", rich_help_panel=OUTPUT),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep exported ONNX / TensorRT files here and reuse them (default: a temporary folder).", rich_help_panel=OUTPUT),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing --json / --plot files.", rich_help_panel=OUTPUT),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines.", rich_help_panel=OUTPUT),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep exported ONNX / TensorRT files here and reuse them once their recorded hash is verified (default: a temporary folder).", rich_help_panel=OUTPUT),
+    force: options.Force = False,
+    quiet: options.Quiet = False,
 ):
-    from pdscli.bench import core as lib
+    from pdscli.bench.config import KNOWN_BACKENDS, BenchConfig, check_outputs, parse_ints, parse_names
+    from pdscli.bench.plot import write_plot
+    from pdscli.bench.render import to_rich
+    from pdscli.bench.report import to_json, write_json
+    from pdscli.bench.run import run_bench
 
-    cfg = lib.BenchConfig(
+    cfg = BenchConfig(
         model=model, checkpoint=checkpoint, config=config, preset=preset, random_weights=random_weights, engine=engine,
         engine_backend=engine_backend, image_size=image_size, channels=channels, trust_checkpoint=trust_checkpoint,
-        device=device, backends=lib.parse_names(backends, "--backends", lib.KNOWN_BACKENDS),
-        batch_sizes=lib.parse_ints(batch_sizes, "--batch-sizes"), warmup=warmup, repeats=repeats, threads=threads,
+        device=device, backends=parse_names(backends, "--backends", KNOWN_BACKENDS),
+        batch_sizes=parse_ints(batch_sizes, "--batch-sizes"), warmup=warmup, repeats=repeats, threads=threads,
         full_steps=full_steps, speed_up=speed_up, steps=steps, alpha=alpha, masks=masks,
-        samplers=lib.parse_names(samplers, "--samplers"), nfe=lib.parse_ints(nfe, "--nfe"), e2e_backend=e2e_backend,
+        samplers=parse_names(samplers, "--samplers"), nfe=parse_ints(nfe, "--nfe"), e2e_backend=e2e_backend,
         e2e_batch=e2e_batch, e2e_repeats=e2e_repeats, quality_samples=quality_samples, reference=reference,
-        reference_limit=reference_limit, skip=lib.parse_names(skip, "--skip", lib.PARTS) or [], seed=seed, quick=quick,
+        reference_limit=reference_limit, skip=parse_names(skip, "--skip") or [], seed=seed, quick=quick,
         cache_dir=cache_dir, command=_command_line(ctx),
-    )
-    cfg.resolved()  # every flag checked before the outputs are touched
-    lib.check_outputs(json_out, plot, force)
+    ).resolved()  # every flag checked before the outputs are touched
+    check_outputs(out, plot, force)
 
     def log(line: str) -> None:
         if not quiet:
             err_console.print(line, highlight=False, soft_wrap=True, markup=False)
 
-    report = lib.run_bench(cfg, log)
-    # With --json - the report owns stdout, so the tables go to stderr.
-    out = err_console if json_out == "-" else console
-    if not out.is_terminal:
+    report = run_bench(cfg, log)
+    # With --json the report owns stdout, so the tables go to stderr.
+    shown = err_console if as_json else console
+    if not shown.is_terminal:
         # Tables need room: a pipe or a file gets 140 columns instead of Rich's default 80.
-        out = Console(stderr=json_out == "-", width=140)
-    for item in lib.render(report):
+        shown = Console(stderr=as_json, width=140)
+    for item in to_rich(report):
         # Lines of text must not wrap (a CPU name split in two); tables fit the width.
-        out.print(item, soft_wrap=isinstance(item, Text))
-    if json_out == "-":
-        typer.echo(lib.to_json(report), nl=False)
-    elif json_out:
-        lib.write_json(report, json_out)
-        log(f"wrote {json_out}")
+        shown.print(item, soft_wrap=isinstance(item, Text))
+    if as_json:
+        typer.echo(to_json(report), nl=False)
+    if out:
+        write_json(report, out)
+        log(f"wrote {out}")
     if plot:
-        lib.write_plot(report, plot)
+        write_plot(report, plot)
         log(f"wrote {plot}")
 
 

@@ -10,7 +10,7 @@ import typer
 
 from pdscli.cli import options
 from pdscli.cli.app import app
-from pdscli.console import console, err_console
+from pdscli.console import console
 
 EPILOG = (
     "Examples:\n\n"
@@ -44,13 +44,15 @@ def filters(
     quiet: options.Quiet = False,
     as_json: options.Json = False,
 ):
+    from pdscli.cli.progress import Progress
     from pdscli.precondition import filters as lib
 
     size, channels = lib.resolve_shape(size=size, channels=channels, preset=preset, engine=engine)
     out = out or lib.default_out_path(image_dir, size)
     lib.check_outputs(out, npy=npy, force=force)  # before reading a large folder, not after
-    with _progress(quiet) as progress:
-        stats = lib.folder_statistics(image_dir, size=size, channels=channels, limit=limit, workers=workers, progress=progress)
+    with Progress(enabled=not quiet) as bars:
+        stats = lib.folder_statistics(image_dir, size=size, channels=channels, limit=limit, workers=workers,
+                                      progress=bars.counter("images"))
     paths = lib.write_filters(stats, out, npy=npy, force=force)
     if as_json:
         typer.echo(json.dumps({"filters": stats.describe(), "count": stats.count, "size": stats.size,
@@ -59,28 +61,3 @@ def filters(
         written = ", ".join(str(p) for p in paths.values())
         console.print(f"{stats.describe()} -> {written}", highlight=False, soft_wrap=True)
 
-
-class _progress:
-    """A Rich bar on stderr fed by folder_statistics' progress(done, total); nothing with --quiet."""
-
-    def __init__(self, quiet: bool):
-        self.quiet, self.bars, self.task = quiet, None, None
-
-    def __enter__(self):
-        if self.quiet:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bars = Progress(TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console)
-        self.bars.start()
-        return self.update
-
-    def update(self, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.bars.add_task("images", total=total)
-        self.bars.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        if self.bars:
-            self.bars.stop()
-        return False

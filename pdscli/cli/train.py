@@ -9,7 +9,7 @@ import typer
 
 from pdscli.cli import options
 from pdscli.cli.app import app
-from pdscli.console import console, err_console
+from pdscli.console import console
 from pdscli.errors import PdsError
 
 EPILOG = (
@@ -55,6 +55,7 @@ def train(
     trust_checkpoint: options.TrustCheckpoint = False,
     quiet: options.Quiet = False,
 ):
+    from pdscli.cli.progress import Progress
     from pdscli.train.loop import TrainOptions, default_config, run_training
 
     if threads is not None:
@@ -70,8 +71,8 @@ def train(
     if resume and (config or preset):
         raise PdsError(f"--config / --preset: a resumed run keeps its own config ({out / 'config.json'})")
     cfg = None if resume else default_config(source, config, preset)
-    with _progress(quiet) as progress:
-        result = run_training(source, cfg, out, opts, progress=progress)
+    with Progress(enabled=not quiet, log_lines=True) as bars:
+        result = run_training(source, cfg, out, opts, progress=_train_lane(bars))
     loss = f", loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     console.print(
         f"trained steps {result.start_step}..{result.step} in {result.seconds:.1f} s{loss}: {out}/checkpoint.pth\n"
@@ -89,48 +90,16 @@ def _sigma_max(value: str | None):
         raise PdsError(f"--sigma-max must be a number or `auto`, not {value!r}") from None
 
 
-class _progress:
-    """A Rich bar (loss, it/s, ETA) on a terminal; one line per 1% otherwise (logs of background runs)."""
 
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.bar = None
-        self.task = None
-        self.last_pct = -1
+def _train_lane(bars):
+    """run_training's progress(step, total, loss, seconds) as one bar with the loss and it/s."""
+    lane, first = None, None
 
-    def __enter__(self):
-        if self.quiet:
-            return None
-        if err_console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def update(step: int, total: int, loss: float, seconds: float) -> None:
+        nonlocal lane, first
+        if lane is None:
+            first, lane = step - 1, bars.lane("train", total, step - 1)
+        rate = (step - first) / max(seconds, 1e-9)
+        lane.update(completed=step, total=total, text=f"loss {loss:.4f} {rate:.2f} it/s")
 
-            self.bar = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[rate]} it/s"), TextColumn("eta"), TimeRemainingColumn(),
-                console=err_console, transient=False,
-            )
-            self.bar.start()
-        return self.update
-
-    def update(self, step: int, total: int, loss: float, seconds: float) -> None:
-        if self.task is None:
-            self.first = (step - 1, seconds)
-            if self.bar is not None:
-                self.task = self.bar.add_task("train", total=total, completed=step - 1, loss="-", rate="-")
-            else:
-                self.task = 0
-        done = step - self.first[0]
-        rate = done / max(seconds, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
-            return
-        pct = 100 * step // total
-        if pct != self.last_pct:
-            self.last_pct = pct
-            eta = (total - step) / rate if rate > 0 else float("nan")
-            err_console.print(f"step {step}/{total} loss {loss:.4f} {rate:.2f} it/s eta {eta:.0f} s", highlight=False)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
+    return update

@@ -1,8 +1,9 @@
-"""torchrun / torch.distributed support: sample indices sharded across ranks.
+"""torchrun / torch.distributed: joining the process group, and the few collectives a run uses.
 
-A run is a list of sample indices; every sample's noise comes from its own generator seeded
-from (seed, index), so which rank makes which sample changes nothing in the images.
-Collectives are only used in lockstep rounds that every rank joins (see `rounds`).
+A run's batches are planned once and dealt to ranks whole (pdscli.sample.run); every sample's
+noise comes from its own generator seeded from (seed, index), so which rank makes which batch
+changes nothing in the images. Collectives (`barrier`, `sum`, `max`) are only used where every
+rank joins them in the same order. `Dist()` is the single process: every collective a no-op.
 """
 
 from __future__ import annotations
@@ -36,10 +37,6 @@ class Dist:
     @property
     def active(self) -> bool:
         return self.backend is not None
-
-    def shard(self, indices: list[int]) -> list[int]:
-        """This rank's share, round-robin so that shards differ in length by at most one."""
-        return list(indices[self.rank :: self.world_size])
 
     def barrier(self) -> None:
         if self.active:

@@ -18,7 +18,6 @@ sigma_hi -> sigma_lo of the discrete ladder. PDS is the same loop with M != I.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 

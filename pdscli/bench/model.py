@@ -1,0 +1,147 @@
+"""The model under test (the analytic Gaussian, an NCSN++ network or an engine file), the inputs
+a network call is timed on, and the model's FLOPs per call."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pdscli.bench.config import ANALYTIC, ENGINE, BenchConfig, error_line
+from pdscli.engines import open_engine
+from pdscli.engines.torch_engine import torch_score
+from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.models import build_model, builtin
+from pdscli.models.checkpoint import Network, open_network
+from pdscli.settings import SamplingSettings
+
+NETWORK = "network"
+
+
+@dataclass
+class BenchModel:
+    """What is benchmarked: `score` is the fp32 reference callable (eager, analytic or engine)."""
+
+    kind: str  # ANALYTIC | NETWORK | ENGINE
+    score: Callable
+    settings: SamplingSettings
+    device: torch.device
+    name: str
+    net: torch.nn.Module | None = None  # the fp32 NCSN++ (network kind)
+    net_config: dict | None = None
+    gaussian: GaussianImageModel | None = None  # the analytic kind
+    info: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.settings.shape)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.name == builtin.NAME and builtin.FILTERS.is_file()
+
+
+def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
+    model = cfg.default_model
+    if cfg.engine:
+        return _open_engine(cfg, device)
+    if model == "gaussian":
+        return _open_gaussian(cfg, device)
+    if model == "builtin":
+        return _network_from_checkpoint(builtin.WEIGHTS, builtin.CONFIG, None, False, device, name=builtin.NAME)
+    if cfg.random_weights:
+        return _open_random(cfg, device)
+    return _network_from_checkpoint(cfg.checkpoint, cfg.config, cfg.preset, cfg.trust_checkpoint, device)
+
+
+def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
+    g = GaussianImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
+    return BenchModel(ANALYTIC, g.score, g.settings, device, "gaussian", gaussian=g,
+                      info={"description": g.describe()})
+
+
+def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) -> BenchModel:
+    network = open_network(path, config, preset, trust_checkpoint=trust, device=device)
+    return _network_model(network, device, name or f"checkpoint:{network.checkpoint.name}",
+                          {"checkpoint": str(path), "sha256": network.sha256, "preset": network.preset,
+                           "config": network.config_label, "weights": network.weights})
+
+
+def _open_random(cfg: BenchConfig, device: torch.device) -> BenchModel:
+    network = open_network(config=cfg.config, preset=cfg.preset, random_weights=True, seed=cfg.seed, device=device)
+    return _network_model(network, device, f"random:{network.stem.removesuffix('-random')}",
+                          {"preset": cfg.preset, "config": str(cfg.config) if cfg.config else None,
+                           "weights": f"random (seed {cfg.seed}): an architecture benchmark, not a trained model"})
+
+
+def _network_model(network: Network, device: torch.device, name: str, info: dict) -> BenchModel:
+    """A BenchModel of an fp32 NCSN++ (pdscli.models.checkpoint.open_network), run eager."""
+    return BenchModel(NETWORK, torch_score(network.net, device=device), network.settings, device, name,
+                      net=network.net, net_config=network.config, info={**info, "num_params": network.num_params})
+
+
+def _open_engine(cfg: BenchConfig, device: torch.device) -> BenchModel:
+    shape = {"image_size": cfg.image_size, "num_channels": cfg.channels}
+    sm = open_engine(cfg.engine, device=device, backend=cfg.engine_backend,
+                     overrides={k: v for k, v in shape.items() if v is not None})
+    return BenchModel(ENGINE, sm.score, sm.settings, device, sm.name,
+                      info={"engine": str(cfg.engine), "sha256": sm.sha256, **sm.info})
+
+
+def weights_digest(model: BenchModel) -> str:
+    """sha256 of the network's architecture and weights themselves (names, dtypes, shapes and
+    bytes of every tensor of its state_dict): what an export of it depends on, wherever the
+    weights came from (a checkpoint file, a seed)."""
+    h = hashlib.sha256(json.dumps(model.net_config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.net.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # Raw bytes via a byte view: numpy has no bfloat16.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def nfe_inputs(settings, batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as a sampler sees it: x = data-like [0, 1] values + sigma z, sigmas log-spaced
+    from sigma_min to sigma_max across the batch (a network's cost does not depend on them)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = math.log(settings.sigma_min), math.log(settings.sigma_max)
+    sigma = torch.exp(torch.linspace(hi, lo, batch, dtype=torch.float64)).float()
+    x = torch.rand((batch, *settings.shape), generator=g) + sigma[:, None, None, None] * torch.randn(
+        (batch, *settings.shape), generator=g)
+    return x.to(device), sigma.to(device)
+
+
+def count_flops(model: BenchModel, batches: list[int]) -> dict:
+    """Model FLOPs per network call at each batch size, counted by torch's FlopCounterMode on
+    the meta device (no memory, no compute). It counts matmuls, convolutions and attention
+    (2 FLOPs per multiply-add), not elementwise ops or normalisation: a slight undercount."""
+    if model.net_config is None:
+        why = ("the analytic score is FFTs, which FlopCounterMode does not count" if model.kind == ANALYTIC
+               else "an engine file's FLOPs are not counted; bench its --checkpoint or --preset --random-weights")
+        return {"per_call": None, "note": why}
+    per_call, method = {}, "FlopCounterMode on the meta device"
+    try:
+        meta = build_model(model.net_config, device="meta").eval()
+        for b in batches:
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                meta(torch.empty((b, *model.shape), device="meta"), torch.ones(b, device="meta"))
+            per_call[b] = int(counter.get_total_flops())
+    except Exception as e:  # a model the meta device cannot trace: count batch 1 for real and scale
+        per_call = _flops_by_running(model, batches)
+        method = f"FlopCounterMode at batch 1 on {model.device}, scaled ({error_line(e)})"
+    return {"per_call": per_call, "per_image": per_call[min(batches)] / min(batches), "method": method,
+            "counts": "matmul, convolution and attention FLOPs (2 per multiply-add); elementwise ops not counted"}
+
+
+def _flops_by_running(model: BenchModel, batches: list[int]) -> dict:
+    x, sigma = nfe_inputs(model.settings, 1, model.device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.net(x, sigma)
+    one = int(counter.get_total_flops())
+    return {b: one * b for b in batches}

@@ -1,0 +1,131 @@
+"""Sampling runs: part `e2e` (vanilla PC at the full step count against PDS at 1/k of it) and
+part `samplers` (each --samplers entry at equal NFE budgets), timed batch by batch on the same
+noise and scored with the quality measure, the configurations interleaved."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from pdscli.bench.config import QUICK_FULL_STEPS, BenchConfig
+from pdscli.bench.model import BenchModel
+from pdscli.bench.preconditioner import PreconditionerCache
+from pdscli.bench.timing import summarize, sync
+from pdscli.errors import PdsError
+from pdscli.noise import SampleNoise
+from pdscli.precondition import Preconditioner
+from pdscli.sample.setup import build_steps, resolve_schedule
+from pdscli.samplers import get_sampler, nfe_count, pc_steps
+from pdscli.score import CountingScore
+
+
+class SamplingRun:
+    """One sampler configuration, run batch by batch: samples of indices 0..count-1 (so every
+    configuration sees the same noise), each full batch timed (synchronised wall clock around
+    the sampler call: network, sampler arithmetic and noise draws together)."""
+
+    def __init__(self, score: Callable, sampler: str, steps, precond: Preconditioner | None, *,
+                 cfg: BenchConfig, model: BenchModel):
+        self.fn, self.counting, self.steps, self.precond = get_sampler(sampler), CountingScore(score), steps, precond
+        self.cfg, self.model = cfg, model
+        self.times, self.outs, self.batches = [], [], 0
+
+    def run_batch(self, start: int, count: int) -> None:
+        batch, model = self.cfg.e2e_batch, self.model
+        noise = SampleNoise(self.cfg.seed, range(start, min(count, start + batch)), model.shape, model.device)
+        sync(model.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = self.fn(self.counting, noise, self.steps, precond=self.precond, snr=model.settings.snr)
+        sync(model.device)
+        if len(noise) == batch:
+            self.times.append(time.perf_counter() - t0)
+        self.outs.append(x.detach().cpu())
+        self.batches += 1
+
+    def result(self) -> dict:
+        samples = torch.cat(self.outs)
+        return {"timing": {**summarize(self.times), "times_s": self.times}, "nfe": self.counting.calls // self.batches,
+                "samples": samples, "finite": bool(torch.isfinite(samples).all())}
+
+
+def run_interleaved(runs: list[SamplingRun], count: int, batch: int) -> list[dict]:
+    """Batch k of every run, then batch k + 1 of every run, ...: a change in the machine's load
+    (a shared machine) then falls on all the runs compared, not on whichever ran last."""
+    for start in range(0, count, batch):
+        for run in runs:
+            run.run_batch(start, count)
+    return [run.result() for run in runs]
+
+
+def _run_record(label: str, sampler: str, steps, schedule: str, result: dict, cfg: BenchConfig, quality,
+                alpha: float | None) -> dict:
+    t = result["timing"]
+    return {"label": label, "sampler": sampler, "steps": len(steps), "schedule": schedule, "nfe": result["nfe"],
+            "alpha": alpha, "batch": cfg.e2e_batch, "timing": t, "per_image_s": t["median_s"] / cfg.e2e_batch,
+            "images_per_s": cfg.e2e_batch / t["median_s"], "finite": result["finite"],
+            "quality": quality.measure(result["samples"]) if quality is not None else None}
+
+
+def full_and_pds_steps(cfg: BenchConfig, settings) -> tuple[int, int]:
+    """(vanilla steps, PDS steps): the model's num_scales (--quick: at most 40) and 1/k of it, or --steps."""
+    full = cfg.full_steps or (min(settings.num_scales, QUICK_FULL_STEPS) if cfg.quick else settings.num_scales)
+    pds = cfg.steps if cfg.steps is not None else int(full / cfg.speed_up)
+    if pds < 1:
+        raise PdsError(f"--speed-up {cfg.speed_up:g} leaves no step of {full}")
+    return full, pds
+
+
+def sample_count(cfg: BenchConfig, quality) -> int:
+    return max(cfg.e2e_batch * cfg.e2e_repeats, cfg.quality_samples if quality is not None else 0)
+
+
+def run_end_to_end(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log) -> dict:
+    """Vanilla PC at the full step count and PDS at 1/k of it, same backend, batch and noise."""
+    full, n_pds = full_and_pds_steps(cfg, model.settings)
+    count = sample_count(cfg, quality)
+    grids = {"vanilla": pc_steps(model.settings, full), "pds": pc_steps(model.settings, n_pds)}
+    runs = [SamplingRun(score, "pc", grids["vanilla"], None, cfg=cfg, model=model),
+            SamplingRun(score, "pds", grids["pds"], preconds.for_steps(n_pds), cfg=cfg, model=model)]
+    log(f"end to end: vanilla pc at {full} steps and PDS at {n_pds}, {count} images each in batches of "
+        f"{cfg.e2e_batch}, interleaved ...")
+    results = run_interleaved(runs, count, cfg.e2e_batch)
+    vanilla = _run_record("vanilla", "pc", grids["vanilla"], "pc", results[0], cfg, quality, None)
+    pds = _run_record("pds", "pds", grids["pds"], "pc", results[1], cfg, quality, preconds.alpha(n_pds))
+    return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "runs": [vanilla, pds],
+            "speedup": vanilla["timing"]["median_s"] / pds["timing"]["median_s"],
+            "nfe_ratio": vanilla["nfe"] / pds["nfe"], "full_steps": full, "pds_steps": n_pds}
+
+
+def steps_for_budget(sampler: str, budget: int) -> int:
+    """The most steps whose NFE count fits `budget` (1 NFE per step when the sampler does not say)."""
+    n = budget
+    while n > 1 and (nfe_count(sampler, n) or n) > budget:
+        n -= 1
+    return n
+
+
+def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log) -> dict:
+    """Each --samplers entry at each --nfe budget: steps = the most that fit the budget, on the
+    sampler's own default grid (pc for the PC family, geometric for the accelerated ones); all
+    configurations interleaved batch by batch."""
+    count, rows, planned = sample_count(cfg, quality), [], []
+    for name in cfg.samplers:
+        for budget in cfg.nfe:
+            n = steps_for_budget(name, budget)
+            try:
+                schedule = resolve_schedule(None, name)
+                steps = build_steps(model.settings, steps=n, speed_up=None, schedule=schedule)
+            except PdsError as e:
+                rows.append({"sampler": name, "nfe_budget": budget, "steps": n, "status": "skipped", "reason": str(e)})
+                continue
+            precond, alpha = (preconds.for_steps(n), preconds.alpha(n)) if name == "pds" else (None, None)
+            rows.append({"sampler": name, "nfe_budget": budget, "status": "ok"})
+            planned.append((rows[-1], steps, schedule, alpha, SamplingRun(score, name, steps, precond, cfg=cfg, model=model)))
+    log(f"samplers: {len(planned)} configurations, {count} images each in batches of {cfg.e2e_batch}, interleaved ...")
+    results = run_interleaved([p[-1] for p in planned], count, cfg.e2e_batch)
+    for (row, steps, schedule, alpha, _), result in zip(planned, results):
+        row.update(_run_record(row["sampler"], row["sampler"], steps, schedule, result, cfg, quality, alpha))
+    return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "rows": rows}

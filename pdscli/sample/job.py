@@ -1,0 +1,105 @@
+"""The typed job of a `pds sample` run, and the errors a run ends with.
+
+A `SampleJob` is built by pdscli.sample.setup, which checks every flag once; everything below
+trusts its fields. `fingerprint()` is what must not change between a run and its --resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdscli.errors import PdsError
+from pdscli.precondition import Preconditioner
+from pdscli.sample.model import FiltersInfo
+from pdscli.samplers import Steps
+from pdscli.score import ScoreModel
+
+
+class RunInterrupted(PdsError):
+    """Ctrl-C: what was finished is on disk; exit code 130 as a shell expects."""
+
+    exit_code = 130
+
+    def __init__(self, written: int, total: int):
+        self.written, self.total = written, total
+        super().__init__(f"interrupted: {written} of {total} images written; rerun with --resume")
+
+
+class NonFiniteState(PdsError):
+    """A NaN or Inf appeared in the sampler state."""
+
+
+class OutOfMemory(PdsError):
+    """A batch did not fit in the device's memory."""
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """Everything a run needs, checked. The last block only goes into run.json."""
+
+    model: ScoreModel
+    sampler: str  # a name in pdscli.samplers.REGISTRY
+    steps: Steps
+    out: Path
+    num_samples: int
+    batch_size: int
+    seed: int
+    snr: float
+    precond: Preconditioner | None = None  # None: vanilla
+    per_sample_step: bool = False
+    resume: bool = False
+    force: bool = False
+    # For run.json: what the flags asked for and where things came from.
+    schedule: str = "pc"
+    alpha: float | None = None  # the filter strength used (None without a preconditioner)
+    alpha_given: float | str | None = None  # --alpha as given: "auto" or the number
+    filters: FiltersInfo | None = None
+    precision: str = "fp32"
+    steps_flag: int | None = None
+    speed_up_flag: int | None = None
+    model_load_s: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.model.settings.shape
+
+    @property
+    def coupled_batches(self) -> bool:
+        """The reference's batch-mean corrector step makes a sample depend on its batch mates."""
+        return not self.per_sample_step
+
+    def fingerprint(self) -> dict:
+        """What must not change between a run and its --resume (the count may grow; the batch
+        size may change only where it cannot change the images)."""
+        preconditioned = self.precond is not None
+        record = {
+            "model": self.model.name,
+            "model_sha256": self.model.sha256,
+            "settings": self.model.settings.to_dict(),
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "steps": len(self.steps.sigma),
+            "sigma_max": float(self.steps.sigma_max),
+            "schedule": self.schedule,
+            "snr": float(self.snr),
+            "per_sample_step": self.per_sample_step,
+            "alpha": self.alpha if preconditioned else None,
+            "filters": self.filters.sha256 if preconditioned and self.filters else None,
+        }
+        if self.coupled_batches:
+            record["batch_size"] = self.batch_size
+        return record
+
+    def meta(self) -> dict:
+        """The caller-side settings as run.json records them."""
+        preconditioned = self.precond is not None
+        return {
+            "precision": self.precision,
+            "alpha": self.alpha if preconditioned else None,
+            "alpha_given": self.alpha_given if preconditioned else None,
+            "filters": self.filters.to_dict() if self.filters else None,
+            "schedule": self.schedule,
+            "steps_requested": {"steps": self.steps_flag, "speed_up": self.speed_up_flag},
+            "model_load_s": round(self.model_load_s, 4),
+        }

@@ -1,0 +1,141 @@
+"""The loop over planned batches: noise from the seeds, the sampler, the files (as NVlabs/edm generate.py).
+
+A run's samples 0..N-1 are cut into batches once, by number: batch k holds the indices
+k*B .. min((k+1)*B, N)-1. That plan never changes (not with --resume, not with the number of
+torchrun ranks), because the reference's batch-mean Langevin step couples the members of a
+batch: a batch is always made whole, exactly as planned, and only its missing files are
+written. Sample i's noise comes from its own generator seeded from (seed, i).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pdscli.images import to_numpy
+from pdscli.noise import SampleNoise
+from pdscli.sample import outputs
+from pdscli.sample.job import NonFiniteState, OutOfMemory, SampleJob
+from pdscli.score import CountingScore
+
+
+class SampleProgress(Protocol):
+    """What the loop reports; pdscli.cli.progress.SampleBars draws it."""
+
+    def start(self, total: int, done: int, steps: int) -> None: ...
+    def batch(self, first: int, last: int) -> None: ...
+    def step(self, i: int, n: int, nfe_rate: float) -> None: ...
+    def batch_done(self, count: int) -> None: ...
+
+
+class NoProgress:
+    """--quiet, and every rank but 0."""
+
+    def start(self, total: int, done: int, steps: int) -> None: ...
+    def batch(self, first: int, last: int) -> None: ...
+    def step(self, i: int, n: int, nfe_rate: float) -> None: ...
+    def batch_done(self, count: int) -> None: ...
+
+
+@dataclass
+class Stats:
+    made: int = 0  # samples written now (the missing members of the batches made)
+    nfe_calls: int = 0  # batched network calls
+    nfe_per_sample: int = 0  # calls one sample went through
+    sampling_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# The plan: batch numbers and the index ranges they stand for (never materialised as lists).
+
+
+def batch_count(num_samples: int, batch_size: int) -> int:
+    return -(-num_samples // batch_size)
+
+
+def batch_indices(k: int, num_samples: int, batch_size: int) -> range:
+    """The sample indices of planned batch k."""
+    return range(k * batch_size, min((k + 1) * batch_size, num_samples))
+
+
+def pending_batches(num_samples: int, batch_size: int, done: set[int] | None) -> Iterable[int]:
+    """Batch numbers with a member to make: every batch, or (done = the complete samples on disk,
+    for --resume) those with a member missing."""
+    all_batches = range(batch_count(num_samples, batch_size))
+    if done is None:
+        return all_batches
+    return [k for k in all_batches if any(i not in done for i in batch_indices(k, num_samples, batch_size))]
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+
+
+def _finite_check(indices: range) -> Callable[[dict], None]:
+    """Sampler callback part: stop at the first NaN/Inf, naming the step and sigma."""
+
+    def check(info: dict) -> None:
+        if not bool(torch.isfinite(info["x"]).all()):
+            i, n, sigma = int(info["i"]), int(info["n"]), float(info["sigma"])
+            raise NonFiniteState(
+                f"the sampler state became NaN/Inf at step {i + 1} of {n} (sigma={sigma:.4g}) in the batch "
+                f"of samples {indices[0]}..{indices[-1]}; finished images are kept. Try more steps, "
+                f"--precision fp32 or a larger --alpha"
+            )
+
+    return check
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    # The CPU allocator raises a plain RuntimeError.
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, progress: SampleProgress) -> Stats:
+    """Make the planned batches `batch_numbers` and write their missing files."""
+    score = CountingScore(job.model.score)
+    stats = Stats()
+    t0 = time.perf_counter()
+    for k in batch_numbers:
+        indices = batch_indices(k, job.num_samples, job.batch_size)
+        progress.batch(indices[0], indices[-1])
+        check = _finite_check(indices)
+        calls0 = score.calls
+
+        def callback(info: dict, check=check) -> None:
+            check(info)
+            elapsed = time.perf_counter() - t0
+            progress.step(int(info["i"]), int(info["n"]), score.calls / elapsed if elapsed > 0 else 0.0)
+
+        try:
+            noise = SampleNoise(job.seed, indices, job.shape, job.model.device)
+            with torch.no_grad():
+                x = sampler_fn(score, noise, job.steps, precond=job.precond, snr=job.snr,
+                               per_sample_step=job.per_sample_step, callback=callback)
+        except (MemoryError, RuntimeError) as e:
+            if not _is_out_of_memory(e):
+                raise
+            raise OutOfMemory(
+                f"out of memory on {job.model.device} making a batch of {len(indices)} samples "
+                f"({'x'.join(map(str, job.shape))}); pass a smaller --batch-size (finished images are kept)"
+            ) from None
+        # A NaN in the last step's output (after the final callback) must not become a black PNG.
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteState(f"the sampler returned NaN/Inf for samples {indices[0]}..{indices[-1]}; "
+                                 "finished images are kept")
+        images = to_numpy(x.clamp(0.0, 1.0))
+        written = sum(outputs.write_sample(job.out, i, job.num_samples, image) for i, image in zip(indices, images))
+        stats.made += written
+        stats.nfe_per_sample = score.calls - calls0
+        progress.batch_done(written)
+    stats.nfe_calls = score.calls
+    stats.sampling_s = time.perf_counter() - t0
+    return stats
+

@@ -1,0 +1,175 @@
+"""Flags -> a checked SampleJob. Every `pds sample` flag is checked once: by Typer (ranges) or here.
+
+`build_job` checks what it can before the slow model load (folder rules, sampler, schedule,
+numbers), opens the model and the filters (pdscli.sample.model checks their flags), builds the
+step grid and alpha once, and refuses a batch that cannot fit in memory before allocating it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pdscli.errors import PdsError
+from pdscli.fsutil import FolderLock, prepare_out_dir
+from pdscli.models import builtin
+from pdscli.precondition import Preconditioner
+from pdscli.precondition.alpha import resolve_alpha
+from pdscli.sample.job import SampleJob
+from pdscli.sample.model import ModelSpec, open_filters, open_model
+from pdscli.samplers import Steps, pc_steps, sampler_info
+from pdscli.samplers.grids import SCHEDULES, make_steps
+from pdscli.settings import SamplingSettings
+
+REFERENCE_GRID = "pc"  # --schedule pc: score_sde's own PC grid (pc_steps)
+PNG_CHANNELS = (1, 3)  # grey or RGB: what an 8-bit PNG of a sample can hold
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+STATE_COPIES = 4  # a sampler holds at least x, the noise, the score and x_mean of a batch
+
+
+@dataclass(frozen=True)
+class SampleFlags:
+    """The run's flags besides the model's (pdscli.sample.model.ModelSpec)."""
+
+    out: Path
+    masks: Path | None = None
+    freq_mask: Path | None = None
+    space_mask: Path | None = None
+    alpha: str = "5"  # a positive number or "auto"
+    sampler: str | None = None  # None: pds with filters, else pc
+    steps: int | None = None
+    speed_up: int | None = None
+    schedule: str | None = None  # None: pc for the PC family, geometric for the others
+    per_sample_step: bool = False
+    num_samples: int = 16
+    batch_size: int = 16
+    seed: int = 0
+    force: bool = False
+    resume: bool = False
+
+    @property
+    def has_filter_files(self) -> bool:
+        return bool(self.masks or self.freq_mask or self.space_mask)
+
+
+def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
+    chosen = name or ("pds" if has_filters else "pc")
+    sampler_info(chosen)  # unknown names fail here, before a slow model load
+    if chosen == "pds" and not has_filters:
+        raise PdsError("the pds sampler needs filters: pass --masks FILE (from `pds filters`) or --freq-mask/--space-mask")
+    if name == "pc" and has_filters:
+        # `pc` is the vanilla baseline; with a preconditioner it would silently be PDS.
+        raise PdsError("--sampler pc is vanilla predictor-corrector: drop the filters, or use --sampler pds")
+    return chosen
+
+
+def resolve_schedule(schedule: str | None, sampler: str) -> str:
+    """The step grid's name: `pc` (the reference's) by default for the PC family, `geometric`
+    (score_sde's log-uniform spacing) for the accelerated samplers."""
+    chosen = schedule or (REFERENCE_GRID if sampler_info(sampler).pc_grid else "geometric")
+    if chosen != REFERENCE_GRID and chosen not in SCHEDULES:
+        raise PdsError(f"unknown schedule {chosen!r}; choose one of: {', '.join((REFERENCE_GRID, *SCHEDULES))}")
+    return chosen
+
+
+def build_steps(settings: SamplingSettings, *, steps: int | None, speed_up: int | None, schedule: str) -> Steps:
+    """The step grid: `pc` = the reference's (pc_steps), else a pdscli.samplers.grids grid of the
+    same length. `steps` / `speed_up` are checked (at least 1, not both) by the caller."""
+    if schedule == REFERENCE_GRID:
+        return pc_steps(settings, steps, speed_up=speed_up)
+    n = int(settings.num_scales / speed_up) if speed_up is not None else (steps or settings.num_scales)
+    if n < 1:
+        raise PdsError(f"--speed-up {speed_up} leaves no step of the model's {settings.num_scales}")
+    return make_steps(schedule, settings, n)
+
+
+def _parse_alpha(value: str) -> float | str:
+    """--alpha: "auto" (resolved once the model and step count are known) or a positive number."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    return resolve_alpha(value, None, 0)
+
+
+def _check_numbers(spec: ModelSpec, flags: SampleFlags) -> None:
+    if flags.steps is not None and flags.speed_up is not None:
+        raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
+    for flag, value in (("--sigma-min", spec.sigma_min), ("--sigma-max", spec.sigma_max), ("--snr", spec.snr)):
+        if value is not None and not (math.isfinite(value) and 0 < value <= FLOAT32_MAX):
+            raise PdsError(f"{flag} must be a positive number within float32's range (up to {FLOAT32_MAX:.3g}), got {value!r}")
+
+
+def _check_fits_in_memory(batch: int, shape: tuple[int, ...], device: torch.device) -> None:
+    """Refuse, before allocating anything, a batch whose sampler state alone exceeds the device's memory."""
+    need = STATE_COPIES * batch * math.prod(shape) * 4
+    have = _device_memory(device)
+    if have and need > have:
+        most = max(1, have // (STATE_COPIES * math.prod(shape) * 4))
+        raise PdsError(
+            f"a batch of {batch} samples of {'x'.join(map(str, shape))} needs at least {need / 2**30:.3g} GiB on "
+            f"{device}, which has {have / 2**30:.3g} GiB; pass a smaller --batch-size (at most about {most})"
+        )
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown: the run's out-of-memory message is the fallback
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(out: Path):
+    """The output folder is made early (to fail fast); a set-up error must not leave it behind, empty."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only succeeds when empty
+        raise
+
+
+def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
+    """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
+    out = Path(flags.out)
+    alpha_given = _parse_alpha(flags.alpha)
+    _check_numbers(spec, flags)
+    # The built-in model runs as its docs say (PDS with its own filters, few steps) unless told otherwise.
+    builtin_filters = spec.uses_builtin and not flags.has_filter_files and flags.sampler in (None, "pds")
+    sampler = resolve_sampler_name(flags.sampler, has_filters=flags.has_filter_files or builtin_filters)
+    schedule = resolve_schedule(flags.schedule, sampler)
+    steps_flag = flags.steps
+    if spec.uses_builtin and flags.steps is None and flags.speed_up is None:
+        steps_flag = builtin.DEFAULT_STEPS
+    with _removed_if_left_empty(out):
+        prepare_out_dir(out, force=flags.force, resume=flags.resume)
+        FolderLock.check_free(out, what="pds sample run")
+        t0 = time.perf_counter()
+        model = open_model(spec)
+        load_s = time.perf_counter() - t0
+        settings = model.settings
+        if settings.num_channels not in PNG_CHANNELS:
+            raise PdsError(f"pds sample writes PNGs of 1 or 3 channels; {model.name} makes {settings.num_channels}")
+        _check_fits_in_memory(min(flags.batch_size, flags.num_samples), settings.shape, model.device)
+        filters, filters_info = open_filters(flags.masks, flags.freq_mask, flags.space_mask, settings=settings,
+                                             use_builtin=builtin_filters)
+        grid = build_steps(settings, steps=steps_flag, speed_up=flags.speed_up, schedule=schedule)
+        alpha = resolve_alpha(alpha_given, settings, len(grid)) if alpha_given == "auto" else alpha_given
+        precond = Preconditioner.from_filters(filters, alpha, model.device) if filters is not None else None
+    return SampleJob(
+        model=model, sampler=sampler, steps=grid, out=out, num_samples=flags.num_samples,
+        batch_size=flags.batch_size, seed=flags.seed, snr=settings.snr,  # --snr is already in the settings
+        precond=precond, per_sample_step=flags.per_sample_step, resume=flags.resume, force=flags.force,
+        schedule=schedule, alpha=alpha, alpha_given=alpha_given, filters=filters_info,
+        precision=model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
+        steps_flag=steps_flag, speed_up_flag=flags.speed_up, model_load_s=load_s,
+    )
