@@ -117,7 +117,8 @@ def onnx_for_engine(network, metadata: dict, onnx_path: Path, *, precision, forc
     """The ONNX bytes a TensorRT engine is built from, kept beside it. An existing file with the
     same `pds.*` metadata (same checkpoint, precision, settings, pds version) is reused: the
     export is the slow part of a rebuild for another batch profile."""
-    from pdscli.engines.onnx_export import export_onnx, onnx_properties
+    from pdscli.engines.files import onnx_properties
+    from pdscli.engines.onnx_export import export_onnx
 
     wanted = {**metadata, "pds.precision": precision}
     if onnx_path.exists():

@@ -11,6 +11,7 @@ import typer
 from pdscli.cli import options
 from pdscli.cli.app import app
 from pdscli.console import console
+from pdscli.errors import PdsError
 
 EPILOG = (
     "Examples:\n\n"
@@ -47,7 +48,7 @@ def filters(
     from pdscli.cli.progress import Progress
     from pdscli.precondition import filters as lib
 
-    size, channels = lib.resolve_shape(size=size, channels=channels, preset=preset, engine=engine)
+    size, channels = resolve_shape(size=size, channels=channels, preset=preset, engine=engine)
     out = out or lib.default_out_path(image_dir, size)
     lib.check_outputs(out, npy=npy, force=force)  # before reading a large folder, not after
     with Progress(enabled=not quiet) as bars:
@@ -61,3 +62,32 @@ def filters(
         written = ", ".join(str(p) for p in paths.values())
         console.print(f"{stats.describe()} -> {written}", highlight=False, soft_wrap=True)
 
+
+def resolve_shape(*, size: int | None, channels: int | None, preset: str | None = None, engine=None) -> tuple[int, int]:
+    """(size, channels): the flags, else the model's (--preset / --engine); a flag that contradicts the model is an error."""
+    if preset and engine:
+        raise PdsError("--preset and --engine exclude each other: the size comes from one model")
+    model = None
+    if preset:
+        model = (f"preset {preset}", *preset_shape(preset))
+    elif engine:
+        from pdscli.engines.files import engine_shape
+
+        model = (Path(engine).name, *engine_shape(engine))
+    if model:
+        name, model_size, model_channels = model
+        for flag, given, actual in (("--size", size, model_size), ("--channels", channels, model_channels)):
+            if given is not None and given != actual:
+                raise PdsError(f"{flag} {given} contradicts {name} ({model_channels}x{model_size}x{model_size} images); drop {flag}")
+        size, channels = model_size, model_channels
+    if size is None:
+        raise PdsError("give the image size: --size N, or --preset NAME / --engine FILE to take it from the model")
+    return int(size), int(channels if channels is not None else 3)
+
+
+def preset_shape(name: str) -> tuple[int, int]:
+    """(image_size, num_channels) of a named model config (pdscli.models.checkpoint's presets)."""
+    from pdscli.models.config import get_preset, settings_from_config
+
+    settings = settings_from_config(get_preset(name))
+    return settings.image_size, settings.num_channels

@@ -303,12 +303,3 @@ def export_onnx(
         except OSError as e:
             raise PdsError(f"cannot write {out}: {e.strerror}") from None
     return OnnxExport(data, meta, report)
-
-
-def onnx_properties(path: Path) -> dict[str, str]:
-    """The metadata properties of an ONNX file (its weights are not read)."""
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise PdsError(f"cannot read {path} as an ONNX model ({type(e).__name__})") from None
-    return {p.key: p.value for p in proto.metadata_props}

@@ -365,7 +365,9 @@ def run_training(source: str, cfg: dict | None, out_dir, opts: TrainOptions, *, 
     try:
         atomic_write_json(out / CONFIG_NAME, cfg)
         return _loop(state, data.to(device), cfg, out, record, opts, progress)
-    except OSError as e:  # a full disk, a quota, a folder gone: the checkpoint on disk is the last whole one
+    except PdsError:  # fsutil.DiskFull, also an OSError, already names the file
+        raise
+    except OSError as e:  # a file-size limit, a folder gone: the checkpoint on disk is the last whole one
         raise PdsError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
 
 
