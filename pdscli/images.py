@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_save_image
@@ -38,8 +39,6 @@ def from_uint8(a: np.ndarray) -> np.ndarray:
 
 def to_pil(x):
     """Float [C, H, W] in [0, 1] (C = 1 or 3) -> a PIL image (L or RGB)."""
-    from PIL import Image
-
     a = to_uint8(x)
     if a.shape[-1] == 1:
         return Image.fromarray(np.ascontiguousarray(a[..., 0]))  # 2-D uint8 -> mode L
@@ -55,8 +54,6 @@ def save_png(path, x) -> None:
 
 def load_png(path) -> np.ndarray:
     """A PNG written by `save_png` -> float32 [C, H, W] in [0, 1] (8-bit quantised)."""
-    from PIL import Image
-
     with Image.open(path) as im:
         return from_uint8(np.asarray(im))
 
@@ -118,8 +115,6 @@ def load_image(path, *, size: int, channels: int = 3) -> np.ndarray:
     (alpha is dropped); 16-bit and float images are scaled by their own white (65535, 1.0), never
     clipped to 8 bits. A file whose values cannot mean [0, 1] is refused (PdsError), not guessed.
     """
-    from PIL import Image
-
     with Image.open(path) as im:
         if im.mode in HIGH_DEPTH_WHITE:
             return _load_high_depth(im, Path(path), size=size, channels=channels)
@@ -132,8 +127,6 @@ def load_image(path, *, size: int, channels: int = 3) -> np.ndarray:
 
 def _square(im, size: int):
     """Centre square crop, resized to `size` (Lanczos when shrinking, for anti-aliasing; bicubic when growing)."""
-    from PIL import Image
-
     w, h = im.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -145,8 +138,6 @@ def _square(im, size: int):
 
 def _load_high_depth(im, path: Path, *, size: int, channels: int) -> np.ndarray:
     """A one-channel 16-bit or float image, scaled to [0, 1] and resampled in float (mode F)."""
-    from PIL import Image
-
     a = np.asarray(im.convert("F") if im.mode != "F" else im, dtype=np.float32) / HIGH_DEPTH_WHITE[im.mode]
     if not np.isfinite(a).all():
         raise PdsError(f"cannot read image {path.name}: its {im.mode} pixels include NaN or infinity")

@@ -49,7 +49,7 @@ def test_streams_in_chunks_and_workers_do_not_change_the_result(tmp_path, monkey
 
         return real(tap(), **kw)
 
-    monkeypatch.setattr("pdscli.precondition.operator.compute_statistics", spy)
+    monkeypatch.setattr(lib, "compute_statistics", spy)
     monkeypatch.setattr(lib, "CHUNK", 3)
     one = lib.folder_statistics(tmp_path / "d", size=8, workers=1)
     assert seen == [3, 3, 1]  # never the whole folder at once

@@ -18,10 +18,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
+from rich.markup import escape
 
+from pdscli.console import err_console
 from pdscli.errors import PdsError
 from pdscli.fsutil import DiskFull, atomic_group, prepare_out_file
 from pdscli.images import image_files, load_image
+from pdscli.precondition.operator import compute_statistics
 
 CHUNK = 64  # images per batch handed to the accumulator
 MASKS_DIR = Path("masks")
@@ -68,8 +72,6 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
     are skipped and reported through `warn` (default: a line on stderr). `progress(done, total)`
     is called after each chunk.
     """
-    from pdscli.precondition.operator import compute_statistics
-
     folder = Path(folder)
     if size < 1:
         raise PdsError(f"--size must be at least 1, got {size}")
@@ -97,10 +99,6 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
 
 
 def _warn(message: str) -> None:
-    from rich.markup import escape
-
-    from pdscli.console import err_console
-
     # escape: file names may hold brackets, which Rich would read as markup.
     err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
@@ -178,8 +176,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def preview_image(filters, min_side: int = 192):
     """Grey picture: the log spectrum (fft-shifted, DC in the centre) | the space statistic, channel-averaged."""
-    from PIL import Image
-
     def normalised(a: np.ndarray) -> np.ndarray:
         lo, hi = float(a.min()), float(a.max())
         return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
