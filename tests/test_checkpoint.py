@@ -247,6 +247,7 @@ def test_without_config_a_checkpoint_that_fits_no_preset_is_an_error(fixture_dir
 # ---- files that are not checkpoints: one line, nothing else ----
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # making the archive, not reading it
 def test_a_torchscript_archive_is_one_line_without_torch_warnings(run_pds, tmp_path):
     path = tmp_path / "scripted.pth"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
