@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from pdscli.errors import PdsError
+
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,11 @@ class SamplingSettings:
         return dataclasses.replace(self, **given).validated()
 
     def validated(self) -> "SamplingSettings":
+        for name in ("sigma_min", "sigma_max", "snr"):
+            value = getattr(self, name)
+            # The sampler runs in float32: a larger (or NaN) value would only show up as NaN images.
+            if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                raise PdsError(f"{name} must be a number within float32's range (up to {FLOAT32_MAX:.3g}), got {value!r}")
         if not (0 < self.sigma_min < self.sigma_max):
             raise PdsError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}")
         if self.num_scales < 1:

@@ -113,7 +113,7 @@ def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("command", ["", "sample", "filters", "export", "bench", "info", "train"])
+@pytest.mark.parametrize("command", ["", "sample", "filters", "export", "bench", "info", "train", "fid"])
 def test_help_imports_cleanly(command):
     """`pds [COMMAND] --help` in a fresh interpreter: exits 0, and no module is left half-imported."""
     code = (

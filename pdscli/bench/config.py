@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pdscli.bench.fid import check_fid_flags
 from pdscli.bench.plot import PLOT_FORMATS, require_matplotlib
 from pdscli.errors import PdsError
 from pdscli.fsutil import prepare_out_file
@@ -81,6 +82,8 @@ class BenchConfig:
     quality_samples: int | None = None
     reference: Path | None = None
     reference_limit: int | None = None
+    fid_ref: Path | None = None
+    fid_features: Path | None = None
     skip: list[str] = field(default_factory=list)
     seed: int = 0
     quick: bool = False
@@ -183,6 +186,7 @@ def check_config(cfg: BenchConfig) -> None:
         image_files(cfg.reference)  # a missing or empty folder fails before the model load
     if cfg.masks is not None and not Path(cfg.masks).is_file():
         raise PdsError(f"filter file {cfg.masks} does not exist")
+    check_fid_flags(cfg.fid_ref, cfg.fid_features, cfg.model)
 
 
 def _check_model_flags(cfg: BenchConfig) -> None:

@@ -47,6 +47,26 @@ def quality_text(q: dict | None) -> str:
     return f"{q['value']:.3g}{floor}"
 
 
+def fid_text(f: dict | None) -> str:
+    """FID / KID ± its spread over subsets, or why there is none."""
+    if not f:
+        return "—"
+    if f.get("fid") is None:
+        return f.get("reason") or "—"
+    k = f["kid"]
+    return f"{f['fid']:.3g} / {k['mean']:.2g}±{k['std']:.1g}"
+
+
+def fid_notes(report: dict, count: int) -> list[str]:
+    """What the FID column is, and its caveat; nothing without --fid-ref."""
+    info = report.get("fid")
+    if not info:
+        return []
+    return [f"FID / KID ± std over KID's subsets: {count} samples per run against {info['path']} ({info['count']} "
+            f"images, {info['kind']}), features {info['features']}. FID is biased upward at this count "
+            "(papers use 50,000 samples): compare within this table only, and trust KID's spread."]
+
+
 # --- the tables ------------------------------------------------------------------------------
 
 
@@ -116,36 +136,39 @@ def e2e_table(report: dict) -> Table | None:
     part = report.get("end_to_end", {})
     if part.get("status") != "ok":
         return None
-    rows = []
+    rows, with_fid = [], bool(report.get("fid"))
     for r in part["runs"]:
         alpha = f", α {r['alpha']:.3g}" if r.get("alpha") is not None else ""
         rows.append([f"{r['label']} ({r['sampler']}{alpha})", str(r["steps"]), str(r["nfe"]),
                      f"{r['timing']['median_s']:.4g}", f"{r['timing']['iqr_s']:.2g}", str(r["timing"]["count"]),
-                     rate(r["images_per_s"]), quality_text(r["quality"])])
+                     rate(r["images_per_s"]), quality_text(r["quality"])] + ([fid_text(r.get("fid"))] if with_fid else []))
     speedup = f"PDS speedup {part['speedup']:.2f}×"
     caption = (f"End to end on `{part['backend']}`, batch {part['batch']}, {part['samples']} images per run (the two "
                f"runs interleaved batch by batch): **{speedup}** in wall time for an NFE ratio of "
                f"{part['nfe_ratio']:.2f}×. Quality: {report['quality']['metric'] or 'none (no reference)'}.")
     return Table(f"End to end on {part['backend']}, batch {part['batch']}: {speedup} (NFE ratio {part['nfe_ratio']:.2f}×)",
-                 caption, ["run", "steps", "NFE", "median s per batch", "IQR s", "batches timed", "images/s", "quality"],
-                 rows)
+                 caption, ["run", "steps", "NFE", "median s per batch", "IQR s", "batches timed", "images/s", "quality"]
+                 + (["FID / KID"] if with_fid else []), rows, fid_notes(report, part["samples"]))
 
 
 def samplers_table(report: dict) -> Table | None:
     part = report.get("samplers", {})
     if part.get("status") != "ok":
         return None
-    rows = []
+    rows, with_fid = [], bool(report.get("fid"))
     for r in part["rows"]:
         if r["status"] != "ok":
-            rows.append([r["sampler"], str(r["nfe_budget"]), str(r["steps"]), "—", "—", "—", f"skipped: {r['reason']}"])
+            rows.append([r["sampler"], str(r["nfe_budget"]), str(r["steps"]), "—", "—", "—", f"skipped: {r['reason']}"]
+                        + (["—"] if with_fid else []))
             continue
         alpha = f" (α {r['alpha']:.3g})" if r.get("alpha") is not None else ""
         rows.append([r["sampler"] + alpha, str(r["nfe_budget"]), str(r["steps"]), str(r["nfe"]),
-                     f"{r['per_image_s'] * 1e3:.3g}", rate(r["images_per_s"]), quality_text(r["quality"])])
+                     f"{r['per_image_s'] * 1e3:.3g}", rate(r["images_per_s"]), quality_text(r["quality"])]
+                    + ([fid_text(r.get("fid"))] if with_fid else []))
     return Table(f"Samplers at equal NFE budgets, batch {part['batch']}",
                  f"Samplers at equal NFE budgets, batch {part['batch']}, {part['samples']} images each:",
-                 ["sampler", "NFE budget", "steps", "NFE", "ms per image", "images/s", "quality"], rows)
+                 ["sampler", "NFE budget", "steps", "NFE", "ms per image", "images/s", "quality"]
+                 + (["FID / KID"] if with_fid else []), rows, fid_notes(report, part["samples"]))
 
 
 PART_TABLES = (nfe_table, overhead_table, e2e_table, samplers_table)
@@ -173,6 +196,10 @@ def to_rich(report: dict) -> list:
     if q["metric"]:
         against = f", against {q['reference']}" if q.get("reference") else ""
         head.append(f"\nquality: {q['metric']}{against} = {q['description']}")
+    f = report.get("fid")
+    if f:
+        head.append(f"\nFID / KID ± std (over KID's subsets): against {f['path']} ({f['count']} images, {f['kind']}), "
+                    f"features {f['features']}; FID is biased upward at small sample counts: compare within this report only")
     out = [head]
     for build in PART_TABLES:
         t = build(report)

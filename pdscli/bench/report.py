@@ -11,6 +11,8 @@ Schema (format `pds-bench/1`; times in seconds, None where a figure does not exi
                  and what is known of its source (checkpoint, sha256, preset, num_params, ...)
     flops        per_call {batch (str): FLOPs} | None, per_image, method, counts | note
     quality      metric | None, description, reference (where the images came from) | None
+    fid          --fid-ref only, else None: {path, kind (folder | samples.npz | statistics), count,
+                 size, features, feature_dim, note (FID's small-sample bias)}
     backends     [{name, status: ok | skipped | failed, reason?, description, precision,
                    setup_s, provider?, ..., batches: [{batch, <timing summary>, times_s, clock,
                    warmup, first_call_s, per_image_s, images_per_s, nfe_per_s, finite,
@@ -30,7 +32,9 @@ Schema (format `pds-bench/1`; times in seconds, None where a figure does not exi
 A <timing summary> is pdscli.bench.timing.summarize's dict (median_s, q1_s, q3_s, iqr_s, min_s,
 max_s, mean_s, count). A <run> is {label, sampler, steps, schedule, nfe, alpha, batch, timing
 (a summary plus times_s), per_image_s, images_per_s, finite, quality {metric, value,
-high_band_variance_ratio, samples, floor} | None, network_s?, network_share?}.
+high_band_variance_ratio, samples, floor} | None, fid {fid, kid {mean, std, subsets, subset_size},
+samples_count, reference_count, features} | {fid: None, reason} | None (no --fid-ref), network_s?,
+network_share?}.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def skipped(reason: str) -> dict:
 
 
 def build_report(cfg: BenchConfig, model: BenchModel, *, machine: dict, flops: dict, quality,
-                 reference_source: str | None, backends: list[dict], filters: dict, overhead: dict,
+                 reference_source: str | None, fid: dict | None, backends: list[dict], filters: dict, overhead: dict,
                  end_to_end: dict, samplers: dict, warnings: list[str], elapsed_s: float) -> dict:
     """The report, from the measured parts (the schema above)."""
     report = {
@@ -76,6 +80,7 @@ def build_report(cfg: BenchConfig, model: BenchModel, *, machine: dict, flops: d
         "flops": {k: ({str(b): v for b, v in val.items()} if isinstance(val, dict) else val) for k, val in flops.items()},
         "quality": ({"metric": quality.metric, "description": quality.description} if quality is not None else
                     {"metric": None, "description": "no quality figure: a network model needs --reference DIR"}),
+        "fid": fid,
         "backends": backends,
         "filters": filters,
         "pds_overhead": overhead,

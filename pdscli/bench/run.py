@@ -9,7 +9,7 @@ A report has up to four parts, all timed in the same process on the same inputs:
               fraction of one NFE
     e2e       vanilla PC at the full step count against PDS at 1/k of it: wall time, images/s,
               the speedup ratio, and the quality of both (the exact spectral KL on the analytic
-              model, or the reference statistic with --reference)
+              model, or the reference statistic with --reference; FID / KID with --fid-ref)
     samplers  every --samplers entry at equal NFE budgets (--nfe), time and quality side by side
 
 Honesty rules the code keeps: every figure is a measurement of this run (nothing is estimated
@@ -28,6 +28,7 @@ import torch
 from pdscli.bench.backends import e2e_backend_name, make_backend, unavailable_reason
 from pdscli.bench.config import BenchConfig, error_line
 from pdscli.bench.export_cache import ExportCache
+from pdscli.bench.fid import FidQuality
 from pdscli.bench.latency import add_speed_ratios, run_backends
 from pdscli.bench.model import BenchModel, count_flops, nfe_inputs, open_bench_model
 from pdscli.bench.overhead import measure_overhead
@@ -59,6 +60,7 @@ def _run(cfg: BenchConfig, device: torch.device, cache: ExportCache, log) -> dic
     model = open_bench_model(cfg, device)
     reference, reference_source = reference_images(cfg, model)
     quality = make_quality(model, reference, cfg.seed)
+    fid = FidQuality(cfg.fid_ref, cfg.fid_features, model.shape, device, log) if cfg.fid_ref is not None else None
     flops = count_flops(model, cfg.batch_sizes)
 
     entries, kept = run_backends(cfg, model, flops, cache, log) if "nfe" not in cfg.skip else ([], {})
@@ -80,9 +82,10 @@ def _run(cfg: BenchConfig, device: torch.device, cache: ExportCache, log) -> dic
         elif score is None:
             parts[key] = skipped(why)
         else:
-            parts[key] = {"backend": e2e_name, **fn(cfg, model, score, preconds, quality, log)}
+            parts[key] = {"backend": e2e_name, **fn(cfg, model, score, preconds, quality, log, fid=fid)}
     machine["load_average_end"] = load_average()
     return build_report(cfg, model, machine=machine, flops=flops, quality=quality, reference_source=reference_source,
+                        fid=fid.info if fid is not None else None,
                         backends=entries, filters=filters_info, overhead=overhead, warnings=cache.warnings,
                         elapsed_s=time.perf_counter() - started, **parts)
 

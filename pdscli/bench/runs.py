@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from pdscli.bench.config import QUICK_FULL_STEPS, BenchConfig
+from pdscli.bench.fid import FidQuality
 from pdscli.bench.model import BenchModel
 from pdscli.bench.preconditioner import PreconditionerCache
 from pdscli.bench.timing import summarize, sync
@@ -61,12 +62,13 @@ def run_interleaved(runs: list[SamplingRun], count: int, batch: int) -> list[dic
 
 
 def _run_record(label: str, sampler: str, steps, schedule: str, result: dict, cfg: BenchConfig, quality,
-                alpha: float | None) -> dict:
+                alpha: float | None, fid: FidQuality | None) -> dict:
     t = result["timing"]
     return {"label": label, "sampler": sampler, "steps": len(steps), "schedule": schedule, "nfe": result["nfe"],
             "alpha": alpha, "batch": cfg.e2e_batch, "timing": t, "per_image_s": t["median_s"] / cfg.e2e_batch,
             "images_per_s": cfg.e2e_batch / t["median_s"], "finite": result["finite"],
-            "quality": quality.measure(result["samples"]) if quality is not None else None}
+            "quality": quality.measure(result["samples"]) if quality is not None else None,
+            "fid": fid.measure(result["samples"]) if fid is not None else None}
 
 
 def full_and_pds_steps(cfg: BenchConfig, settings) -> tuple[int, int]:
@@ -78,22 +80,26 @@ def full_and_pds_steps(cfg: BenchConfig, settings) -> tuple[int, int]:
     return full, pds
 
 
-def sample_count(cfg: BenchConfig, quality) -> int:
-    return max(cfg.e2e_batch * cfg.e2e_repeats, cfg.quality_samples if quality is not None else 0)
+def sample_count(cfg: BenchConfig, quality, fid: FidQuality | None = None) -> int:
+    scored = quality is not None or fid is not None
+    return max(cfg.e2e_batch * cfg.e2e_repeats, cfg.quality_samples if scored else 0)
 
 
-def run_end_to_end(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log) -> dict:
+def run_end_to_end(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log,
+                   fid: FidQuality | None = None) -> dict:
     """Vanilla PC at the full step count and PDS at 1/k of it, same backend, batch and noise."""
     full, n_pds = full_and_pds_steps(cfg, model.settings)
-    count = sample_count(cfg, quality)
+    count = sample_count(cfg, quality, fid)
     grids = {"vanilla": pc_steps(model.settings, full), "pds": pc_steps(model.settings, n_pds)}
     runs = [SamplingRun(score, "pc", grids["vanilla"], None, cfg=cfg, model=model),
             SamplingRun(score, "pds", grids["pds"], preconds.for_steps(n_pds), cfg=cfg, model=model)]
     log(f"end to end: vanilla pc at {full} steps and PDS at {n_pds}, {count} images each in batches of "
         f"{cfg.e2e_batch}, interleaved ...")
     results = run_interleaved(runs, count, cfg.e2e_batch)
-    vanilla = _run_record("vanilla", "pc", grids["vanilla"], "pc", results[0], cfg, quality, None)
-    pds = _run_record("pds", "pds", grids["pds"], "pc", results[1], cfg, quality, preconds.alpha(n_pds))
+    if fid is not None:
+        log(f"FID / KID of {2 * count} images ...")
+    vanilla = _run_record("vanilla", "pc", grids["vanilla"], "pc", results[0], cfg, quality, None, fid)
+    pds = _run_record("pds", "pds", grids["pds"], "pc", results[1], cfg, quality, preconds.alpha(n_pds), fid)
     return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "runs": [vanilla, pds],
             "speedup": vanilla["timing"]["median_s"] / pds["timing"]["median_s"],
             "nfe_ratio": vanilla["nfe"] / pds["nfe"], "full_steps": full, "pds_steps": n_pds}
@@ -107,11 +113,12 @@ def steps_for_budget(sampler: str, budget: int) -> int:
     return n
 
 
-def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log) -> dict:
+def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log,
+                 fid: FidQuality | None = None) -> dict:
     """Each --samplers entry at each --nfe budget: steps = the most that fit the budget, on the
     sampler's own default grid (pc for the PC family, geometric for the accelerated ones); all
     configurations interleaved batch by batch."""
-    count, rows, planned = sample_count(cfg, quality), [], []
+    count, rows, planned = sample_count(cfg, quality, fid), [], []
     for name in cfg.samplers:
         for budget in cfg.nfe:
             n = steps_for_budget(name, budget)
@@ -126,6 +133,8 @@ def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: Precondit
             planned.append((rows[-1], steps, schedule, alpha, SamplingRun(score, name, steps, precond, cfg=cfg, model=model)))
     log(f"samplers: {len(planned)} configurations, {count} images each in batches of {cfg.e2e_batch}, interleaved ...")
     results = run_interleaved([p[-1] for p in planned], count, cfg.e2e_batch)
+    if fid is not None:
+        log(f"FID / KID of {len(planned) * count} images ...")
     for (row, steps, schedule, alpha, _), result in zip(planned, results):
-        row.update(_run_record(row["sampler"], row["sampler"], steps, schedule, result, cfg, quality, alpha))
+        row.update(_run_record(row["sampler"], row["sampler"], steps, schedule, result, cfg, quality, alpha, fid))
     return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "rows": rows}

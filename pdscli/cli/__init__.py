@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - older Typer uses click itself
     from click import exceptions as click_errors
 
 # Each module registers its command(s) on `app` when imported.
-COMMAND_MODULES = ("info", "sample", "filters", "export", "bench", "train")
+COMMAND_MODULES = ("info", "sample", "filters", "export", "bench", "train", "fid")
 
 
 def _register_commands() -> None:

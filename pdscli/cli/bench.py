@@ -23,11 +23,13 @@ EPILOG = (
     "  pds bench --preset ffhq-256 --random-weights --device cuda --batch-sizes 1,8,32 --out bench.json\n\n"
     "  pds bench --checkpoint ckpt.pth --preset cifar10 --masks masks/cifar10-32.npz --reference ~/data/cifar10 --plot bench.png\n\n"
     "  pds bench --engine engines/cifar10-fp16.onnx --device cuda --skip e2e\n\n"
+    "  pds bench --checkpoint ckpt.pth --preset cifar10 --samplers pds,ddim --nfe 50 --fid-ref stats/cifar10-train.npz --device cuda\n\n"
     "  pds bench --quick --json > bench.json                 (the report on stdout, the tables on stderr)\n\n"
     "Parts (--skip any): nfe = per-call latency per backend and batch; overhead = the PDS preconditioner per NFE; "
     "e2e = vanilla PC at the full step count against PDS at --speed-up k, same backend and noise; samplers = "
     "--samplers at equal --nfe budgets. Quality: the exact spectral KL on --model gaussian, a spectral statistic "
-    "against --reference images on a network (docs/benchmarks.md says what it sees and what not). "
+    "against --reference images on a network (docs/benchmarks.md says what it sees and what not), and FID / KID "
+    "against --fid-ref (docs/evaluation.md). "
     "Backends: eager, bf16, fp16, compile, cuda-graph, onnx-cpu, onnx-cuda, onnx-trt, trt-fp32, trt-fp16, trt-bf16 "
     "(default: all that apply; those that cannot run here are listed with the reason)."
 )
@@ -76,6 +78,8 @@ def bench(
     quality_samples: Optional[int] = typer.Option(None, "--quality-samples", help="Images per quality figure (default 256; --quick 16).", rich_help_panel=QUALITY),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Folder of real images: a spectral quality statistic for a network model.", rich_help_panel=QUALITY),
     reference_limit: Optional[int] = typer.Option(None, "--reference-limit", help="Reference images read, at most (default 2000; --quick 200).", rich_help_panel=QUALITY),
+    fid_ref: Optional[Path] = typer.Option(None, "--fid-ref", help="FID / KID of every sampling run against this reference: a folder of images at the model's size, or statistics from `pds fid --save-stats` (fast). Needs pip install \"pds\\[eval]\" (docs/evaluation.md).", rich_help_panel=QUALITY),
+    fid_features: Optional[Path] = typer.Option(None, "--fid-features", help="--fid-ref's feature network file, as `pds fid --features` (default: torch-fidelity's Inception).", rich_help_panel=QUALITY),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the full report (every timing, settings, machine) as JSON to FILE.", rich_help_panel=OUTPUT),
     as_json: options.Json = False,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a plot (.png, .pdf, .svg): time and quality against NFE, latency against batch. Needs matplotlib.", rich_help_panel=OUTPUT),
@@ -97,7 +101,7 @@ def bench(
         full_steps=full_steps, speed_up=speed_up, steps=steps, alpha=alpha, masks=masks,
         samplers=parse_names(samplers, "--samplers"), nfe=parse_ints(nfe, "--nfe"), e2e_backend=e2e_backend,
         e2e_batch=e2e_batch, e2e_repeats=e2e_repeats, quality_samples=quality_samples, reference=reference,
-        reference_limit=reference_limit, skip=parse_names(skip, "--skip") or [], seed=seed, quick=quick,
+        reference_limit=reference_limit, fid_ref=fid_ref, fid_features=fid_features, skip=parse_names(skip, "--skip") or [], seed=seed, quick=quick,
         cache_dir=cache_dir, command=_command_line(ctx),
     ).resolved()  # every flag checked before the outputs are touched
     check_outputs(out, plot, force)

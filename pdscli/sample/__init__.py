@@ -1,3 +1,3 @@
-"""The sampling run: the typed job, flags -> job (each checked once), the loop over seeds, outputs, torchrun.
+"""The sampling run: `model` (the one model and filters opener), `job`, `setup` (flags -> job, each checked once), `loop`, `outputs`, `run`, `distributed`.
 
-Imports everything below it (samplers, precondition, models, engines, evaluate); only `cli` imports it."""
+Imports everything below it (samplers, precondition, models, engines, evaluate); `bench` and `cli` import it."""

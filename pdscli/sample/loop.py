@@ -91,7 +91,7 @@ def _finite_check(indices: range) -> Callable[[dict], None]:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):  # torch.OutOfMemoryError in torch >= 2.5
         return True
     # The CPU allocator raises a plain RuntimeError.
     text = str(error)

@@ -33,9 +33,11 @@ import torch
 from pdscli import __version__
 from pdscli.errors import PdsError
 from pdscli.fsutil import (
+    DiskFull,
     atomic_group,
     atomic_write_bytes,
     atomic_write_json,
+    is_disk_full,
     remove_stale_temporaries,
 )
 from pdscli.images import load_png, make_grid, save_png, to_pil
@@ -131,8 +133,9 @@ def repair(out: Path, shape: tuple[int, ...], warn: Warn) -> None:
             warn(f"{p} is damaged; sample {m.group(1)} will be made again")
             p.unlink()
             # Made again rather than taken from its PNG, which holds only 8 bits.
-            with contextlib.suppress(FileNotFoundError):
-                pngs.get(int(m.group(1)), p).unlink()
+            png = pngs.get(int(m.group(1)))
+            if png is not None:
+                png.unlink(missing_ok=True)
 
 
 def _whole_png(path: Path) -> bool:
@@ -201,7 +204,12 @@ def _saved_floats_beyond(out: Path, num_samples: int) -> int:
 
 
 def start_partial(job: SampleJob) -> None:
-    (job.out / PARTIAL).mkdir(exist_ok=True)
+    try:
+        (job.out / PARTIAL).mkdir(exist_ok=True)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(job.out / PARTIAL) from None
+        raise
     atomic_write_json(job.out / PARTIAL / RUN_CONFIG, job.fingerprint())
 
 
