@@ -266,18 +266,18 @@ def test_a_torchscript_archive_is_one_line_without_torch_warnings(run_pds, tmp_p
 
 
 def test_open_network_from_a_checkpoint_is_load_score_model(fixture_dir, io):
-    from pdscli.models.checkpoint import open_network
+    from pdscli.models.network import open_network
 
     network = open_network(fixture_dir / "checkpoint.pth", fixture_dir / "config.json")
     ref = _load(fixture_dir)
     assert network.sha256 == ref.checkpoint_info["sha256"] and network.identity == network.sha256[:16]
-    assert network.weights == "ema" and network.stem == "checkpoint" and network.checkpoint.name == "checkpoint.pth"
+    assert network.weights == "ema" and network.stem == "checkpoint" and network.file == "checkpoint.pth"
     assert network.num_params == ref.checkpoint_info["num_params"] and network.settings == ref.settings
     assert all(torch.equal(a, b) for a, b in zip(network.net.state_dict().values(), ref.state_dict().values()))
 
 
 def test_open_network_random_weights_are_seeded(fixture_dir):
-    from pdscli.models.checkpoint import open_network
+    from pdscli.models.network import open_network
 
     cfg = fixture_dir / "config.json"
     a, b = open_network(config=cfg, random_weights=True, seed=1), open_network(config=cfg, random_weights=True, seed=1)

@@ -115,6 +115,10 @@ def test_train_checkpoint_load_sample_end_to_end(run_pds, tmp_path):
     assert net.checkpoint_info["weights"] == "ema" and net.checkpoint_info["step"] == 6
     raw = torch.load(out / "checkpoint.pth", weights_only=True)
     assert set(raw) == {"optimizer", "model", "ema", "step"} and all(k.startswith("module.") for k in raw["model"])
+    # The EMA weights as safetensors beside it, config included: the same network.
+    light = load_score_model(out / "ema.safetensors")
+    assert light.checkpoint_info["step"] == 6
+    assert all(torch.equal(v, light.state_dict()[k]) for k, v in net.state_dict().items())
 
     samples = tmp_path / "samples"
     r = run_pds("sample", "--checkpoint", out / "checkpoint.pth", "--config", out / "config.json",

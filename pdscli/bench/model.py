@@ -17,7 +17,7 @@ from pdscli.engines import open_engine
 from pdscli.engines.torch_engine import torch_score
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.models import build_model, builtin
-from pdscli.models.checkpoint import Network, open_network
+from pdscli.models.network import Network, open_network
 from pdscli.settings import SamplingSettings
 
 NETWORK = "network"
@@ -67,7 +67,7 @@ def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
 
 def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) -> BenchModel:
     network = open_network(path, config, preset, trust_checkpoint=trust, device=device)
-    return _network_model(network, device, name or f"checkpoint:{network.checkpoint.name}",
+    return _network_model(network, device, name or f"checkpoint:{network.file}",
                           {"checkpoint": str(path), "sha256": network.sha256, "preset": network.preset,
                            "config": network.config_label, "weights": network.weights})
 
@@ -80,7 +80,7 @@ def _open_random(cfg: BenchConfig, device: torch.device) -> BenchModel:
 
 
 def _network_model(network: Network, device: torch.device, name: str, info: dict) -> BenchModel:
-    """A BenchModel of an fp32 NCSN++ (pdscli.models.checkpoint.open_network), run eager."""
+    """A BenchModel of an fp32 NCSN++ (pdscli.models.network.open_network), run eager."""
     return BenchModel(NETWORK, torch_score(network.net, device=device), network.settings, device, name,
                       net=network.net, net_config=network.config, info={**info, "num_params": network.num_params})
 

@@ -1,7 +1,7 @@
 """`pds export`: a checkpoint (or a preset's architecture) -> a checked ONNX file or TensorRT engine.
 
 The flow: check everything cheap first (format, precision, TensorRT, the output path), then open
-the network (`pdscli.models.checkpoint.open_network`), export the graph (`engines.onnx_export`),
+the network (`pdscli.models.network.open_network`), export the graph (`engines.onnx_export`),
 and for TensorRT build the engine (`engines.tensorrt_engine`) and check it (`engines.parity`).
 """
 
@@ -29,6 +29,7 @@ EPILOG = (
     "  pds export --checkpoint ckpt.pth --config config.json --precision fp16 --out engines/ffhq-fp16.onnx\n\n"
     "  pds export --preset bedroom --random-weights --format trt --precision fp16 --min-batch 1 --max-batch 8\n\n"
     "  pds sample --engine engines/checkpoint_26-fp32.onnx --steps 100\n\n"
+    "  pds export --checkpoint ckpt.pth --config config.json --format diffusers --out ncsnpp-diffusers/\n\n"
     "Every export is checked before it is written: onnx.checker, then the graph (and a TensorRT engine "
     "after its build) against the PyTorch model at sigmas from sigma_min to sigma_max and two batch sizes. "
     "Over tolerance the export fails and leaves no file. TensorRT engines get a manifest (<engine>.json) "
@@ -52,7 +53,7 @@ def export(
     raw_weights: bool = typer.Option(False, "--raw-weights", help="Export the raw weights instead of the EMA ones.",
                                      rich_help_panel=options.MODEL),
     trust_checkpoint: options.TrustCheckpoint = False,
-    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | trt (TensorRT engine, needs `pip install \"pds\\[trt]\"` and a GPU).", rich_help_panel=options.OUTPUT),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | trt (TensorRT engine, needs `pip install \"pds\\[trt]\"` and a GPU) | diffusers (a ScoreSdeVePipeline folder: unet/ + scheduler/, safetensors).", rich_help_panel=options.OUTPUT),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16: written into the graph; the time embedding and normalisation stay fp32.", rich_help_panel=options.OUTPUT),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default engines/<checkpoint or preset>-<precision>.onnx|.plan).", rich_help_panel=options.OUTPUT),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file (a TensorRT engine that is up to date is kept anyway).", rich_help_panel=options.OUTPUT),
@@ -68,6 +69,15 @@ def export(
 ):
     from pdscli.engines.contract import BatchProfile
 
+    if fmt.lower() == "diffusers":
+        summary = _export_diffusers(checkpoint, config, preset, random_weights, raw_weights, trust_checkpoint,
+                                    precision, out, force)
+        if as_json:
+            typer.echo(json.dumps(summary))
+        else:
+            console.print(f"wrote {summary['path']} ({summary['size_bytes'] / 2**20:.1f} MiB, diffusers pipeline)",
+                          highlight=False, soft_wrap=True, markup=False)
+        return
     profile = BatchProfile.from_flags(batch_size, min_batch, opt_batch, max_batch)
 
     def log(line: str) -> None:
@@ -103,7 +113,7 @@ def open_source(checkpoint=None, config=None, preset=None, *, random_weights=Fal
                 trust_checkpoint=False, seed: int = 0):
     """The fp32 network to export and the `pds.*` metadata of its exports (pds.precision left empty)."""
     from pdscli.engines.onnx_export import export_metadata
-    from pdscli.models.checkpoint import open_network
+    from pdscli.models.network import open_network
 
     network = open_network(checkpoint, config, preset, random_weights=random_weights, seed=seed, weights=weights,
                            trust_checkpoint=trust_checkpoint)
@@ -197,3 +207,36 @@ def run_export(*, checkpoint=None, config=None, preset=None, fmt="onnx", precisi
             check_parity_or_fail(report, f"the {precision} TensorRT engine")
     return {**summary, "path": str(out), "onnx": str(onnx_path), "cached": cached,
             "profile": dict(zip(("min", "opt", "max"), profile.as_tuple())), "size_bytes": out.stat().st_size}
+
+
+def _export_diffusers(checkpoint, config, preset, random_weights, raw_weights, trust_checkpoint, precision, out,
+                      force) -> dict:
+    """A diffusers pipeline folder, written only after pds read it back to the same tensors."""
+    import torch
+
+    from pdscli.models import diffusers
+    from pdscli.models.checkpoint import load_score_model
+    from pdscli.models.network import open_network
+
+    if precision.lower() != "fp32":
+        raise PdsError("--format diffusers writes float32 weights (diffusers casts at load time); drop --precision")
+    out = out or Path(f"{source_stem(checkpoint, config, preset, random_weights)}-diffusers")
+    if out.exists() and not force:  # checked before the (slow) load too
+        raise PdsError(f"{out} exists; pass --force to replace it")
+    if config is not None or preset is not None:  # refused before the (slow) load when the config says so
+        from pdscli.models.config import resolve_config
+
+        why = diffusers.exportable(resolve_config(config, preset)[0])
+        if why:
+            raise PdsError(f"cannot export to diffusers: {why}")
+    network = open_network(checkpoint, config, preset, random_weights=random_weights,
+                           weights="raw" if raw_weights else "ema", trust_checkpoint=trust_checkpoint)
+    expected = network.net.state_dict()
+
+    def same_tensors(folder: Path) -> None:
+        loaded = load_score_model(folder).state_dict()
+        differ = [k for k, v in expected.items() if not torch.equal(loaded[k].to(v.device, v.dtype), v)]
+        if differ:
+            raise PdsError(f"the diffusers folder does not read back to the same weights ({differ[0]}); nothing written")
+
+    return diffusers.write_pipeline(out, network.net, force=force, check=same_tensors)

@@ -16,6 +16,7 @@ EPILOG = (
     "  pds info checkpoint_24.pth --preset ffhq-1024\n\n"
     "  pds info checkpoint.pth --config my_config.json --json\n\n"
     "  pds info checkpoint.pth --preset cifar10 --raw-weights\n\n"
+    "  pds info hf:google/ncsnpp-ffhq-256      (a diffusers pipeline from the Hugging Face Hub)\n\n"
     "Presets: cifar10, cifar10-deep, celebahq-256, ffhq-256, bedroom, church, ffhq-1024. "
     "Without --config or --preset, the preset whose shapes and noise levels fit the file is used."
 )
@@ -27,7 +28,8 @@ EPILOG = (
     epilog=EPILOG,
 )
 def info(
-    checkpoint: Path = typer.Argument(..., help="score_sde checkpoint (.pth) or a plain state_dict."),
+    checkpoint: Path = typer.Argument(..., help="score_sde checkpoint (.pth), a plain state_dict (.pth, .safetensors), a diffusers "
+                                  "model or pipeline folder, or hf:ORG/NAME\\[@REVISION]."),
     config: options.Config = None,
     preset: options.Preset = None,
     as_json: options.Json = False,
@@ -58,12 +60,17 @@ def _table(report: dict):
 
     s, m = report["settings"], report["model"]
     weights = _WEIGHTS[report["weights"]]
-    if report["weights_requested"] == "ema" and not report["ema_available"]:
+    if report["layout"].startswith("diffusers"):
+        weights = "as stored (diffusers keeps one set: the EMA weights in score_sde's conversions)"
+    elif report["weights_requested"] == "ema" and not report["ema_available"]:
         weights += ", the file has no EMA"
     rows = [
         ("checkpoint", report["checkpoint"]),
         ("sha256", report["sha256"]),
         ("layout", report["layout"] + (f", step {report['step']}" if report["step"] is not None else "")),
+        *([("hub", f"{report['hub']['repo']}@{report['hub']['revision'] or 'main'} ({report['hub']['snapshot']})")]
+          if report.get("hub") else []),
+        *([("weights file", report["weights_file"])] if report.get("weights_file") else []),
         ("config", report["config"]),
         ("weights", weights),
         ("parameters", f"{report['num_params']:,}"),

@@ -21,7 +21,9 @@ import typer
 MODEL, OUTPUT = "Model", "Output"
 
 Checkpoint = Annotated[Optional[Path], typer.Option(
-    "--checkpoint", help="score_sde / pds checkpoint (.pth).", rich_help_panel=MODEL)]
+    "--checkpoint",
+    help="score_sde / pds checkpoint (.pth, .safetensors), a diffusers model or pipeline folder, or hf:ORG/NAME\\[@REVISION] "
+         "from the Hugging Face Hub.", rich_help_panel=MODEL)]
 Config = Annotated[Optional[Path], typer.Option(
     "--config", help="Config of the checkpoint (.json / score_sde .py).", rich_help_panel=MODEL)]
 Preset = Annotated[Optional[str], typer.Option(

@@ -19,7 +19,7 @@ EPILOG = (
     "  pds train digits --config my.json --sigma-max auto --iters 500 --out runs/try --force\n\n"
     "  pds train digits --out runs/digits --resume --iters 8000      (continue to step 8000)\n\n"
     "Writes DIR/config.json (the whole recipe), DIR/checkpoint.pth (score_sde layout, atomically replaced "
-    "every --save-every steps), DIR/log.jsonl (the loss) and DIR/train.json. Sample from it with "
+    "every --save-every steps), DIR/ema.safetensors (the EMA weights with their config), DIR/log.jsonl (the loss) and DIR/train.json. Sample from it with "
     "`pds sample --checkpoint DIR/checkpoint.pth --config DIR/config.json`."
 )
 

@@ -1,5 +1,9 @@
 """score_sde checkpoints: read them strictly and safely, write them in the same layout.
 
+Sources: a score_sde `.pth` (or a plain state_dict, `.pth` / `.bin` / `.safetensors`), a diffusers
+model or pipeline folder, or `hf:ORG/NAME[@REVISION]` (see `pdscli.models.diffusers`): every
+command opens weights through `load_score_model`.
+
 The layout score_sde's `save_checkpoint` writes (and `pds` writes back):
 
     {"optimizer": Adam state_dict, "model": state_dict with "module." prefixes (raw weights),
@@ -18,7 +22,6 @@ mismatch is an error that names it: nothing is ever loaded partially.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import pickle
@@ -27,25 +30,30 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from rich.markup import escape
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pdscli.devices import resolve_device, resolve_precision
+from pdscli.console import err_console
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, sha256_file
+from pdscli.models import diffusers
 from pdscli.models.config import (
     PRESET_NAMES,
     config_summary,
     get_preset,
     resolve_config,
     settings_from_config,
+    validate_config,
 )
 from pdscli.models.ncsnpp import NCSNpp, build_model
 from pdscli.score import ScoreModel, TorchScore
-from pdscli.settings import SamplingSettings
 
 PREFIX = "module."  # torch.nn.DataParallel's, present in every score_sde checkpoint
 WEIGHTS = ("ema", "raw")
@@ -59,7 +67,8 @@ class RawCheckpoint:
     state_dict: dict  # keys without "module."
     ema: dict | None  # score_sde EMA state: decay, num_updates, shadow_params
     step: int | None
-    layout: str  # "score_sde" or "state_dict"
+    layout: str  # "score_sde", "state_dict", "safetensors", or "diffusers-*" (a folder)
+    config: dict | None = None  # a config the file carries (safetensors metadata written by pds)
 
 
 # ---- reading ----
@@ -67,6 +76,8 @@ class RawCheckpoint:
 
 def read_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> RawCheckpoint:
     path = Path(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     return _parse(_torch_load(path, trust_checkpoint), path)
 
 
@@ -74,6 +85,29 @@ def load_file(path: str | Path, *, trust_checkpoint: bool = False):
     """What `torch.load` returns for a checkpoint file, with a one-line PdsError for a missing,
     empty, truncated or foreign file, or one that needs unpickling without `trust_checkpoint`."""
     return _torch_load(Path(path), trust_checkpoint)
+
+
+def _read_safetensors(path: Path) -> RawCheckpoint:
+    """A safetensors file: tensors only, so nothing to trust; pds's own carry their config in the metadata."""
+    if path.is_dir():
+        raise PdsError(f"checkpoint {path} is a folder, not a file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise PdsError(f"checkpoint {path} not found") from None
+    except Exception as e:  # safetensors reports damage as several error types
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PdsError(f"checkpoint {path} is not a readable safetensors file ({detail})") from None
+    if not tensors:
+        raise PdsError(f"checkpoint {path} holds no tensors")
+    try:
+        config = json.loads(meta["pds.config"]) if "pds.config" in meta else None
+        step = int(meta["pds.step"]) if "pds.step" in meta else None
+    except ValueError:
+        raise PdsError(f"checkpoint {path}: its pds metadata is damaged") from None
+    return RawCheckpoint(strip_prefix(tensors), None, step, "safetensors", config)
 
 
 def _torch_load(path: Path, trust: bool):
@@ -211,7 +245,9 @@ def _check_fits(model: nn.Module, raw: RawCheckpoint, path: Path, label: str) ->
 
 
 def _resolve(raw: RawCheckpoint, path: Path, config, preset: str | None) -> tuple[dict, str, str | None]:
-    """(config, label, preset name or None); with neither config nor preset, the one preset that fits."""
+    """(config, label, preset name or None); with neither config nor preset, the file's own or the one preset that fits."""
+    if config is None and preset is None and raw.config is not None:
+        return validate_config(raw.config, f"the config stored in {path}"), f"{path} (stored config)", None
     if config is None and preset is None:
         hits = matching_presets(raw.state_dict)
         if len(hits) != 1:
@@ -263,38 +299,125 @@ def _device(device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
+@dataclass
+class _Source:
+    """A checkpoint resolved to tensors under score_sde's names, a config, and what to report about it."""
+
+    raw: RawCheckpoint
+    model: NCSNpp  # built on the meta device from the config
+    label: str  # where the config came from
+    preset: str | None
+    path: Path  # named in error messages
+    display: str  # what the user passed (a file, a folder, hf:ORG/NAME)
+    weights_file: Path  # the file holding the tensors (hashed)
+    extra: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+
+def _open_source(checkpoint, config, preset, trust: bool) -> _Source:
+    text = str(checkpoint)
+    if text.startswith(diffusers.HUB_PREFIX):
+        repo, revision = diffusers.parse_hub_spec(text)
+        folder = diffusers.hub_folder(text)
+        return _from_folder(folder, text, config, preset, trust,
+                            {"hub": {"repo": repo, "revision": revision, "snapshot": str(folder)}})
+    path = Path(checkpoint)
+    if path.is_dir():
+        return _from_folder(path, str(path), config, preset, trust, {})
+    raw = read_checkpoint(path, trust_checkpoint=trust)
+    if diffusers.looks_like_diffusers(raw.state_dict):
+        return _from_diffusers_file(raw, path, config, preset)
+    cfg, label, preset_name = _resolve(raw, path, config, preset)
+    return _Source(raw, build_model(cfg, device="meta"), label, preset_name, path, str(path), path)
+
+
+def _from_folder(folder: Path, display: str, config, preset, trust: bool, extra: dict) -> _Source:
+    if config is not None or preset is not None:
+        raise PdsError(f"{display} is a diffusers folder and carries its own config; drop --config / --preset")
+    found = diffusers.locate_folder(folder)
+    raw = read_checkpoint(found.weights, trust_checkpoint=trust)
+    if not diffusers.looks_like_diffusers(raw.state_dict):
+        raise PdsError(f"{found.weights} does not hold diffusers weights (no conv_in.weight)")
+    cfg, warnings = diffusers.config_from_diffusers(found.unet_config, found.scheduler, str(found.config_path))
+    extra["scheduler"] = "config" if found.scheduler is not None else "defaults"
+    return _convert(raw, cfg, found.weights, f"diffusers:{found.config_path}", display, found.layout, extra, warnings)
+
+
+def _from_diffusers_file(raw: RawCheckpoint, path: Path, config, preset) -> _Source:
+    """A single file with diffusers' names: its UNet2DModel config from --config or beside it, or a pds config."""
+    candidates = [Path(config)] if isinstance(config, (str, Path)) and Path(config).is_file() else []
+    if config is None and preset is None:
+        candidates.append(path.parent / "config.json")
+    unet_path = next((c for c in candidates if c.is_file() and diffusers.is_unet_config(diffusers.read_json(c))), None)
+    if unet_path is not None:
+        if preset is not None:
+            raise PdsError(f"{unet_path} is a diffusers config; --preset describes a score_sde one: drop --preset")
+        schedulers = [unet_path.parent / "scheduler_config.json",
+                      unet_path.parent.parent / "scheduler" / "scheduler_config.json", path.parent / "scheduler_config.json"]
+        sched = next((s for s in schedulers if s.is_file()), None)
+        cfg, warnings = diffusers.config_from_diffusers(diffusers.read_json(unet_path),
+                                                        diffusers.read_json(sched) if sched else None, str(unet_path))
+        return _convert(raw, cfg, path, f"diffusers:{unet_path}", str(path), "diffusers-file", {}, warnings)
+    if config is None and preset is None:
+        raise PdsError(f"{path} holds diffusers weights; point --checkpoint at its folder, or pass --config with its "
+                       f"config.json (UNet2DModel) or a score_sde config")
+    cfg, label, preset_name = resolve_config(config, preset)
+    why = diffusers.exportable(cfg)
+    if why:
+        raise PdsError(f"{path} holds diffusers weights, but config {label} has no diffusers form: {why}")
+    source = _convert(raw, cfg, path, label, str(path), "diffusers-file", {}, [])
+    source.preset = preset_name
+    return source
+
+
+def _convert(raw: RawCheckpoint, cfg: dict, weights_file: Path, label: str, display: str, layout: str, extra: dict,
+             warnings: list) -> _Source:
+    model = build_model(cfg, device="meta")
+    state = diffusers.state_dict_from_diffusers(raw.state_dict, model, str(weights_file))
+    return _Source(RawCheckpoint(state, None, None, layout), model, label, None, weights_file, display, weights_file,
+                   extra, warnings)
+
+
+def _warn(message: str) -> None:
+    # escape: paths may hold brackets, which Rich would read as markup.
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = None, *, preset: str | None = None,
                      weights: str = "ema", trust_checkpoint: bool = False, device: str | torch.device = "cpu") -> NCSNpp:
     """An NCSN++ in eval mode with a checkpoint's weights; `model(x, sigma)` is the score.
 
+    `checkpoint`: a score_sde / pds file (.pth, a plain state_dict, .safetensors), a diffusers
+    model or pipeline folder, or "hf:ORG/NAME[@REVISION]" (fetched into huggingface_hub's cache).
     `config`: a preset name, a JSON config file (fields it lacks come from `preset`) or a dict;
-    with neither config nor preset, the one preset whose shapes and noise levels fit.
+    with neither config nor preset, the config a file carries, else the one preset whose shapes
+    and noise levels fit. Diffusers folders carry theirs (config.json + the scheduler's).
     `weights`: "ema" (what score_sde samples with) or "raw". `checkpoint_info["weights"]` says
     what was used: "ema", "raw" (also when the file has no EMA), or "state_dict" (a plain
-    state_dict, used as stored).
+    state_dict or a diffusers model, used as stored).
     The module carries `.config` (nested dict), `.settings` (SamplingSettings) and
     `.checkpoint_info` (file, sha256, layout, weights used, step, parameter count, ...).
     """
     if weights not in WEIGHTS:
         raise PdsError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
-    path = Path(checkpoint)
     device = _device(device)
-    raw = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
-    cfg, label, preset_name = _resolve(raw, path, config, preset)
-
-    model = _materialize(build_model(cfg, device="meta"), raw, path, label, device)
+    source = _open_source(checkpoint, config, preset, trust_checkpoint)
+    raw, cfg = source.raw, source.model.config
+    model = _materialize(source.model, raw, source.path, source.label, device)
 
     used = "raw" if raw.layout == "score_sde" else "state_dict"
     if weights == "ema" and raw.ema is not None:
-        _load_ema(model, raw.ema, path)
+        _load_ema(model, raw.ema, source.path)
         used = "ema"
+    for message in source.warnings:
+        _warn(message)
     model.eval()
     model.settings = settings_from_config(cfg)
     model.checkpoint_info = {
-        "path": str(path),
-        "file": path.name,
-        "sha256": sha256_file(path),
-        "size_bytes": path.stat().st_size,
+        "path": source.display,
+        "file": source.display if "hub" in source.extra else Path(source.display).name,
+        "sha256": sha256_file(source.weights_file),
+        "size_bytes": source.weights_file.stat().st_size,
         "layout": raw.layout,
         "weights": used,
         "weights_requested": weights,
@@ -303,8 +426,11 @@ def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = 
         "ema_num_updates": raw.ema.get("num_updates") if raw.ema else None,
         "step": raw.step,
         "num_params": sum(p.numel() for p in model.parameters()),
-        "config": label,
-        "preset": preset_name,
+        "config": source.label,
+        "preset": source.preset,
+        **({"weights_file": str(source.weights_file)} if source.display != str(source.weights_file) else {}),
+        **source.extra,
+        **({"warnings": list(source.warnings)} if source.warnings else {}),
     }
     return model
 
@@ -327,78 +453,6 @@ def open_checkpoint(checkpoint: str | Path, config: str | Path | dict | None = N
         info={"backend": "torch", "precision": precision.lower(), "config": info["config"], "preset": info["preset"],
               "weights": info["weights"], "step": info["step"], "num_params": info["num_params"]},
     )
-
-
-# ---- one opener for every command that needs the network itself ----
-
-RANDOM_STD = 0.01
-
-
-@dataclass
-class Network:
-    """An fp32 NCSN++ in eval mode and where it came from (a checkpoint, or random weights)."""
-
-    net: NCSNpp
-    settings: SamplingSettings
-    config: dict
-    config_label: str  # "preset:cifar10", a config file, ...
-    preset: str | None
-    weights: str  # "ema", "raw", "state_dict" or "random(seed=N)"
-    stem: str  # a default file-name stem: the checkpoint's, or "<preset or config>-random"
-    checkpoint: Path | None = None
-    sha256: str | None = None  # of the checkpoint file
-    seed: int | None = None  # random weights only
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
-
-    @property
-    def identity(self) -> str:
-        """What exports of this network are cached under: the checkpoint's digest, or the
-        architecture's and the seed for random weights."""
-        if self.sha256:
-            return self.sha256[:16]
-        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return f"random-{digest}-s{self.seed}"
-
-
-def randomize(net: nn.Module, seed: int = 0, std: float = RANDOM_STD) -> nn.Module:
-    """Add N(0, std^2) to every parameter, as the reference fixture does.
-
-    score_sde initialises the last conv of each block at scale ~1e-10 (init_scale=0), so a
-    freshly built NCSN++ outputs almost nothing: fp16 flushes those weights to zero and a
-    parity check compares near-zeros. The offset makes a random-weights network exercise the
-    whole graph."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype) * std)
-    return net
-
-
-def open_network(checkpoint: str | Path | None = None, config: str | Path | dict | None = None,
-                 preset: str | None = None, *, random_weights: bool = False, seed: int = 0, weights: str = "ema",
-                 trust_checkpoint: bool = False, device: str | torch.device = "cpu") -> Network:
-    """The fp32 NCSN++ of a checkpoint (config / preset optional, as in `load_score_model`) or,
-    with `random_weights`, of a config / preset's architecture with seeded random weights."""
-    if random_weights:
-        if checkpoint is not None:
-            raise PdsError("--random-weights and --checkpoint exclude each other")
-        cfg, label, preset_name = resolve_config(config, preset)
-        with torch.random.fork_rng(devices=[]):  # build_model's init draws from the global generator
-            torch.manual_seed(seed)
-            net = randomize(build_model(cfg), seed)
-        stem = f"{preset or ('config' if isinstance(config, dict) else Path(config).stem)}-random"
-        return Network(net.to(_device(device)).eval(), settings_from_config(cfg), cfg, label, preset_name,
-                       f"random(seed={seed})", stem, seed=seed)
-    if checkpoint is None:
-        raise PdsError("pass --checkpoint FILE (or --random-weights with --preset/--config)")
-    net = load_score_model(checkpoint, config, preset=preset, weights=weights, trust_checkpoint=trust_checkpoint,
-                           device=device)
-    info = net.checkpoint_info
-    return Network(net, net.settings, net.config, info["config"], info.get("preset"), info["weights"],
-                   Path(checkpoint).stem, checkpoint=Path(checkpoint), sha256=info["sha256"])
 
 
 def checkpoint_report(model: NCSNpp) -> dict:
@@ -477,3 +531,21 @@ def save_checkpoint(path: str | Path, model: NCSNpp, *, ema_params=None, optimiz
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def save_safetensors(path: str | Path, model: NCSNpp, *, ema_params=None, step: int = 0) -> None:
+    """The sampling weights (EMA shadows where given, else the model's) as safetensors, atomically.
+
+    score_sde's key names without "module.", the `sigmas` buffer included, and the config and
+    step in the file's metadata, so `load_score_model(path)` needs nothing else. Tensors only:
+    loading it runs no code.
+    """
+    state = OrderedDict((k, _cpu_fp32(v)) for k, v in model.state_dict().items())
+    if ema_params is not None:
+        shadow = _ema_state(model, ema_params, step)["shadow_params"]
+        for (name, _), tensor in zip(_trainable(model), shadow):
+            state[name] = tensor
+    state = OrderedDict((k, v.contiguous()) for k, v in state.items())
+    metadata = {"format": "pt", "pds.config": json.dumps(getattr(model, "config", None) or {}), "pds.step": str(int(step))}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)

@@ -30,11 +30,12 @@ from pdscli.devices import resolve_device
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, atomic_write_json, prepare_out_dir
 from pdscli.models import build_model, load_config, validate_config
-from pdscli.models.checkpoint import load_file, load_score_model, save_checkpoint
+from pdscli.models.checkpoint import load_file, load_score_model, save_checkpoint, save_safetensors
 from pdscli.noise import sample_seed
 from pdscli.train.datasets import load_dataset, max_pairwise_distance
 
 CHECKPOINT_NAME = "checkpoint.pth"
+WEIGHTS_NAME = "ema.safetensors"  # the EMA weights alone, config in its metadata: `pds sample --checkpoint` reads it
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 SUMMARY_NAME = "train.json"
@@ -202,10 +203,14 @@ def _strip_module(state_dict: dict) -> dict:
 
 
 def save_training_checkpoint(path, state: TrainState) -> None:
-    """The score_sde layout (`optimizer`, `model`, `ema`, `step`); save_checkpoint renames it into place in one step."""
+    """The score_sde layout (`optimizer`, `model`, `ema`, `step`), and the EMA weights as safetensors beside it.
+
+    Each file is renamed into place in one step.
+    """
     try:
         save_checkpoint(path, state.net, ema_params=state.ema.shadow, optimizer_state=state.optimizer.state_dict(),
                         step=state.step)
+        save_safetensors(Path(path).with_name(WEIGHTS_NAME), state.net, ema_params=state.ema.shadow, step=state.step)
     except RuntimeError as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
         raise PdsError(f"cannot write {path} (is the disk full? torch.save: {_first_line(e)}); "
                        "the previous checkpoint is kept") from None
