@@ -58,6 +58,4 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print("interrupted", highlight=False)
         sys.exit(130)
     if isinstance(code, int) and code:
-        if code == 130:  # Typer turns a Ctrl-C in a command into Exit(130) when not standalone
-            err_console.print("interrupted", highlight=False)
         sys.exit(code)

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import app
+from pdscli.cli.app import app, interruptible
 from pdscli.console import console, err_console
 from pdscli.errors import PdsError
 
@@ -70,8 +70,9 @@ def export(
     from pdscli.engines.contract import BatchProfile
 
     if fmt.lower() == "diffusers":
-        summary = _export_diffusers(checkpoint, config, preset, random_weights, raw_weights, trust_checkpoint,
-                                    precision, out, force)
+        with interruptible():
+            summary = _export_diffusers(checkpoint, config, preset, random_weights, raw_weights, trust_checkpoint,
+                                        precision, out, force)
         if as_json:
             typer.echo(json.dumps(summary))
         else:
@@ -84,11 +85,12 @@ def export(
         if not quiet:
             err_console.print(line, highlight=False, soft_wrap=True, markup=False)
 
-    summary = run_export(
-        checkpoint=checkpoint, config=config, preset=preset, fmt=fmt, precision=precision, profile=profile,
-        out=out, force=force, trust_checkpoint=trust_checkpoint, random_weights=random_weights,
-        weights="raw" if raw_weights else "ema", device=device, sigmas=check_sigmas, tolerance=tolerance, log=log,
-    )
+    with interruptible():  # nothing is written before the export and its check are done
+        summary = run_export(
+            checkpoint=checkpoint, config=config, preset=preset, fmt=fmt, precision=precision, profile=profile,
+            out=out, force=force, trust_checkpoint=trust_checkpoint, random_weights=random_weights,
+            weights="raw" if raw_weights else "ema", device=device, sigmas=check_sigmas, tolerance=tolerance, log=log,
+        )
     if as_json:
         typer.echo(json.dumps(summary))
     else:

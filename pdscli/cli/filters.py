@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import app
+from pdscli.cli.app import app, interruptible
 from pdscli.console import console
 from pdscli.errors import PdsError
 
@@ -51,10 +51,11 @@ def filters(
     size, channels = resolve_shape(size=size, channels=channels, preset=preset, engine=engine)
     out = out or lib.default_out_path(image_dir, size)
     lib.check_outputs(out, npy=npy, force=force)  # before reading a large folder, not after
-    with Progress(enabled=not quiet) as bars:
+    with interruptible(), Progress(enabled=not quiet) as bars:
         stats = lib.folder_statistics(image_dir, size=size, channels=channels, limit=limit, workers=workers,
                                       progress=bars.counter("images"))
-    paths = lib.write_filters(stats, out, npy=npy, force=force)
+    with interruptible():  # the set is renamed into place whole, or not at all
+        paths = lib.write_filters(stats, out, npy=npy, force=force)
     if as_json:
         typer.echo(json.dumps({"filters": stats.describe(), "count": stats.count, "size": stats.size,
                                "channels": stats.channels, "files": {k: str(v) for k, v in paths.items()}}))

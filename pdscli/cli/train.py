@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import app
+from pdscli.cli.app import app, interruptible
 from pdscli.console import console
 from pdscli.errors import PdsError
 
@@ -71,7 +71,8 @@ def train(
     if resume and (config or preset):
         raise PdsError(f"--config / --preset: a resumed run keeps its own config ({out / 'config.json'})")
     cfg = None if resume else default_config(source, config, preset)
-    with Progress(enabled=not quiet, log_lines=True) as bars:
+    with interruptible(f"continue from the last checkpoint with --resume --out {out}"), \
+            Progress(enabled=not quiet, log_lines=True) as bars:
         result = run_training(source, cfg, out, opts, progress=_train_lane(bars))
     loss = f", loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     console.print(
