@@ -38,3 +38,38 @@ def set_threads(n: int) -> None:
     if n < 1:
         raise PdsError(f"--threads must be at least 1, got {n}")
     torch.set_num_threads(n)
+
+
+# -- TF32 ------------------------------------------------------------------------------------
+# On Ampere and later GPUs torch may run float32 matmuls and convolutions on TF32 tensor cores
+# (inputs rounded to a 10-bit mantissa, several times the float32 rate). Torch's own default
+# (convolutions yes, matmuls no) silently changes what "fp32" computes, so pds sets a policy
+# explicitly and records it.
+
+TF32_POLICIES = ("off", "on", "torch")
+DEFAULT_TF32 = "off"  # fp32 means IEEE float32 unless asked otherwise
+
+
+def set_tf32(policy: str = DEFAULT_TF32) -> dict:
+    """Apply a TF32 policy to torch's CUDA float32 matmuls and cuDNN convolutions; returns `tf32_state()`.
+
+    off: IEEE float32 for both; on: TF32 for both; torch: leave torch's settings as they are.
+    The flags are process-wide (torch has no per-model switch).
+    """
+    if policy not in TF32_POLICIES:
+        raise PdsError(f"--tf32 must be one of {', '.join(TF32_POLICIES)}, not {policy!r}")
+    if policy != "torch":
+        on = policy == "on"
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+    return tf32_state()
+
+
+def tf32_state(device: torch.device | str | None = None) -> dict:
+    """The TF32 flags in force, named by the policy they amount to (`mixed` if none matches).
+
+    `applies`: whether they can change anything here (a CUDA device; None = not known)."""
+    matmul, conv = bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+    policy = "on" if matmul and conv else "off" if not (matmul or conv) else "torch" if conv else "mixed"
+    applies = None if device is None else torch.device(device).type == "cuda"
+    return {"policy": policy, "matmul": matmul, "conv": conv, "applies": applies}

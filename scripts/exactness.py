@@ -29,6 +29,7 @@ from pdscli.fsutil import atomic_write_text
 from pdscli.images import save_png
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner, compute_statistics
+from pdscli.precondition.alpha import ALPHA_REFERENCE
 from pdscli.samplers import REGISTRY, get_sampler, pc_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
     full = model.settings.num_scales
     rows = parse_steps(args.steps, full)
     filters = estimate_filters(model, args.filter_images)
-    precond = Preconditioner.from_filters(filters, alpha=5.0)
+    precond = Preconditioner.from_filters(filters, alpha=ALPHA_REFERENCE)
 
     columns = [
         Column("vanilla PC", "pc"),

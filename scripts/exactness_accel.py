@@ -34,7 +34,7 @@ from pdscli.samplers.grids import edm, geometric
 SIZE = 32  # 32x32x1, the model's default settings (sigma_max 189, snr 0.075, 2000 scales)
 ODE_STEPS = (10, 20, 40, 80, 160)
 SDE_STEPS = (10, 20, 40, 80, 160)
-ALPHA_STEPS = (20, 30, 50, 100, 200, 400)
+ALPHA_STEPS = (5, 10, 20, 30, 50, 100, 200, 400)
 ODE_BATCH, SDE_BATCH, PDS_BATCH, FILTER_IMAGES = 16, 512, 512, 4096
 
 
@@ -192,13 +192,13 @@ def alpha_section(m) -> str:
         f"PC / PDS (`pdscli.samplers.pds`, reference grid `pc_steps`, snr {st.snr:g}) with frequency filters from "
         f"{filters.count} exact samples. MC: spectral KL of {PDS_BATCH} samples, the same noise for all three "
         "(floor ~5e-4). Exact: the population value from `pdscli.precondition.alpha.pc_second_moments` with the same "
-        "estimated statistic. auto = `auto_alpha(n, num_scales, sigma_min=..., sigma_max=...)`.",
+        "estimated statistic. auto = `auto_alpha(n, num_scales, sigma_min=..., sigma_max=...)` (off: no filter).",
         "",
         "| steps | auto alpha | vanilla MC | alpha=5 MC | auto MC | vanilla exact | alpha=5 exact | auto exact |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n in ALPHA_STEPS:
-        a = AL.auto_alpha(n, st.num_scales, sigma_min=st.sigma_min, sigma_max=st.sigma_max)
+        a = _auto(st, n, "pds")
         mc, ex = [], []
         for alpha in (None, AL.ALPHA_REFERENCE, a):
             pre = None if alpha is None else Preconditioner.from_filters(filters, alpha)
@@ -206,9 +206,15 @@ def alpha_section(m) -> str:
             x = pds(m.score, lambda: torch.randn(PDS_BATCH, 1, SIZE, SIZE, generator=g), pc_steps(st, n), precond=pre, snr=st.snr)
             mc.append(m.spectral_kl(x))
             ex.append(AL.pc_spectral_kl(m, n, alpha, statistic=filters.freq))
-        lines.append(f"| {n} | {a:.3g} | " + " | ".join(f"{v:.3g}" for v in mc + ex) + " |")
+        lines.append(f"| {n} | {'off' if a is None else f'{a:.3g}'} | " + " | ".join(f"{v:.3g}" for v in mc + ex) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _auto(st, n: int, sampler: str) -> float | None:
+    """The calibrated alpha of `sampler` at n steps; None where auto switches the filter off."""
+    a = AL.auto_alpha(n, st.num_scales, sigma_min=st.sigma_min, sigma_max=st.sigma_max, sampler=sampler)
+    return None if a >= AL.ALPHA_MAX else a
 
 
 def preconditioned_stochastic_section(m) -> str:
@@ -219,18 +225,20 @@ def preconditioned_stochastic_section(m) -> str:
         "### The preconditioner with ddpm and accel-sde (heuristic)",
         "",
         "Exact spectral KL (second-moment recursion, geometric grid, frequency filter of the exact "
-        "statistic); 'auto' is the PC-calibrated `auto_alpha` at the same step count.",
+        "statistic); 'auto' is each sampler's own calibrated `auto_alpha(..., sampler=name)` at the same step "
+        "count (its default --alpha), `(off)` where it switches the filter off.",
         "",
         "| steps | ddpm | ddpm alpha=5 | ddpm auto | accel-sde | accel-sde alpha=5 | accel-sde auto |",
         "|---|---|---|---|---|---|---|",
     ]
-    for n in (10, 20, 30, 50, 100, 200):
-        a = AL.auto_alpha(n, st.num_scales, sigma_min=st.sigma_min, sigma_max=st.sigma_max)
+    for n in (5, 10, 20, 30, 50, 100, 200):
         row = [str(n)]
         for name in ("ddpm", "accel-sde"):
-            for alpha in (None, AL.ALPHA_REFERENCE, a):
+            a = _auto(st, n, name)
+            for alpha, is_auto in ((None, False), (AL.ALPHA_REFERENCE, False), (a, True)):
                 p = None if alpha is None else AL.squared_filter(stat, alpha)
-                row.append(f"{AL.spectral_kl_of_moments(m, stochastic_second_moments(m, geometric(st, n), name, p)):.3g}")
+                kl = AL.spectral_kl_of_moments(m, stochastic_second_moments(m, geometric(st, n), name, p))
+                row.append(f"{kl:.3g}" + (" (off)" if is_auto and a is None else ""))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     return "\n".join(lines)

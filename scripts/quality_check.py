@@ -112,7 +112,7 @@ def evaluate(clf, images: torch.Tensor) -> dict:
     shares = counts / counts.sum()
     nonzero = shares[shares > 0]
     return {
-        "n": int(len(images)),
+        "n": len(images),
         "confident_share": float((proba.max(1) >= CONFIDENCE).mean()),
         "mean_confidence": float(proba.max(1).mean()),
         "max_class_share": float(shares.max()),
@@ -145,20 +145,25 @@ def failures(m: dict) -> list[str]:
 
 
 def sample(model, *, sampler: str, steps: int, n: int, seed: int = 0, alpha: float | None = None,
-           batch_size: int = 128) -> tuple[torch.Tensor, float]:
-    """n samples [n, 1, 16, 16] clipped to [0, 1] with `sampler` ("pc" or "pds") at `steps` steps, and the seconds taken."""
+           batch_size: int = 128, grid: str | None = None, filters: bool | None = None) -> tuple[torch.Tensor, float]:
+    """n samples [n, 1, 16, 16] clipped to [0, 1] with any registered `sampler` at `steps` steps on
+    `grid` (default: the sampler's own), and the seconds taken. filters: use the built-in model's
+    PDS filters (default: for pds only)."""
     from pdscli.models import builtin
     from pdscli.noise import SampleNoise
-    from pdscli.samplers import get_sampler, pc_steps
+    from pdscli.samplers import pc_steps, sampler_info
+    from pdscli.samplers.grids import make_steps
 
-    precond = builtin.default_preconditioner(model.device, alpha or builtin.DEFAULT_ALPHA) if sampler == "pds" else None
-    grid = pc_steps(model.settings, steps)
-    run = get_sampler(sampler)
+    info = sampler_info(sampler)
+    use_filters = sampler == "pds" if filters is None else filters
+    precond = builtin.default_preconditioner(model.device, alpha or builtin.DEFAULT_ALPHA) if use_filters else None
+    grid = grid or info.grid
+    points = pc_steps(model.settings, steps) if grid == "pc" else make_steps(grid, model.settings, steps)
     out, t0 = [], time.perf_counter()
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
         noise = SampleNoise(seed, idx, model.settings.shape, model.device)
-        out.append(run(model.score, noise, grid, precond=precond, snr=model.settings.snr).clamp(0, 1).cpu())
+        out.append(info.fn(model.score, noise, points, precond=precond, snr=model.settings.snr).clamp(0, 1).cpu())
     return torch.cat(out), time.perf_counter() - t0
 
 
@@ -181,8 +186,28 @@ FULL_RUNS = [("pds", 30), ("pc", 30), ("pds", 20), ("pds", 50), ("pc", 100), ("p
 QUICK_RUNS = [("pds", 30), ("pc", 30)]
 
 
+def run_label(sampler: str, grid: str | None = None, filters: bool | None = None) -> str:
+    """How a run is named in the tables: PDS, vanilla PC, or the sampler's registry name (grid, filters noted)."""
+    name = {"pds": "PDS", "pc": "vanilla PC"}.get(sampler, sampler)
+    if grid:
+        name += f" ({grid})"
+    if filters and sampler != "pds":
+        name += " + filters"
+    return name
+
+
+def parse_run(text: str) -> dict:
+    """`sampler:steps[:grid][+f]`, e.g. pc:1000, dpm++2m-sde:20:geometric, accel-sde:20+f."""
+    filters = text.endswith("+f")
+    parts = text.removesuffix("+f").split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--runs: expected sampler:steps[:grid][+f], got {text!r}")
+    return {"sampler": parts[0], "steps": int(parts[1]), "grid": parts[2] if len(parts) == 3 else None,
+            "filters": True if filters else None}
+
+
 def table_row(m: dict) -> str:
-    name = "PDS" if m["sampler"] == "pds" else "vanilla PC"
+    name = run_label(m["sampler"], m.get("grid"), m.get("filters"))
     check = "pass" if m["passes"] else "FAIL: " + "; ".join(m["failures"])
     return (f"| {name} | {m['steps']} | {m['nfe']} | {m['confident_share']:.1%} | {m['mean_confidence']:.3f} | "
             f"{m['max_class_share']:.1%} | {m['label_entropy']:.3f} | {m['high_freq_ratio']:.2f} | "
@@ -205,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="64 samples, PDS and vanilla at 30 steps only")
-    ap.add_argument("--runs", default=None, help="comma list of sampler:steps, e.g. pc:1000,pds:30")
+    ap.add_argument("--runs", default=None, help="comma list of sampler:steps[:grid][+f], e.g. pc:1000,pds:30,dpm++2m-sde:20:geometric")
     ap.add_argument("--alpha", type=float, default=None)
     ap.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
     ap.add_argument("--no-images", action="store_true")
@@ -217,9 +242,9 @@ def main(argv=None) -> int:
 
     from pdscli.models import builtin
 
-    runs = QUICK_RUNS if args.quick else FULL_RUNS
+    runs = [{"sampler": s, "steps": k, "grid": None, "filters": None} for s, k in (QUICK_RUNS if args.quick else FULL_RUNS)]
     if args.runs:
-        runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(",")]
+        runs = [parse_run(r) for r in args.runs.split(",")]
     n = 64 if args.quick and args.num_samples == 256 else args.num_samples
     clf, clf_info = digit_classifier(args.seed)
     model = builtin.default_score_model("cpu")
@@ -231,11 +256,15 @@ def main(argv=None) -> int:
           flush=True)
     results = {"classifier": clf_info, "real": real, "num_samples": n, "seed": args.seed,
                "alpha": args.alpha or builtin.DEFAULT_ALPHA, "runs": []}
-    for sampler, steps in runs:
-        x, seconds = sample(model, sampler=sampler, steps=steps, n=n, seed=args.seed, alpha=args.alpha)
+    from pdscli.samplers import nfe_count
+
+    for run in runs:
+        sampler, steps = run["sampler"], run["steps"]
+        x, seconds = sample(model, n=n, seed=args.seed, alpha=args.alpha, **run)
         m = evaluate(clf, x)
         fails = failures(m)
-        m.update(sampler=sampler, steps=steps, nfe=2 * steps, seconds=round(seconds, 2), passes=not fails, failures=fails)
+        m.update(sampler=sampler, steps=steps, grid=run["grid"], filters=run["filters"], nfe=nfe_count(sampler, steps),
+                 seconds=round(seconds, 2), passes=not fails, failures=fails)
         results["runs"].append(m)
         if not args.no_images:
             save_grid(x, args.img_dir / f"builtin-{sampler}-{steps}.png")

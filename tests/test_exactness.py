@@ -15,6 +15,7 @@ from pdscli.precondition.filters import folder_statistics
 from pdscli.images import save_png
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
+from pdscli.precondition.alpha import ALPHA_REFERENCE
 from pdscli.samplers import pc, pc_steps, pds, predictor
 
 N_SAMPLES = 128  # spectral-KL estimation floor ~ 1 / (4 n) = 0.002
@@ -33,7 +34,7 @@ def precond(model, tmp_path_factory):
         save_png(folder / f"{i:06d}.png", x.clamp(0, 1))
     filters = folder_statistics(folder, size=16, channels=1, workers=1)
     assert filters.count == 200
-    return Preconditioner.from_filters(filters, alpha=5.0)
+    return Preconditioner.from_filters(filters, alpha=ALPHA_REFERENCE)
 
 
 def _run(model, sampler, n_steps, precond=None, seed=1):

@@ -422,3 +422,345 @@ def test_predictor_never_depends_on_the_batch():
     together = predictor(model.score, SampleNoise(7, range(4), model.shape), steps)
     alone = torch.cat([predictor(model.score, SampleNoise(7, [i], model.shape), steps) for i in range(4)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+# -- a config's sampling section: the other PC parts against the reference --------------------
+
+
+def reference_sampler_parts(model, draws, settings, *, speed_up, snr, predictor_name, corrector_name, n_steps_each=1,
+                            noise_removal=True, probability_flow=False, freq_path=None, space_path=None, alpha=5.0):
+    """The reference's pc_sampler with any registered predictor / corrector (score_sde sampling.py,
+    sde_lib.py VESDE and its reverse(); the PDS masks enter the prior, ReverseDiffusionPredictor and
+    LangevinCorrector only). Returns (the sampler's output, the last corrector x_mean)."""
+    draws = iter(draws)
+    smin, smax = settings.sigma_min, settings.sigma_max
+    n = int(settings.num_scales / speed_up)
+    eps = 1e-5 * speed_up
+    discrete_sigmas = torch.exp(torch.linspace(np.log(smin), np.log(smax), n))
+    freq_mask, space_mask = _reference_masks(freq_path, space_path, alpha, SHAPE)
+    pf_scale = 0.5 if probability_flow else 1.0
+
+    def score_fn(x, t):
+        return model(x, smin * (smax / smin) ** t)
+
+    def precondition_grad(v):
+        return _idft2d(freq_mask * _dft2d(space_mask.pow(2) * _idft2d(freq_mask * _dft2d(v)))).real.float()
+
+    def precondition_noise():
+        return _idft2d(_dft2d(next(draws) * space_mask) * freq_mask).real.float()
+
+    def vesde_discretize(t):
+        timestep = (t * (n - 1) / 1).long()
+        sigma = discrete_sigmas[timestep]
+        adjacent = torch.where(timestep == 0, torch.zeros_like(t), discrete_sigmas[timestep - 1])
+        return sigma, adjacent
+
+    def reverse_diffusion(x, t):
+        sigma, adjacent = vesde_discretize(t)
+        g = torch.sqrt(sigma**2 - adjacent**2)
+        rev_f = -(g**2)[:, None, None, None] * score_fn(x, t) * pf_scale
+        rev_g = torch.zeros_like(g) if probability_flow else g
+        f = precondition_grad(rev_f)
+        z = precondition_noise()
+        x_mean = x - f
+        return x_mean + rev_g[:, None, None, None] * z, x_mean
+
+    def euler_maruyama(x, t):
+        dt = -1.0 / n
+        z = next(draws)
+        diffusion = smin * (smax / smin) ** t * np.sqrt(2 * (np.log(smax) - np.log(smin)))
+        drift = -(diffusion**2)[:, None, None, None] * score_fn(x, t) * pf_scale
+        diffusion = torch.zeros_like(diffusion) if probability_flow else diffusion
+        x_mean = x + drift * dt
+        return x_mean + diffusion[:, None, None, None] * np.sqrt(-dt) * z, x_mean
+
+    def ancestral(x, t):
+        sigma, adjacent = vesde_discretize(t)
+        x_mean = x + score_fn(x, t) * (sigma**2 - adjacent**2)[:, None, None, None]
+        std = torch.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
+        return x_mean + std[:, None, None, None] * next(draws), x_mean
+
+    def langevin(x, t):
+        for _ in range(n_steps_each):
+            grad = precondition_grad(score_fn(x, t))
+            noise = precondition_noise()
+            grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+            noise_norm = torch.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
+            step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * torch.ones_like(t)
+            x_mean = x + step_size[:, None, None, None] * grad
+            x = x_mean + torch.sqrt(step_size * 2)[:, None, None, None] * noise
+        return x, x_mean
+
+    def ald(x, t):
+        std = smin * (smax / smin) ** t
+        for _ in range(n_steps_each):
+            grad = score_fn(x, t)
+            noise = next(draws)
+            step_size = (snr * std) ** 2 * 2
+            x_mean = x + step_size[:, None, None, None] * grad
+            x = x_mean + noise * torch.sqrt(step_size * 2)[:, None, None, None]
+        return x, x_mean
+
+    predictors = {"reverse_diffusion": reverse_diffusion, "euler_maruyama": euler_maruyama,
+                  "ancestral_sampling": ancestral, "none": lambda x, t: (x, x)}
+    correctors = {"langevin": langevin, "ald": ald, "none": lambda x, t: (x, x)}
+    x = (_idft2d(_dft2d(next(draws) * space_mask) * freq_mask).real * smax).float()
+    corrector_mean = None
+    for t in torch.linspace(1.0, eps, n):
+        vec_t = torch.ones(x.shape[0]) * t
+        x, x_mean = correctors[corrector_name](x, vec_t)
+        corrector_mean = x_mean
+        x, x_mean = predictors[predictor_name](x, vec_t)
+    return (x_mean if noise_removal else x), corrector_mean
+
+
+def _settings_with(**parts) -> SamplingSettings:
+    return _settings(**parts).validated()
+
+
+PARTS = [
+    dict(predictor="euler_maruyama", corrector="langevin"),
+    dict(predictor="ancestral_sampling", corrector="langevin"),
+    dict(predictor="reverse_diffusion", corrector="ald"),
+    dict(predictor="euler_maruyama", corrector="ald", n_steps_each=2),
+    dict(predictor="reverse_diffusion", corrector="langevin", n_steps_each=3),
+    dict(predictor="reverse_diffusion", corrector="langevin", noise_removal=False),
+    dict(predictor="reverse_diffusion", corrector="langevin", probability_flow=True),
+    dict(predictor="euler_maruyama", corrector="none", probability_flow=True),
+    dict(predictor="reverse_diffusion", corrector="none"),
+    dict(predictor="ancestral_sampling", corrector="ald", noise_removal=False),
+]
+
+
+@pytest.mark.parametrize("parts", PARTS, ids=lambda p: "-".join(str(v) for v in p.values()))
+@pytest.mark.parametrize("filtered", [False, True])
+def test_config_parts_match_reference(mask_files, parts, filtered):
+    from pdscli.samplers.pc import PCOptions
+
+    settings = _settings_with(**parts)
+    options = PCOptions.from_settings(settings)
+    precond = None
+    kw = {}
+    if filtered:
+        precond = Preconditioner.from_filters(load_reference_npy(*mask_files, channels=SHAPE[0], size=SHAPE[1]), alpha=4.0)
+        kw = dict(freq_path=mask_files[0], space_path=mask_files[1], alpha=4.0)
+    rec = Recorder()
+    ours = pds(toy_model, rec, pc_steps(settings, speed_up=20), precond=precond, snr=0.2, options=options)
+    ref, _ = reference_sampler_parts(toy_model, rec.draws, settings, speed_up=20, snr=0.2, predictor_name=parts["predictor"],
+                                     corrector_name=parts["corrector"], n_steps_each=parts.get("n_steps_each", 1),
+                                     noise_removal=parts.get("noise_removal", True),
+                                     probability_flow=parts.get("probability_flow", False), **kw)
+    _assert_close(ours, ref)
+
+
+def test_corrector_with_predictor_none_returns_its_own_mean():
+    from pdscli.samplers.pc import PCOptions
+
+    settings = _settings_with(predictor="none", corrector="ald")
+    rec = Recorder()
+    ours = pc(toy_model, rec, pc_steps(settings, speed_up=20), snr=0.2, options=PCOptions.from_settings(settings))
+    _, ref_mean = reference_sampler_parts(toy_model, rec.draws, settings, speed_up=20, snr=0.2, predictor_name="none",
+                                          corrector_name="ald")
+    _assert_close(ours, ref_mean)
+
+
+def test_default_parts_are_the_plain_call():
+    """A config with the official sampling section runs exactly the default loop (bit for bit)."""
+    from pdscli.samplers.pc import PCOptions
+
+    settings = _settings_with(predictor="reverse_diffusion", corrector="langevin", n_steps_each=1, noise_removal=True,
+                              probability_flow=False)
+    options = PCOptions.from_settings(settings)
+    assert options.is_reference_default
+    steps = pc_steps(settings, 9)
+    a = pc(toy_model, SampleNoise(4, range(2), SHAPE), steps, snr=0.2)
+    b = pc(toy_model, SampleNoise(4, range(2), SHAPE), steps, snr=0.2, options=options)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("parts,nfe_per_step", [
+    (dict(n_steps_each=3), 4), (dict(corrector="none"), 1), (dict(predictor="none", n_steps_each=2), 2),
+    (dict(predictor="euler_maruyama", corrector="ald", n_steps_each=2), 3),
+])
+def test_parts_nfe(parts, nfe_per_step):
+    from pdscli.samplers.pc import PCOptions
+
+    settings = _settings_with(**parts)
+    score, calls = _counting(toy_model)
+    infos = []
+    pc(score, SampleNoise(0, range(2), SHAPE), pc_steps(settings, 6), snr=0.2, callback=infos.append,
+       options=PCOptions.from_settings(settings))
+    assert len(calls) == infos[-1]["nfe"] == 6 * nfe_per_step
+
+
+@pytest.mark.parametrize("section,field", [
+    ({"predictor": "heun"}, "sampling.predictor"),
+    ({"corrector": "hmc"}, "sampling.corrector"),
+    ({"n_steps_each": 0}, "sampling.n_steps_each"),
+    ({"n_steps_each": 1.5}, "sampling.n_steps_each"),
+    ({"noise_removal": "yes"}, "sampling.noise_removal"),
+    ({"probability_flow": 1}, "sampling.probability_flow"),
+    ({"predictor": "ancestral_sampling", "probability_flow": True}, "sampling.probability_flow"),
+    ({"predictor": "none", "corrector": "none"}, "sampling.predictor"),
+])
+def test_config_refuses_what_the_loop_cannot_run(section, field):
+    from pdscli.models.config import get_preset, settings_from_config
+
+    cfg = get_preset("cifar10")
+    cfg["sampling"].update(section)
+    with pytest.raises(PdsError, match=field.replace(".", r"\.")) as e:
+        settings_from_config(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_config_carries_the_sampling_section():
+    from pdscli.models.config import get_preset, settings_from_config
+
+    cfg = get_preset("ffhq-1024")
+    official = settings_from_config(cfg)
+    assert (official.predictor, official.corrector, official.n_steps_each, official.noise_removal,
+            official.probability_flow) == ("reverse_diffusion", "langevin", 1, True, False)
+    cfg["sampling"].update(predictor="Euler_Maruyama", corrector="ALD", n_steps_each=2, noise_removal=False,
+                           probability_flow=True)
+    s = settings_from_config(cfg)
+    assert (s.predictor, s.corrector, s.n_steps_each, s.noise_removal, s.probability_flow) == \
+        ("euler_maruyama", "ald", 2, False, True)
+    del cfg["sampling"]["predictor"]  # absent fields: the official value
+    assert settings_from_config(cfg).predictor == "reverse_diffusion"
+
+
+@pytest.mark.parametrize("speed_up", [2.5, 0.5, 7.3, 66])
+def test_pc_steps_any_positive_speed_up(speed_up):
+    """The reference's step count int(num_scales / speed_up) and eps 1e-5 * speed_up, for any k > 0."""
+    settings = _settings(num_scales=2000, sigma_max=378.0)
+    steps = pc_steps(settings, speed_up=speed_up)
+    assert len(steps) == int(2000 / speed_up)
+    _, sigma, hi, lo, _ = _reference_grid(settings, speed_up, torch.float64)
+    torch.testing.assert_close(steps.sigma, sigma, rtol=1e-12, atol=0)
+
+
+# -- a corrector alone ------------------------------------------------------------------------
+
+
+def test_corrector_stall_warning_matches_the_exact_model():
+    """The warning fires exactly where the exact model says the corrector alone stays near the prior."""
+    from pdscli.evaluate.analytic import GaussianImageModel
+    from pdscli.precondition import alpha as AL
+    from pdscli.samplers.pc import corrector_stalls
+
+    models = (GaussianImageModel(16, 1), GaussianImageModel(16, 1, sigma_max=50.0, snr=0.16, num_scales=1000),
+              GaussianImageModel(16, 1, sigma_max=8.6), GaussianImageModel(16, 1, sigma_max=8.6, snr=0.16, num_scales=1000),
+              GaussianImageModel(16, 1, sigma_max=1348.0, snr=0.15))
+    for model in models:
+        reduced = AL.reduce_model(model)
+        p = torch.ones_like(reduced.lam)
+        for n in (20, 200, 400, 600, 1000, 1500, 2000, 3000):
+            steps = pc_steps(model.settings, n)
+            kl = AL.spectral_kl_of_moments(reduced, AL.pc_second_moments(reduced, steps, p, model.settings.snr,
+                                                                          predictor=False))
+            stalls = corrector_stalls(steps, model.settings.snr)
+            assert (stalls is not None) == (kl > 1.0), (model.settings.snr, n, kl)
+            if stalls:
+                assert "prior" in stalls and "--snr" in stalls
+
+
+# -- through the CLI ------------------------------------------------------------------------------
+
+GAUSS = ("sample", "--model", "gaussian", "--image-size", "8", "--channels", "1", "--quiet", "-n", "2", "-b", "2")
+
+
+def _run_json(out):
+    import json
+
+    return json.loads((out / "run.json").read_text())
+
+
+def _gauss_filters(path):
+    from pdscli.evaluate.analytic import GaussianImageModel
+    from pdscli.precondition import Filters
+    from pdscli.precondition import alpha as AL
+
+    model = GaussianImageModel(8, 1)
+    Filters(freq=AL.expected_freq_statistic(model), space=None, size=8, channels=1, count=1).save(path)
+    return path
+
+
+def test_cli_speed_up_any_positive_number(run_pds, tmp_path):
+    r = run_pds(*GAUSS, "--num-scales", "50", "--speed-up", "2.5", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    assert _run_json(tmp_path / "o")["steps"]["count"] == int(50 / 2.5)
+    r = run_pds(*GAUSS, "--speed-up", "0", "--out", tmp_path / "p")
+    assert r.exit_code == 2 and "--speed-up" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_auto_switches_the_filter_off_and_says_so(run_pds, tmp_path):
+    masks = _gauss_filters(tmp_path / "f.npz")
+    r = run_pds(*GAUSS, "--masks", masks, "--alpha", "auto", "--steps", "2", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    assert "warning" in r.stderr and "filter off" in r.stderr
+    record = _run_json(tmp_path / "o")
+    assert record["preconditioned"] is False and record["alpha"] is None
+    assert "filter off" in record["filter_off"] and record["warnings"]
+    # Where it helps, auto runs the filter at its calibrated alpha, without a warning.
+    r = run_pds(*GAUSS, "--masks", masks, "--alpha", "auto", "--steps", "20", "--out", tmp_path / "p")
+    assert r.exit_code == 0 and "warning" not in r.stderr
+    record = _run_json(tmp_path / "p")
+    assert record["preconditioned"] is True and record["filter_off"] is None and 3 < record["alpha"] < 20
+
+
+def test_cli_corrector_alone_warns(run_pds, tmp_path):
+    r = run_pds(*GAUSS, "--sampler", "corrector", "--steps", "10", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    assert "warning" in r.stderr and "prior" in r.stderr
+    assert any("prior" in w for w in _run_json(tmp_path / "o")["warnings"])
+    r = run_pds(*GAUSS, "--sampler", "pc", "--steps", "10", "--out", tmp_path / "p")
+    assert "warning" not in r.stderr and _run_json(tmp_path / "p")["warnings"] == []
+
+
+def _fixture_config(fixture_dir, tmp_path, **sampling):
+    import json
+
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    cfg["sampling"].update(sampling)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_cli_refuses_a_predictor_it_cannot_run(run_pds, fixture_dir, tmp_path):
+    config = _fixture_config(fixture_dir, tmp_path, predictor="heun")
+    r = run_pds("sample", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", config, "--steps", "2", "-n", "1",
+                "--quiet", "--out", tmp_path / "o")
+    assert r.exit_code == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sampling.predictor" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cli_runs_the_config_parts(run_pds, fixture_dir, tmp_path):
+    """The fixture's config with another predictor/corrector: run.json records the parts and the
+    NFE they spend (ancestral + ald, 2 corrector steps: 3 calls per step)."""
+    config = _fixture_config(fixture_dir, tmp_path, predictor="ancestral_sampling", corrector="ald", n_steps_each=2)
+    r = run_pds("sample", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", config, "--steps", "3", "-n", "1",
+                "--quiet", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    record = _run_json(tmp_path / "o")
+    assert record["pc_parts"]["predictor"] == "ancestral_sampling" and record["pc_parts"]["corrector"] == "ald"
+    assert record["settings"]["n_steps_each"] == 2
+    assert record["nfe"]["per_sample"] == 3 * 3
+
+
+def test_cli_ddpm_filters_default_to_auto(run_pds, tmp_path):
+    """ddpm / accel-sde: an unset --alpha is auto, so their filters are off where they hurt."""
+    from pdscli.evaluate.analytic import GaussianImageModel
+    from pdscli.precondition import alpha as AL
+
+    masks = _gauss_filters(tmp_path / "f.npz")
+    st = GaussianImageModel(8, 1).settings
+    r = run_pds(*GAUSS, "--sampler", "ddpm", "--masks", masks, "--steps", "1000", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    record = _run_json(tmp_path / "o")
+    assert "filter off" in r.stderr and record["preconditioned"] is False and record["alpha_given"] == "auto"
+    r = run_pds(*GAUSS, "--sampler", "accel-sde", "--masks", masks, "--steps", "15", "--out", tmp_path / "p")
+    record = _run_json(tmp_path / "p")
+    assert record["preconditioned"] is True
+    assert record["alpha"] == AL.auto_alpha(15, sigma_min=st.sigma_min, sigma_max=st.sigma_max, sampler="accel-sde")

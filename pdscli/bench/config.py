@@ -14,7 +14,7 @@ from pdscli.bench.plot import PLOT_FORMATS, require_matplotlib
 from pdscli.errors import PdsError
 from pdscli.fsutil import prepare_out_file
 from pdscli.images import image_files
-from pdscli.precondition.alpha import resolve_alpha
+from pdscli.precondition.alpha import ALPHA_REFERENCE, resolve_alpha
 from pdscli.samplers import get_sampler
 from pdscli.settings import SamplingSettings
 
@@ -38,7 +38,8 @@ BACKEND_HELP = {
     ENGINE: "the --engine file on its own backend",
 }
 PARTS = ("nfe", "overhead", "e2e", "samplers")
-MODELS = ("gaussian", "builtin")
+MODELS = ("gaussian", "mixture", "builtin")
+EXACT_MODELS = ("gaussian", "mixture")  # analytic scores
 
 # Full runs are sized for a GPU; --quick is a smoke test of a minute or less on a CPU.
 DEFAULTS = {"batch_sizes": [1, 8, 32], "warmup": 3, "repeats": 20, "speed_up": 10.0, "e2e_repeats": 3,
@@ -72,7 +73,7 @@ class BenchConfig:
     full_steps: int | None = None
     speed_up: float | None = None
     steps: int | None = None
-    alpha: str = "5"
+    alpha: str = f"{ALPHA_REFERENCE:g}"
     masks: Path | None = None
     samplers: list[str] | None = None
     nfe: list[int] | None = None
@@ -202,9 +203,9 @@ def _check_model_flags(cfg: BenchConfig) -> None:
         raise PdsError("--config / --preset describe a --checkpoint, or an architecture with --random-weights")
     if cfg.engine_backend and not cfg.engine:
         raise PdsError("--engine-backend applies to --engine files only")
-    if (cfg.image_size or cfg.channels) and cfg.model != "gaussian" and not cfg.engine:
-        raise PdsError("--image-size / --channels apply to --model gaussian (or an --engine without metadata)")
-    if cfg.reference is not None and cfg.model == "gaussian":
+    if (cfg.image_size or cfg.channels) and cfg.model not in EXACT_MODELS and not cfg.engine:
+        raise PdsError("--image-size / --channels apply to --model gaussian / mixture (or an --engine without metadata)")
+    if cfg.reference is not None and cfg.model in EXACT_MODELS:
         raise PdsError("--reference is for network models: the analytic model's quality figure is exact already")
 
 

@@ -16,6 +16,7 @@ from pdscli.bench.config import ANALYTIC, ENGINE, BenchConfig, error_line
 from pdscli.engines import open_engine
 from pdscli.engines.torch_engine import torch_score
 from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.evaluate.mixture import MixtureImageModel
 from pdscli.models import build_model, builtin
 from pdscli.models.network import Network, open_network
 from pdscli.settings import SamplingSettings
@@ -35,6 +36,7 @@ class BenchModel:
     net: torch.nn.Module | None = None  # the fp32 NCSN++ (network kind)
     net_config: dict | None = None
     gaussian: GaussianImageModel | None = None  # the analytic kind
+    mixture: MixtureImageModel | None = None  # the analytic kind, --model mixture
     info: dict = field(default_factory=dict)
 
     @property
@@ -52,6 +54,8 @@ def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
         return _open_engine(cfg, device)
     if model == "gaussian":
         return _open_gaussian(cfg, device)
+    if model == "mixture":
+        return _open_mixture(cfg, device)
     if model == "builtin":
         return _network_from_checkpoint(builtin.WEIGHTS, builtin.CONFIG, None, False, device, name=builtin.NAME)
     if cfg.random_weights:
@@ -63,6 +67,11 @@ def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
     g = GaussianImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
     return BenchModel(ANALYTIC, g.score, g.settings, device, "gaussian", gaussian=g,
                       info={"description": g.describe()})
+
+
+def _open_mixture(cfg: BenchConfig, device: torch.device) -> BenchModel:
+    m = MixtureImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
+    return BenchModel(ANALYTIC, m.score, m.settings, device, "mixture", mixture=m, info={"description": m.describe()})
 
 
 def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) -> BenchModel:

@@ -26,7 +26,8 @@ def bench_filters(cfg: BenchConfig, model: BenchModel, reference: torch.Tensor |
     if cfg.masks is not None:
         filters, source, meaningful = load_filters(cfg.masks), f"--masks {cfg.masks}", True
     elif model.kind == ANALYTIC:
-        filters, source, meaningful = spectrum_filters(model.gaussian), "the analytic model's exact spectrum", True
+        exact = model.gaussian if model.gaussian is not None else model.mixture.moment_matched()
+        filters, source, meaningful = spectrum_filters(exact), "the analytic model's exact spectrum", True
     elif model.is_builtin:
         filters, source, meaningful = builtin.default_filters(), "the built-in model's own filters", True
     elif reference is not None:

@@ -12,6 +12,8 @@ from pdscli.bench.config import ANALYTIC, BenchConfig, error_line
 from pdscli.bench.model import BenchModel
 from pdscli.errors import PdsError
 from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.evaluate.measures import mixture_quality, mode_tv
+from pdscli.evaluate.mixture import MixtureImageModel
 from pdscli.images import image_files, load_image
 from pdscli.train.datasets import load_digits
 
@@ -102,7 +104,31 @@ class ReferenceQuality:
         return self._floors[n]
 
 
+class MixtureQuality:
+    """Mode proportions on the mixture model (pdscli.evaluate.measures): TV from the true weights."""
+
+    metric = "mode_tv"
+    description = ("total variation between the share of samples in each mode (most likely mode at sigma 0) and the "
+                   "mixture's weights; also the per-mode spectral KL (the floor is what exact samples of the same count score)")
+
+    def __init__(self, mixture: MixtureImageModel, seed: int = 0):
+        self.m, self.seed, self._floors = mixture, seed, {}
+
+    def measure(self, x: torch.Tensor) -> dict:
+        q = mixture_quality(self.m, x.to(torch.float32))
+        return {"metric": self.metric, "value": finite_or_none(q["mode_tv"]), "mean_mode_kl": q["mean_mode_kl"],
+                "mode_shares": q["mode_shares"], "samples": int(x.shape[0]), "floor": self.floor(int(x.shape[0]))}
+
+    def floor(self, n: int) -> float:
+        if n not in self._floors:
+            exact, _ = self.m.sample(n, torch.Generator(device=self.m.device).manual_seed(10_000 + self.seed))
+            self._floors[n] = mode_tv(self.m, exact)
+        return self._floors[n]
+
+
 def make_quality(model: BenchModel, reference: torch.Tensor | None, seed: int):
+    if model.kind == ANALYTIC and model.mixture is not None:
+        return MixtureQuality(model.mixture, seed)
     if model.kind == ANALYTIC:
         return ExactQuality(model.gaussian, seed)
     if reference is not None:

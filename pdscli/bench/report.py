@@ -49,6 +49,7 @@ from pdscli import __version__
 from pdscli.bench.config import BenchConfig
 from pdscli.bench.latency import nfe_median
 from pdscli.bench.model import BenchModel
+from pdscli.devices import tf32_state
 from pdscli.engines.parity import TOLERANCES
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_write_text
@@ -97,7 +98,8 @@ def _precision_flags(device: torch.device) -> dict:
     """TF32 silently changes what "fp32" means on Ampere and later: record it."""
     if device.type != "cuda":
         return {}
-    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    tf32 = tf32_state(device)
+    return {"cudnn_allow_tf32": tf32["conv"], "matmul_allow_tf32": tf32["matmul"], "tf32_policy": tf32["policy"],
             "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
 

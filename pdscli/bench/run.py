@@ -30,6 +30,7 @@ from pdscli.bench.config import BenchConfig, error_line
 from pdscli.bench.export_cache import ExportCache
 from pdscli.bench.fid import FidQuality
 from pdscli.bench.latency import add_speed_ratios, run_backends
+from pdscli.bench.mfu import add_mfu
 from pdscli.bench.model import BenchModel, count_flops, nfe_inputs, open_bench_model
 from pdscli.bench.overhead import measure_overhead
 from pdscli.bench.preconditioner import PreconditionerCache, bench_filters
@@ -37,7 +38,7 @@ from pdscli.bench.quality import make_quality, reference_images
 from pdscli.bench.report import build_report, skipped
 from pdscli.bench.runs import full_and_pds_steps, run_end_to_end, run_samplers
 from pdscli.bench.timing import torch_threads
-from pdscli.devices import resolve_device
+from pdscli.devices import resolve_device, tf32_state
 from pdscli.machine import describe_machine, load_average
 
 
@@ -65,6 +66,8 @@ def _run(cfg: BenchConfig, device: torch.device, cache: ExportCache, log) -> dic
 
     entries, kept = run_backends(cfg, model, flops, cache, log) if "nfe" not in cfg.skip else ([], {})
     add_speed_ratios(entries)
+    # MFU against the device's listed peak for the precision each backend computes in (a GPU in the table).
+    add_mfu(entries, (machine.get("gpu") or {}).get("name"), tf32=tf32_state()["conv"])
     e2e_name = e2e_backend_name(cfg, model, [e["name"] for e in entries if e["status"] == "ok"])
     filters, filters_info = bench_filters(cfg, model, reference)
     preconds = PreconditionerCache(filters, cfg.alpha, model.settings, device)

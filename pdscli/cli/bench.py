@@ -46,7 +46,7 @@ EPILOG = (
 )
 def bench(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, "--model", help="gaussian (exact analytic score, exact quality) or builtin. Default: builtin where installed, else gaussian.", rich_help_panel=MODEL),
+    model: Optional[str] = typer.Option(None, "--model", help="gaussian (exact analytic score, exact quality), mixture (exact score of a mixture of Gaussians; quality = mode proportions) or builtin. Default: builtin where installed, else gaussian.", rich_help_panel=MODEL),
     checkpoint: options.Checkpoint = None,
     config: options.Config = None,
     preset: options.Preset = None,
@@ -57,6 +57,7 @@ def bench(
     channels: options.Channels = None,
     trust_checkpoint: options.TrustCheckpoint = False,
     device: options.Device = "auto",
+    tf32: options.Tf32 = "off",
     threads: options.Threads = None,
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure, or all (default: all that apply, fp16 only on a GPU; --quick: eager only).", rich_help_panel=MEASURE),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default 1,8,32; --quick 1,8).", rich_help_panel=MEASURE),
@@ -67,7 +68,7 @@ def bench(
     speed_up: Optional[float] = typer.Option(None, "--speed-up", help="PDS runs full-steps / k steps (default 10; --quick 2).", rich_help_panel=SAMPLING),
     steps: Optional[int] = typer.Option(None, "--steps", help="PDS step count instead of --speed-up.", rich_help_panel=SAMPLING),
     full_steps: Optional[int] = typer.Option(None, "--full-steps", help="Vanilla PC's step count (default: the model's num_scales; --quick: at most 40).", rich_help_panel=SAMPLING),
-    alpha: str = typer.Option("5", "--alpha", help="PDS filter strength, a number or auto.", rich_help_panel=SAMPLING),
+    alpha: Optional[str] = typer.Option(None, "--alpha", help="PDS filter strength, a number or auto (default: the reference's 5, pdscli.precondition.alpha.ALPHA_REFERENCE).", rich_help_panel=SAMPLING),
     masks: Optional[Path] = typer.Option(None, "--masks", help="PDS filters .npz (from `pds filters`). Default: exact (gaussian), the built-in's, from --reference, else synthetic (timing only).", rich_help_panel=SAMPLING),
     samplers: Optional[str] = typer.Option(None, "--samplers", help="Compare samplers at equal NFE budgets, e.g. pc,pds,ddim,accel-ode.", rich_help_panel=SAMPLING),
     nfe: Optional[str] = typer.Option(None, "--nfe", help="NFE budgets for --samplers (default 20,50,100; --quick 10,20).", rich_help_panel=SAMPLING),
@@ -92,13 +93,15 @@ def bench(
     from pdscli.bench.render import to_rich
     from pdscli.bench.report import to_json, write_json
     from pdscli.bench.run import run_bench
+    from pdscli.devices import set_tf32
 
+    set_tf32(tf32)
     cfg = BenchConfig(
         model=model, checkpoint=checkpoint, config=config, preset=preset, random_weights=random_weights, engine=engine,
         engine_backend=engine_backend, image_size=image_size, channels=channels, trust_checkpoint=trust_checkpoint,
         device=device, backends=parse_names(backends, "--backends", KNOWN_BACKENDS),
         batch_sizes=parse_ints(batch_sizes, "--batch-sizes"), warmup=warmup, repeats=repeats, threads=threads,
-        full_steps=full_steps, speed_up=speed_up, steps=steps, alpha=alpha, masks=masks,
+        full_steps=full_steps, speed_up=speed_up, steps=steps, alpha=alpha or BenchConfig.alpha, masks=masks,
         samplers=parse_names(samplers, "--samplers"), nfe=parse_ints(nfe, "--nfe"), e2e_backend=e2e_backend,
         e2e_batch=e2e_batch, e2e_repeats=e2e_repeats, quality_samples=quality_samples, reference=reference,
         reference_limit=reference_limit, fid_ref=fid_ref, fid_features=fid_features, skip=parse_names(skip, "--skip") or [], seed=seed, quick=quick,

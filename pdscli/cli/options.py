@@ -46,6 +46,11 @@ Channels = Annotated[Optional[int], typer.Option(
     "--channels", min=1, help="Channels of an analytic model (default 3).", rich_help_panel=MODEL)]
 Device = Annotated[str, typer.Option(
     "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL)]
+Tf32 = Annotated[str, typer.Option(
+    "--tf32",
+    help="TF32 tensor cores for float32 convolutions and matmuls on a GPU: off (IEEE float32, the default), on, "
+         "or torch (torch's own default: convolutions only). Recorded in run.json and bench reports.",
+    rich_help_panel=MODEL)]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", min=1,
     help="CPU threads for torch (default: torch's, one per core). On a busy machine 1 is often much faster for small models.",

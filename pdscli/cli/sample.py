@@ -18,17 +18,20 @@ EPILOG = (
     "Examples:\n\n"
     "  pds sample --num-samples 16 --out digits/        (the built-in model)\n\n"
     "  pds sample --model gaussian --steps 20 --num-samples 4 --out out/\n\n"
+    "  pds sample --nfe 20 --out out/        (the recommended sampler for 20 network calls)\n\n"
+    "  pds sample --model mixture --nfe 10 --sampler dpm++2m --out out/\n\n"
     "  pds sample --checkpoint checkpoint.pth --preset cifar10 --masks masks/cifar10-32.npz --speed-up 10\n\n"
     "  pds sample --engine engines/cifar10.onnx --steps 100 --num-samples 50000 --batch-size 500 --out fid/\n\n"
     "  pds sample --out out/ --resume      (finish an interrupted run)\n\n"
     "  torchrun --nproc-per-node 4 -m pdscli sample --checkpoint ... --out fid/      (one process per GPU)\n\n"
     "Writes NNNNNN.png per sample (as soon as its batch is done), grid.png, samples.npz "
-    "(float32 [N,C,H,W] in [0,1]) and run.json. Sample i's noise is seeded from (--seed, i)."
+    "(float32 [N,C,H,W] in [0,1]) and run.json. Sample i's noise is a function of (--seed, i)."
 )
 
 Model = Annotated[Optional[str], typer.Option(
     "--model", help="`builtin` (the default: a small digits model, run with PDS, its own filters and 30 steps "
-    "unless told otherwise) or `gaussian` (exact analytic score).", rich_help_panel=options.MODEL)]
+    "unless told otherwise), `gaussian` (exact analytic score) or `mixture` (exact score of a mixture of "
+    "Gaussians).", rich_help_panel=options.MODEL)]
 Precision = Annotated[Optional[str], typer.Option(
     "--precision", help="fp32 | fp16 | bf16, the network only (sampler state stays fp32). Default fp32, or the engine's own.",
     rich_help_panel=options.MODEL)]
@@ -60,21 +63,30 @@ def sample(
     precision: Precision = None,
     device: options.Device = "auto",
     threads: options.Threads = None,
+    tf32: options.Tf32 = "off",
     masks: Annotated[Optional[Path], _opt("--masks", help="Filters .npz made by `pds filters`.")] = None,
     freq_mask: Annotated[Optional[Path], _opt("--freq-mask", help="Reference freq_mask.npy [C,H,W].")] = None,
     space_mask: Annotated[Optional[Path], _opt("--space-mask", help="Reference space_mask.npy [C,H,W].")] = None,
-    alpha: Annotated[str, _opt("--alpha", help=(
-        "Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number (the reference uses 5) or "
-        "`auto`: alpha from the step count, so that PDS is not worse than vanilla at many steps (docs/samplers.md)."))] = "5",
+    alpha: Annotated[Optional[str], _opt("--alpha", help=(
+        "Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number, or `auto`: calibrated per "
+        "sampler and step count so that filters are never worse than none on the exact model, and off (with a "
+        "warning) where nothing helps. auto keeps filters on where measured to help: pds at 3-256 steps, ddpm "
+        "4-497, accel-sde 5-49 (for sigma 0.01-378; docs/samplers.md). Default: 5 (the reference's) for pds, "
+        "predictor and corrector; auto for ddpm and accel-sde, whose filters hurt at many steps. ddim, accel-ode "
+        "and accel-ode2 take no filters."))] = None,
     sampler: Annotated[Optional[str], _opt("--sampler", help=(
-        "pc, pds, predictor, corrector, or an accelerated one: ddim, accel-ode, accel-ode2, ddpm, accel-sde. "
-        "Default: pds with filters, else pc."))] = None,
+        "pc, pds, predictor, corrector, or one on its own grid: ddim, accel-ode, accel-ode2, ddpm, accel-sde, "
+        "dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, heun, edm-sde, euler-a (docs/samplers.md). "
+        "Default: pds with filters, else pc; with --nfe, the recommended one for the budget."))] = None,
     steps: Annotated[Optional[int], _opt("--steps", min=1, help="Number of steps (default: the model's num_scales).")] = None,
+    nfe: Annotated[Optional[int], _opt("--nfe", min=1, help=(
+        "Budget of network calls per image: the sampler takes the most steps that fit. Without --sampler, the "
+        "recommended sampler and grid for the budget (docs/samplers.md); run.json says which and why."))] = None,
     schedule: Annotated[Optional[str], _opt("--schedule", help=(
-        "Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (default for the "
-        "accelerated samplers) or edm."))] = None,
-    speed_up: Annotated[Optional[int], _opt("--speed-up", min=1, help=(
-        "Run num_scales / k steps (the reference's speed-up, eps times k too)."))] = None,
+        "Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (log-uniform; the "
+        "default for the others) or edm (Karras rho 7)."))] = None,
+    speed_up: Annotated[Optional[float], _opt("--speed-up", help=(
+        "Run int(num_scales / k) steps for any k > 0, e.g. 2.5 (the reference's speed-up, eps times k too)."))] = None,
     snr: Annotated[Optional[float], _opt("--snr", help="Corrector signal-to-noise ratio (default: the model's).")] = None,
     sigma_min: Annotated[Optional[float], _opt("--sigma-min", help="Override the model's sigma_min.")] = None,
     sigma_max: Annotated[Optional[float], _opt("--sigma-max", help="Override the model's sigma_max.")] = None,
@@ -83,9 +95,13 @@ def sample(
         "Corrector step size per sample. Default: the reference's batch-mean step size (for fidelity), which couples "
         "the samples of a batch, so images then depend on --batch-size; with this flag a seed gives the same images "
         "at any batch size."))] = False,
+    step_graphs: Annotated[bool, _opt("--step-graphs", help=(
+        "On a GPU: capture each whole step (score call and sampler update) in CUDA graphs after one eager batch, and "
+        "replay them for every batch of the same size; eager where that cannot be done (run.json says which path ran)."),
+        panel=RUN)] = False,
     num_samples: Annotated[int, _opt("--num-samples", "-n", min=1, help="How many images.", panel=RUN)] = 16,
     batch_size: Annotated[int, _opt("--batch-size", "-b", min=1, help="Images per batch.", panel=RUN)] = 16,
-    seed: Annotated[int, _opt("--seed", min=0, help="Run seed (0 or more); sample i uses a generator seeded from (seed, i).",
+    seed: Annotated[int, _opt("--seed", min=0, help="Run seed (0 or more); sample i's noise is a function of (seed, i), whatever the batch.",
                               panel=RUN)] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=options.OUTPUT)] = Path("samples"),
     force: Annotated[bool, typer.Option("--force", help=(
@@ -96,7 +112,7 @@ def sample(
     as_json: options.Json = False,
 ):
     from pdscli.cli.progress import Progress, SampleBars
-    from pdscli.devices import set_threads
+    from pdscli.devices import set_tf32, set_threads
     from pdscli.sample import distributed
     from pdscli.sample.job import RunInterrupted
     from pdscli.sample.model import ModelSpec
@@ -105,6 +121,7 @@ def sample(
 
     if threads is not None:
         set_threads(threads)
+    set_tf32(tf32)
     # Under torchrun each rank joins the process group and takes its local GPU (or the CPU).
     dist, device = distributed.setup(device)
     spec = ModelSpec(
@@ -113,9 +130,9 @@ def sample(
         device=device, sigma_min=sigma_min, sigma_max=sigma_max, num_scales=num_scales, snr=snr,
     )
     flags = SampleFlags(
-        out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler, steps=steps,
+        out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler, steps=steps, nfe=nfe,
         speed_up=speed_up, schedule=schedule, per_sample_step=per_sample_step, num_samples=num_samples,
-        batch_size=batch_size, seed=seed, force=force, resume=resume,
+        batch_size=batch_size, seed=seed, force=force, resume=resume, step_graphs=step_graphs,
     )
     try:
         with Progress(enabled=not quiet and dist.is_main) as bars:
@@ -141,4 +158,4 @@ def summary_line(record: dict, out: Path) -> str:
     return (
         f"{n} images in {out}/ (grid.png, samples.npz, run.json): {record['made_now']} made in "
         f"{t['sampling_s']:.2f} s, {record['nfe']['per_sample']} NFE each, sampler {record['sampler']}"
-    )
+    ) + (f" ({record['nfe_budget']['reason']})" if record.get("nfe_budget") else "")

@@ -1,7 +1,9 @@
 """PyTorch engine: an `nn.Module` with `net(x, sigma) -> score` as the score callable.
 
 Eager by default. `compile=True` runs it through `torch.compile` (fixed shapes: the sampler's
-batch does not change within a run). `cuda_graph=True` captures one network call at a fixed
+batch does not change within a run). `channels_last=True` stores the weights and the network's
+input NHWC, the layout cuDNN's tensor-core convolutions read natively (fp16/bf16 on a GPU); the
+score handed back is in the ordinary layout again. `cuda_graph=True` captures one network call at a fixed
 batch in a CUDA graph and replays it each step: static input/output buffers, inputs copied in;
 partial batches are padded by `BatchAdapter`.
 """
@@ -63,20 +65,24 @@ def torch_score(
     cuda_graph: bool = False,
     batch_size: int | None = None,
     shape=None,
+    channels_last: bool = False,
 ):
     """The score callable of `net` on `device` (the net is moved and, at fp16/bf16, converted
-    in place with its `set_precision`). `cuda_graph` needs `batch_size` and `shape` (C, H, W)."""
+    in place with its `set_precision`: time embedding and normalisation statistics stay float32).
+    `cuda_graph` needs `batch_size` and `shape` (C, H, W)."""
     if precision and precision != "fp32":
         if not hasattr(net, "set_precision"):
             raise PdsError(f"this model cannot run at {precision} (it has no set_precision)")
         net.set_precision(PRECISIONS[precision])
-    engine = TorchScore(net, device, compile=compile)
+    engine = TorchScore(net, device, compile=compile, channels_last=channels_last)
     if not cuda_graph:
         return engine
     if batch_size is None or shape is None:
         raise ValueError("cuda_graph needs batch_size and shape")
 
     def call(x, sigma):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return engine.fn(x, sigma).float()
 

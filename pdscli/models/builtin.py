@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pdscli.errors import PdsError
+from pdscli.precondition.alpha import ALPHA_REFERENCE
 
 NAME = "builtin:digits"
 DATA_DIR = Path(__file__).parents[1] / "data"
@@ -26,7 +27,7 @@ FILTERS = DATA_DIR / "digits-filters.npz"
 # PDS at this many steps passes the same quality check as vanilla PC at all 1000 steps
 # (docs/builtin-model.md, "Quality check"); the filter strength was chosen for this step count.
 DEFAULT_STEPS = 30
-DEFAULT_ALPHA = 5.0
+DEFAULT_ALPHA = ALPHA_REFERENCE
 
 
 def _require(path: Path) -> Path:

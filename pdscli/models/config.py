@@ -274,16 +274,29 @@ def resolve_config(config: str | Path | dict | None, preset: str | None = None) 
 
 
 def settings_from_config(cfg: dict) -> SamplingSettings:
-    """The sampler's view of a config: noise range and steps (model), snr (sampling), image shape (data)."""
-    m, data = cfg["model"], cfg["data"]
+    """The sampler's view of a config: noise range and steps (model), image shape (data), and from
+    the sampling section snr and the PC loop's parts (absent fields: the official configs' values).
+    A value the PC loop cannot run is a PdsError naming the field."""
+    m, data, sampling = cfg["model"], cfg["data"], cfg["sampling"]
     return SamplingSettings(
         sigma_min=float(m["sigma_min"]),
         sigma_max=float(m["sigma_max"]),
         num_scales=int(m["num_scales"]),
-        snr=float(cfg["sampling"]["snr"]),
+        snr=float(sampling["snr"]),
         image_size=int(data["image_size"]),
         num_channels=int(data["num_channels"]),
+        **_pc_parts(sampling),
     ).validated()
+
+
+def _pc_parts(sampling: dict) -> dict:
+    """The PC loop's fields the section sets; names lower-cased, as the reference reads them."""
+    parts = {k: sampling[k] for k in ("predictor", "corrector", "n_steps_each", "noise_removal", "probability_flow")
+             if k in sampling}
+    for k in ("predictor", "corrector"):
+        if isinstance(parts.get(k), str):
+            parts[k] = parts[k].lower()
+    return parts
 
 
 def config_summary(cfg: dict) -> dict:

@@ -1,7 +1,7 @@
 """torchrun / torch.distributed: joining the process group, and the few collectives a run uses.
 
 A run's batches are planned once and dealt to ranks whole (pdscli.sample.run); every sample's
-noise comes from its own generator seeded from (seed, index), so which rank makes which batch
+noise is a function of (seed, index) and the draw (pdscli.noise), so which rank makes which batch
 changes nothing in the images. Collectives (`barrier`, `sum`, `max`) are only used where every
 rank joins them in the same order. `Dist()` is the single process: every collective a no-op.
 """

@@ -6,10 +6,11 @@ trusts its fields. `fingerprint()` is what must not change between a run and its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdscli.errors import PdsError
+from pdscli.noise import NOISE_VERSION
 from pdscli.precondition import Preconditioner
 from pdscli.sample.model import FiltersInfo
 from pdscli.samplers import Steps
@@ -50,6 +51,7 @@ class SampleJob:
     per_sample_step: bool = False
     resume: bool = False
     force: bool = False
+    step_graphs: bool = False  # replay whole steps from CUDA graphs where possible (pdscli.engines.graph_step)
     # For run.json: what the flags asked for and where things came from.
     schedule: str = "pc"
     alpha: float | None = None  # the filter strength used (None without a preconditioner)
@@ -57,8 +59,13 @@ class SampleJob:
     filters: FiltersInfo | None = None
     precision: str = "fp32"
     steps_flag: int | None = None
-    speed_up_flag: int | None = None
+    speed_up_flag: float | None = None
     model_load_s: float = 0.0
+    nfe_budget: dict | None = None  # --nfe: {"budget", "planned", "reason"} (pdscli.samplers.recommend)
+    # The PC family's parts when a config names other ones (keyword arguments of the sampler).
+    sampler_options: dict = field(default_factory=dict)
+    filter_off: str | None = None  # why --alpha auto switched the filters off
+    warnings: tuple[str, ...] = ()  # shown on stderr when the run starts, kept in run.json
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -86,6 +93,7 @@ class SampleJob:
             "per_sample_step": self.per_sample_step,
             "alpha": self.alpha if preconditioned else None,
             "filters": self.filters.sha256 if preconditioned and self.filters else None,
+            "noise_version": NOISE_VERSION,
         }
         if self.coupled_batches:
             record["batch_size"] = self.batch_size
@@ -97,9 +105,14 @@ class SampleJob:
         return {
             "precision": self.precision,
             "alpha": self.alpha if preconditioned else None,
-            "alpha_given": self.alpha_given if preconditioned else None,
+            "alpha_given": self.alpha_given if preconditioned or self.filter_off else None,
+            "filter_off": self.filter_off,
+            "pc_parts": {k: v for k, v in vars(self.sampler_options["options"]).items()}
+            if "options" in self.sampler_options else None,
+            "warnings": list(self.warnings),
             "filters": self.filters.to_dict() if self.filters else None,
             "schedule": self.schedule,
             "steps_requested": {"steps": self.steps_flag, "speed_up": self.speed_up_flag},
             "model_load_s": round(self.model_load_s, 4),
+            "nfe_budget": self.nfe_budget,
         }

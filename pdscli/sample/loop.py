@@ -4,7 +4,7 @@ A run's samples 0..N-1 are cut into batches once, by number: batch k holds the i
 k*B .. min((k+1)*B, N)-1. That plan never changes (not with --resume, not with the number of
 torchrun ranks), because the reference's batch-mean Langevin step couples the members of a
 batch: a batch is always made whole, exactly as planned, and only its missing files are
-written. Sample i's noise comes from its own generator seeded from (seed, i).
+written. Sample i's noise is a function of (seed, i) and the draw (pdscli.noise).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from pdscli.engines.graph_step import StepGraphSampler
 from pdscli.images import to_numpy
 from pdscli.noise import SampleNoise
 from pdscli.sample import outputs
@@ -47,6 +48,7 @@ class Stats:
     nfe_calls: int = 0  # batched network calls
     nfe_per_sample: int = 0  # calls one sample went through
     sampling_s: float = 0.0
+    step_graph: dict | None = None  # the path the steps ran on (StepGraphSampler.summary)
 
 
 # ----------------------------------------------------------------------------------------
@@ -101,6 +103,8 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, progress: SampleProgress) -> Stats:
     """Make the planned batches `batch_numbers` and write their missing files."""
     score = CountingScore(job.model.score)
+    # Eager unless asked; on a CPU, or where capture fails, it says why and runs eagerly.
+    sampler_fn = StepGraphSampler(sampler_fn, job.model.device, enabled=job.step_graphs)
     stats = Stats()
     t0 = time.perf_counter()
     for k in batch_numbers:
@@ -118,7 +122,7 @@ def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, 
             noise = SampleNoise(job.seed, indices, job.shape, job.model.device)
             with torch.no_grad():
                 x = sampler_fn(score, noise, job.steps, precond=job.precond, snr=job.snr,
-                               per_sample_step=job.per_sample_step, callback=callback)
+                               per_sample_step=job.per_sample_step, callback=callback, **job.sampler_options)
         except (MemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e):
                 raise
@@ -137,5 +141,6 @@ def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, 
         progress.batch_done(written)
     stats.nfe_calls = score.calls
     stats.sampling_s = time.perf_counter() - t0
+    stats.step_graph = sampler_fn.summary()
     return stats
 

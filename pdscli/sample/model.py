@@ -17,6 +17,7 @@ from pdscli.devices import resolve_device, resolve_precision
 from pdscli.engines import open_engine
 from pdscli.errors import PdsError
 from pdscli.evaluate import analytic
+from pdscli.evaluate.mixture import mixture_score_model
 from pdscli.fsutil import sha256_file
 from pdscli.models import builtin
 from pdscli.models.checkpoint import open_checkpoint
@@ -24,7 +25,8 @@ from pdscli.precondition import Filters, load_filters, load_reference_npy
 from pdscli.score import ScoreModel
 from pdscli.settings import SamplingSettings
 
-MODEL_NAMES = ("gaussian", "builtin")
+MODEL_NAMES = ("gaussian", "mixture", "builtin")
+ANALYTIC_MODELS = ("gaussian", "mixture")  # exact scores, no network
 GAUSSIAN_SIZE, GAUSSIAN_CHANNELS = 32, 3  # the analytic model's shape when no flag gives one
 _ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive; an .npy starts with b"\x93NUMPY"
 
@@ -41,7 +43,7 @@ class ModelSpec:
     preset: str | None = None
     engine: Path | None = None
     engine_backend: str | None = None
-    model: str | None = None  # "gaussian" | "builtin"
+    model: str | None = None  # "gaussian" | "mixture" | "builtin"
     image_size: int | None = None
     channels: int | None = None
     trust_checkpoint: bool = False
@@ -76,8 +78,8 @@ def check_spec(spec: ModelSpec) -> None:
         raise PdsError("--engine-backend applies to --engine files only")
     if spec.precision:
         resolve_precision(spec.precision)
-    if spec.model == "gaussian" and spec.precision and spec.precision.lower() != "fp32":
-        raise PdsError(f"the analytic gaussian model has no network: --precision {spec.precision} does not apply")
+    if spec.model in ANALYTIC_MODELS and spec.precision and spec.precision.lower() != "fp32":
+        raise PdsError(f"the analytic {spec.model} model has no network: --precision {spec.precision} does not apply")
 
 
 def open_model(spec: ModelSpec) -> ScoreModel:
@@ -97,6 +99,9 @@ def open_model(spec: ModelSpec) -> ScoreModel:
     elif spec.model == "gaussian":
         model = analytic.gaussian_score_model(spec.image_size or GAUSSIAN_SIZE, spec.channels or GAUSSIAN_CHANNELS,
                                               device=device)
+    elif spec.model == "mixture":
+        # The exact non-Gaussian model: a mixture of stationary Gaussians (pdscli.evaluate.mixture).
+        model = mixture_score_model(spec.image_size or GAUSSIAN_SIZE, spec.channels or GAUSSIAN_CHANNELS, device=device)
     else:
         model = builtin.default_score_model(device)
         _check_shape_flags(spec, model)

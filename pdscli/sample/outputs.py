@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pdscli import __version__
+from pdscli.devices import tf32_state
 from pdscli.errors import PdsError
 from pdscli.fsutil import (
     DiskFull,
@@ -41,6 +42,7 @@ from pdscli.fsutil import (
     remove_stale_temporaries,
 )
 from pdscli.images import load_png, make_grid, save_png, to_pil
+from pdscli.noise import NOISE_VERSION
 from pdscli.sample.job import SampleJob
 
 PARTIAL = ".partial"
@@ -175,6 +177,7 @@ def check_resume(job: SampleJob) -> None:
             if before:
                 break
     if before:
+        _check_noise_version(job.out, before)
         now = json.loads(json.dumps(job.fingerprint()))  # the same JSON round trip as the stored copy
         changed = [k for k in now if k in before and before[k] != now[k]]
         if changed:
@@ -188,6 +191,15 @@ def check_resume(job: SampleJob) -> None:
             f"--resume with --num-samples {job.num_samples} would drop the saved samples {job.num_samples}.."
             f"{beyond - 1} from samples.npz; pass --num-samples {beyond} (or more), or --force to start over"
         )
+
+
+def _check_noise_version(out: Path, before: dict) -> None:
+    """Another noise generator makes other images for the same seed: never mix them in one run.
+    Runs that predate the record drew version 1 (a torch.Generator per sample)."""
+    made_with = before.get("noise_version", 1)
+    if made_with != NOISE_VERSION:
+        raise PdsError(f"--resume: {out} was made with noise generator version {made_with} and this pds draws version "
+                       f"{NOISE_VERSION}, so its images would not continue that run; use --force to start over")
 
 
 def _saved_floats_beyond(out: Path, num_samples: int) -> int:
@@ -304,9 +316,12 @@ def run_record(job: SampleJob, stats, *, total_s: float, resumed: int, from_png:
         "per_sample_step": job.per_sample_step,
         "preconditioned": job.precond is not None,
         "seed": job.seed,
+        "noise_version": NOISE_VERSION,
         "num_samples": job.num_samples,
         "batch_size": job.batch_size,
         "device": str(model.device),
+        "tf32": tf32_state(model.device),
+        "step_graph": stats.step_graph,
         **job.meta(),
         "nfe": {"per_sample": stats.nfe_per_sample, "network_calls": stats.nfe_calls},
         "timings": {

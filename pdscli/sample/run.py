@@ -83,6 +83,8 @@ def run(job: SampleJob, *, progress: SampleProgress | None = None, sampler_fn=No
     dist = dist or Dist()
     sampler_fn = sampler_fn or sampler_info(job.sampler).fn
     lock = begin(job, warn) if dist.is_main else None
+    for line in job.warnings if dist.is_main else ():
+        warn(line)
     try:
         dist.barrier()  # --force has cleared, --resume repaired the folder before anyone lists it
         done = outputs.indices_on_disk(job.out) if job.resume else None

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from pdscli.errors import PdsError
 from pdscli.fsutil import FolderLock, prepare_out_dir
 from pdscli.models import builtin
 from pdscli.precondition import Preconditioner
-from pdscli.precondition.alpha import resolve_alpha
+from pdscli.precondition.alpha import check_alpha, choose_alpha
 from pdscli.sample.job import SampleJob
-from pdscli.sample.model import ModelSpec, open_filters, open_model
+from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, open_filters, open_model
 from pdscli.samplers import Steps, pc_steps, sampler_info
 from pdscli.samplers.grids import SCHEDULES, make_steps
+from pdscli.samplers.recommend import plan_budget
+from pdscli.samplers.pc import PCOptions, corrector_stalls
 from pdscli.settings import SamplingSettings
 
 REFERENCE_GRID = "pc"  # --schedule pc: score_sde's own PC grid (pc_steps)
@@ -40,17 +43,19 @@ class SampleFlags:
     masks: Path | None = None
     freq_mask: Path | None = None
     space_mask: Path | None = None
-    alpha: str = "5"  # a positive number or "auto"
+    alpha: str | None = None  # a positive number or "auto"; None: the sampler's default (pdscli.precondition.alpha)
     sampler: str | None = None  # None: pds with filters, else pc
     steps: int | None = None
-    speed_up: int | None = None
-    schedule: str | None = None  # None: pc for the PC family, geometric for the others
+    speed_up: float | None = None
+    schedule: str | None = None  # None: the sampler's default grid (pc for the PC family)
+    nfe: int | None = None  # a budget of network calls instead of --steps (pdscli.samplers.recommend)
     per_sample_step: bool = False
     num_samples: int = 16
     batch_size: int = 16
     seed: int = 0
     force: bool = False
     resume: bool = False
+    step_graphs: bool = False
 
     @property
     def has_filter_files(self) -> bool:
@@ -69,15 +74,15 @@ def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
 
 
 def resolve_schedule(schedule: str | None, sampler: str) -> str:
-    """The step grid's name: `pc` (the reference's) by default for the PC family, `geometric`
-    (score_sde's log-uniform spacing) for the accelerated samplers."""
-    chosen = schedule or (REFERENCE_GRID if sampler_info(sampler).pc_grid else "geometric")
+    """The step grid's name: the sampler's default (`SamplerInfo.grid`: `pc`, the reference's, for
+    the PC family; the measured-best grid for the others) unless --schedule names one."""
+    chosen = schedule or sampler_info(sampler).grid
     if chosen != REFERENCE_GRID and chosen not in SCHEDULES:
         raise PdsError(f"unknown schedule {chosen!r}; choose one of: {', '.join((REFERENCE_GRID, *SCHEDULES))}")
     return chosen
 
 
-def build_steps(settings: SamplingSettings, *, steps: int | None, speed_up: int | None, schedule: str) -> Steps:
+def build_steps(settings: SamplingSettings, *, steps: int | None, speed_up: float | None, schedule: str) -> Steps:
     """The step grid: `pc` = the reference's (pc_steps), else a pdscli.samplers.grids grid of the
     same length. `steps` / `speed_up` are checked (at least 1, not both) by the caller."""
     if schedule == REFERENCE_GRID:
@@ -88,11 +93,31 @@ def build_steps(settings: SamplingSettings, *, steps: int | None, speed_up: int 
     return make_steps(schedule, settings, n)
 
 
-def _parse_alpha(value: str) -> float | str:
-    """--alpha: "auto" (resolved once the model and step count are known) or a positive number."""
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    return resolve_alpha(value, None, 0)
+def preconditioner_for(filters, alpha: str | None, model, sampler: str, n_steps: int):
+    """(Preconditioner or None, AlphaChoice or None): --alpha for this sampler and step count; a
+    calibrated auto may switch the filters off (the choice's note says why)."""
+    if filters is None:
+        return None, None
+    choice = choose_alpha(alpha, model.settings, n_steps, sampler)
+    if choice.off:
+        return None, choice
+    return Preconditioner.from_filters(filters, choice.alpha, model.device), choice
+
+
+def sampler_parts(settings: SamplingSettings, sampler: str, grid: Steps) -> tuple[dict, list[str]]:
+    """The PC family's parts from the model's sampling section (passed only when they are not the
+    reference's default, so the default run is the plain call), and warnings about them."""
+    if not sampler_info(sampler).pc_grid:
+        return {}, []
+    options = PCOptions.from_settings(settings, sampler)
+    warnings = []
+    if options.predictor == "none":
+        stall = corrector_stalls(grid, settings.snr, options.n_steps_each)
+        if stall:
+            warnings.append(stall)
+    if sampler in ("pc", "pds") and options.is_reference_default:
+        return {}, warnings
+    return {"options": options}, warnings
 
 
 
@@ -134,11 +159,18 @@ def _removed_if_left_empty(out: Path):
 def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
     """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
     out = Path(flags.out)
-    alpha_given = _parse_alpha(flags.alpha)
+    check_alpha(flags.alpha)  # a bad number fails before the slow model load
     if flags.steps is not None and flags.speed_up is not None:
         raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
+    if flags.speed_up is not None and not (math.isfinite(flags.speed_up) and flags.speed_up > 0):
+        raise PdsError(f"--speed-up must be a positive number, got {flags.speed_up:g}")
+    budget = None
+    if flags.nfe is not None:
+        flags, budget = _apply_budget(spec, flags)
     # The built-in model runs as its docs say (PDS with its own filters, few steps) unless told otherwise.
     builtin_filters = spec.uses_builtin and not flags.has_filter_files and flags.sampler in (None, "pds")
+    if budget is not None and budget.chosen:
+        builtin_filters = spec.uses_builtin and not flags.has_filter_files and budget.filters
     sampler = resolve_sampler_name(flags.sampler, has_filters=flags.has_filter_files or builtin_filters)
     schedule = resolve_schedule(flags.schedule, sampler)
     steps_flag = flags.steps
@@ -157,13 +189,33 @@ def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
         filters, filters_info = open_filters(flags.masks, flags.freq_mask, flags.space_mask, settings=settings,
                                              use_builtin=builtin_filters)
         grid = build_steps(settings, steps=steps_flag, speed_up=flags.speed_up, schedule=schedule)
-        alpha = resolve_alpha(alpha_given, settings, len(grid)) if alpha_given == "auto" else alpha_given
-        precond = Preconditioner.from_filters(filters, alpha, model.device) if filters is not None else None
+        precond, choice = preconditioner_for(filters, flags.alpha, model, sampler, len(grid))
+        sampler_options, warnings = sampler_parts(settings, sampler, grid)
+        if choice is not None and choice.off:
+            warnings.insert(0, choice.note)
     return SampleJob(
         model=model, sampler=sampler, steps=grid, out=out, num_samples=flags.num_samples,
         batch_size=flags.batch_size, seed=flags.seed, snr=settings.snr,  # --snr is already in the settings
         precond=precond, per_sample_step=flags.per_sample_step, resume=flags.resume, force=flags.force,
-        schedule=schedule, alpha=alpha, alpha_given=alpha_given, filters=filters_info,
+        step_graphs=flags.step_graphs,
+        schedule=schedule, alpha=choice.alpha if precond is not None else None,
+        alpha_given=choice.given if choice is not None else None, filters=filters_info,
         precision=model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
         steps_flag=steps_flag, speed_up_flag=flags.speed_up, model_load_s=load_s,
+        nfe_budget=None if budget is None else {"budget": flags.nfe, "planned": budget.nfe, "reason": budget.reason},
+        sampler_options=sampler_options, filter_off=choice.note if choice is not None and choice.off else None,
+        warnings=tuple(warnings),
     )
+
+
+def _apply_budget(spec: ModelSpec, flags: SampleFlags):
+    """--nfe: the flags with the planned sampler, step count and grid filled in, and the plan.
+    A recommended sampler that takes no filters runs without the filter files (its reason says so)."""
+    if flags.steps is not None or flags.speed_up is not None:
+        raise PdsError("--nfe excludes --steps and --speed-up: give a budget of network calls or a number of steps")
+    plan = plan_budget(flags.nfe, sampler=flags.sampler, schedule=flags.schedule,
+                       filters=flags.has_filter_files or spec.uses_builtin, analytic=spec.model in ANALYTIC_MODELS)
+    changes = {"sampler": plan.sampler, "steps": plan.steps, "schedule": plan.grid}
+    if plan.chosen and not plan.filters:
+        changes.update(masks=None, freq_mask=None, space_mask=None)
+    return dataclasses.replace(flags, **changes), plan

@@ -6,15 +6,27 @@ Imports only the base layer (errors, settings) and its own modules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pdscli.errors import PdsError
-from pdscli.samplers import accelerated, pc
+from pdscli.samplers import accelerated, dpm, edm, pc
 from pdscli.samplers.grids import VE_EPS, Steps, pc_steps
 
-__all__ = ["Steps", "pc_steps", "VE_EPS", "SamplerInfo", "REGISTRY", "get_sampler", "sampler_info", "nfe_count",
-           "pc", "pds", "predictor", "corrector"]
+__all__ = [
+    "REGISTRY",
+    "VE_EPS",
+    "SamplerInfo",
+    "Steps",
+    "corrector",
+    "get_sampler",
+    "nfe_count",
+    "pc",
+    "pc_steps",
+    "pds",
+    "predictor",
+    "sampler_info",
+]
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class SamplerInfo:
     deterministic: bool
     pc_grid: bool
     nfe_offset: int = 0
+    grid: str = "geometric"
 
     def nfe(self, n_steps: int) -> int:
         return self.nfe_per_step * int(n_steps) + self.nfe_offset
@@ -40,21 +53,28 @@ class SamplerInfo:
 REGISTRY: dict[str, SamplerInfo] = {
     info.name: info
     for info in (
-        SamplerInfo("pc", pc.pc, 2, False, True),
-        SamplerInfo("pds", pc.pds, 2, False, True),
-        SamplerInfo("predictor", pc.predictor, 1, False, True),
-        SamplerInfo("corrector", pc.corrector, 1, False, True),
+        SamplerInfo("pc", pc.pc, 2, False, True, grid="pc"),
+        SamplerInfo("pds", pc.pds, 2, False, True, grid="pc"),
+        SamplerInfo("predictor", pc.predictor, 1, False, True, grid="pc"),
+        SamplerInfo("corrector", pc.corrector, 1, False, True, grid="pc"),
         SamplerInfo("ddim", accelerated.ddim, 1, True, False),
         SamplerInfo("accel-ode", accelerated.accel_ode, 1, True, False),
         SamplerInfo("accel-ode2", accelerated.accel_ode2, 2, True, False, nfe_offset=-1),
         SamplerInfo("ddpm", accelerated.ddpm, 1, False, False),
         SamplerInfo("accel-sde", accelerated.accel_sde, 1, False, False),
+        SamplerInfo("dpm++2m", dpm.dpmpp_2m, 1, True, False),
+        SamplerInfo("dpm++3m", dpm.dpmpp_3m, 1, True, False),
+        SamplerInfo("dpm++2m-sde", dpm.dpmpp_2m_sde, 1, False, False),
+        SamplerInfo("dpm++3m-sde", dpm.dpmpp_3m_sde, 1, False, False),
+        SamplerInfo("heun", edm.heun, 2, True, False, nfe_offset=-1),
+        SamplerInfo("edm-sde", edm.edm_sde, 2, False, False, nfe_offset=-1),
+        SamplerInfo("euler-a", edm.euler_ancestral, 1, False, False),
     )
 }
 
 # The PC family's functions, importable as `pdscli.samplers.pds` etc.
 pds, predictor, corrector = pc.pds, pc.predictor, pc.corrector
-pc = pc.pc  # noqa: F811 -- the function shadows the module name on purpose: `samplers.pc(...)`
+pc = pc.pc
 
 
 def sampler_info(name: str) -> SamplerInfo:

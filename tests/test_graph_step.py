@@ -1,0 +1,155 @@
+"""The GPU paths, as far as a CPU can check them: step graphs (pdscli.engines.graph_step) fall back
+to the eager step and give its samples, channels_last gives the NCHW network's scores, and the
+TF32 policy is set and reported. The graph-replay comparison itself runs on a GPU (the test at the
+end, and scripts/gpu_bench.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pdscli.devices import TF32_POLICIES, set_tf32, tf32_state
+from pdscli.engines.graph_step import CUDA_GRAPH, EAGER, StepGraphSampler
+from pdscli.errors import PdsError
+from pdscli.evaluate.analytic import gaussian_score_model
+from pdscli.noise import SampleNoise
+from pdscli.precondition import Preconditioner
+from pdscli.precondition.operator import Filters
+from pdscli.samplers import get_sampler, pc_steps
+from pdscli.samplers.grids import make_steps
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return gaussian_score_model(8, 3, device="cpu")
+
+
+def _steps(model, name, n=6):
+    return pc_steps(model.settings, n) if name in ("pc", "pds", "predictor", "corrector") else make_steps("geometric", model.settings, n)
+
+
+@pytest.mark.parametrize("name", ["pc", "ddpm", "accel-ode"])
+def test_cpu_falls_back_to_the_eager_step_and_says_why(model, name):
+    fn, steps = get_sampler(name), _steps(model, name)
+    wrapped = StepGraphSampler(fn, "cpu")
+    seen_eager, seen_wrapped = [], []
+    for batch in ([0, 1, 2], [3, 4, 5], [6, 7]):
+        eager = fn(model.score, SampleNoise(4, batch, model.settings.shape), steps, callback=lambda i: seen_eager.append(i["nfe"]))
+        got = wrapped(model.score, SampleNoise(4, batch, model.settings.shape), steps, callback=lambda i: seen_wrapped.append(i["nfe"]))
+        assert torch.equal(got, eager)
+    assert seen_wrapped == seen_eager
+    summary = wrapped.summary()
+    assert summary["path"] == EAGER and "CUDA device" in summary["reason"] and summary["batches"] == {EAGER: 3, CUDA_GRAPH: 0}
+
+
+def test_switched_off_it_is_the_sampler_itself(model):
+    fn, steps = get_sampler("pc"), _steps(model, "pc")
+    wrapped = StepGraphSampler(fn, "cpu", enabled=False)
+    got = wrapped(model.score, SampleNoise(1, [0, 1], model.settings.shape), steps, snr=0.2, per_sample_step=True)
+    assert torch.equal(got, fn(model.score, SampleNoise(1, [0, 1], model.settings.shape), steps, snr=0.2, per_sample_step=True))
+    assert wrapped.summary()["reason"] == "step graphs off"
+
+
+def test_a_run_records_the_path_and_makes_the_same_images(model, tmp_path):
+    from pdscli.sample.job import SampleJob
+    from pdscli.sample.run import run
+
+    records, samples = [], []
+    for graphs in (False, True):
+        out = tmp_path / f"graphs-{graphs}"
+        job = SampleJob(model=model, sampler="pc", steps=_steps(model, "pc"), out=out, num_samples=3,
+                        batch_size=2, seed=2, snr=model.settings.snr, step_graphs=graphs)
+        records.append(run(job))
+        samples.append(np.load(out / "samples.npz")["samples"])
+        assert json.loads((out / "run.json").read_text())["step_graph"] == records[-1]["step_graph"]
+    np.testing.assert_array_equal(samples[0], samples[1])
+    off, on = (r["step_graph"] for r in records)
+    assert off["reason"] == "step graphs off" and on["path"] == EAGER and "CUDA" in on["reason"]
+    assert records[1]["tf32"]["applies"] is False
+
+
+# -- channels_last and TF32 -----------------------------------------------------------------------
+
+
+def test_channels_last_gives_the_nchw_scores(fixture_dir):
+    from pdscli.engines.torch_engine import torch_score
+    from pdscli.models.checkpoint import load_score_model
+
+    net = load_score_model(fixture_dir / "checkpoint.pth", fixture_dir / "config.json")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5, 30.0])
+    ref = torch_score(net, device="cpu")(x, sigma)
+    got = torch_score(net, device="cpu", channels_last=True)(x, sigma)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    for b in range(2):  # another convolution algorithm: float32 rounding, relative to each sample's scale
+        assert float((got[b] - ref[b]).abs().max()) <= 1e-4 * float(ref[b].abs().max())
+
+
+@pytest.fixture
+def restore_tf32():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_tf32_policies_set_and_report_the_flags(restore_tf32):
+    assert set_tf32("on") == {"policy": "on", "matmul": True, "conv": True, "applies": None}
+    assert set_tf32("off") == {"policy": "off", "matmul": False, "conv": False, "applies": None}
+    torch.backends.cudnn.allow_tf32 = True  # torch's own default
+    assert set_tf32("torch")["policy"] == "torch"  # left as it was
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False
+    assert tf32_state("cpu") == {"policy": "mixed", "matmul": True, "conv": False, "applies": False}
+    assert set(TF32_POLICIES) == {"off", "on", "torch"}
+    with pytest.raises(PdsError, match="--tf32 must be one of off, on, torch"):
+        set_tf32("fast")
+
+
+def test_sample_cli_takes_tf32_and_records_it(run_pds, tmp_path, restore_tf32):
+    out = tmp_path / "run"
+    r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--steps", "2", "-n", "1", "-q", "--out", out, "--tf32", "on")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((out / "run.json").read_text())["tf32"]["policy"] == "on"
+    r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--steps", "2", "-n", "1", "-q", "--out", tmp_path / "b", "--tf32", "x")
+    assert r.exit_code == 2 and "--tf32 must be one of" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- on a GPU: the replayed graphs against the eager step -----------------------------------------
+
+
+def _preconditioner(shape):
+    rng = np.random.default_rng(0)
+    filters = Filters(freq=rng.uniform(1, 5, shape), space=rng.uniform(0.1, 0.5, shape), size=shape[-1], channels=shape[0], count=10)
+    return Preconditioner.from_filters(filters, 5.0, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU: the replay is compared with the eager step by scripts/gpu_bench.py on one")
+@pytest.mark.parametrize("name", ["pc", "pds", "predictor", "ddim", "ddpm", "accel-sde", "accel-ode"])
+def test_replayed_graphs_give_the_eager_samples(name):
+    model = gaussian_score_model(16, 3, device="cuda")
+    fn, steps = get_sampler(name), _steps(model, name, 8)
+    precond = _preconditioner(model.settings.shape) if name == "pds" else None
+    wrapped = StepGraphSampler(fn, "cuda")
+    for batch in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]):
+        eager = fn(model.score, SampleNoise(4, batch, model.settings.shape, "cuda"), steps, precond=precond)
+        got = wrapped(model.score, SampleNoise(4, batch, model.settings.shape, "cuda"), steps, precond=precond)
+        assert torch.allclose(got, eager, rtol=1e-5, atol=1e-6), (name, batch)
+    summary = wrapped.summary()
+    if name == "accel-ode":  # its NaN guard reads a tensor on the host: not capturable
+        assert summary["path"] == EAGER and "capture failed" in summary["reason"]
+    else:
+        assert summary["path"] == CUDA_GRAPH and summary["batches"] == {EAGER: 1, CUDA_GRAPH: 2}
+
+
+def test_a_samplers_own_keywords_pass_through(model):
+    from pdscli.samplers.pc import PCOptions
+
+    fn, steps = get_sampler("pc"), _steps(model, "pc")
+    options = PCOptions(corrector="none")
+    wrapped = StepGraphSampler(fn, "cpu")
+    got = wrapped(model.score, SampleNoise(5, [0, 1], model.settings.shape), steps, options=options)
+    assert torch.equal(got, fn(model.score, SampleNoise(5, [0, 1], model.settings.shape), steps, options=options))
