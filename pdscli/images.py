@@ -106,8 +106,8 @@ def image_files(folder, *, hint: str = "") -> list[Path]:
 HIGH_DEPTH_WHITE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
-def load_image(path, *, size: int, channels: int = 3) -> np.ndarray:
-    """Read any Pillow image -> float32 [channels, size, size] in [0, 1].
+def load_image(path, *, size: int | None, channels: int = 3) -> np.ndarray:
+    """Read any Pillow image -> float32 [channels, size, size] in [0, 1] (size None: as it is).
 
     Centre square crop, then resize to `size`: the same as resizing the shorter side to `size`
     and centre-cropping, and the same preprocessing as `pdscli.train.datasets` (training data).
@@ -125,8 +125,11 @@ def load_image(path, *, size: int, channels: int = 3) -> np.ndarray:
         return from_uint8(np.asarray(_square(im, size), dtype=np.uint8))
 
 
-def _square(im, size: int):
-    """Centre square crop, resized to `size` (Lanczos when shrinking, for anti-aliasing; bicubic when growing)."""
+def _square(im, size: int | None):
+    """Centre square crop, resized to `size` (Lanczos when shrinking, for anti-aliasing; bicubic when
+    growing); size None keeps the image as it is."""
+    if size is None:
+        return im
     w, h = im.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -136,7 +139,7 @@ def _square(im, size: int):
     return im
 
 
-def _load_high_depth(im, path: Path, *, size: int, channels: int) -> np.ndarray:
+def _load_high_depth(im, path: Path, *, size: int | None, channels: int) -> np.ndarray:
     """A one-channel 16-bit or float image, scaled to [0, 1] and resampled in float (mode F)."""
     a = np.asarray(im.convert("F") if im.mode != "F" else im, dtype=np.float32) / HIGH_DEPTH_WHITE[im.mode]
     if not np.isfinite(a).all():
