@@ -1,7 +1,19 @@
 """User-facing errors: a one-line message and exit code 2, never a traceback."""
 
+import re
+
+# Terminal escape sequences (colours, cursor moves) that other libraries put in their messages.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+
 
 class PdsError(Exception):
-    """Bad input or an environment the user must fix. `str(err)` is the whole message."""
+    """Bad input or an environment the user must fix. `str(err)` is the whole message.
+
+    Messages often quote other libraries' errors: their escape codes are removed (they would
+    show raw in a log or a pipe) and so is surrounding blank space (no message starts with a
+    blank line)."""
 
     exit_code = 2
+
+    def __init__(self, message: object = ""):
+        super().__init__(_ANSI.sub("", str(message)).strip())

@@ -257,6 +257,8 @@ def check_writable(folder) -> None:
 def prepare_out_file(path, *, force: bool = False) -> Path:
     """An output file's folder exists and is writable, and the file is not overwritten without --force."""
     path = Path(path)
+    if path.is_dir():  # --force cannot replace a folder with a file: say so before the work, not after
+        raise PdsError(f"output path {path} is a folder, not a file")
     if path.exists() and not force:
         raise PdsError(f"{path} exists; pass --force to overwrite it")
     try:

@@ -6,7 +6,9 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_save_image
 
 # What Pillow can read that people keep data sets in (same list as pdscli.train.datasets).
@@ -37,8 +39,6 @@ def from_uint8(a: np.ndarray) -> np.ndarray:
 
 def to_pil(x):
     """Float [C, H, W] in [0, 1] (C = 1 or 3) -> a PIL image (L or RGB)."""
-    from PIL import Image
-
     a = to_uint8(x)
     if a.shape[-1] == 1:
         return Image.fromarray(np.ascontiguousarray(a[..., 0]))  # 2-D uint8 -> mode L
@@ -54,8 +54,6 @@ def save_png(path, x) -> None:
 
 def load_png(path) -> np.ndarray:
     """A PNG written by `save_png` -> float32 [C, H, W] in [0, 1] (8-bit quantised)."""
-    from PIL import Image
-
     with Image.open(path) as im:
         return from_uint8(np.asarray(im))
 
@@ -92,8 +90,6 @@ def image_files(folder, *, hint: str = "") -> list[Path]:
 
     `hint` is added to the "no such folder" message (e.g. the built-in data set names).
     """
-    from pdscli.errors import PdsError
-
     folder = Path(folder)
     if not folder.exists():
         raise PdsError(f"no such folder: {folder}{hint}")
@@ -105,21 +101,54 @@ def image_files(folder, *, hint: str = "") -> list[Path]:
     return files
 
 
-def load_image(path, *, size: int, channels: int = 3) -> np.ndarray:
-    """Read any Pillow image -> float32 [channels, size, size] in [0, 1].
+# Modes Pillow keeps more than 8 bits per sample in, with the value that means white: 16-bit
+# integers (PNG, TIFF; mode I is how older Pillows and some TIFFs hold them) and floats in [0, 1].
+HIGH_DEPTH_WHITE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def load_image(path, *, size: int | None, channels: int = 3) -> np.ndarray:
+    """Read any Pillow image -> float32 [channels, size, size] in [0, 1] (size None: as it is).
 
     Centre square crop, then resize to `size`: the same as resizing the shorter side to `size`
     and centre-cropping, and the same preprocessing as `pdscli.train.datasets` (training data).
+    8-bit modes (L, RGB, P, LA, RGBA, CMYK, 1, ...) go through Pillow's conversion to L or RGB
+    (alpha is dropped); 16-bit and float images are scaled by their own white (65535, 1.0), never
+    clipped to 8 bits. A file whose values cannot mean [0, 1] is refused (PdsError), not guessed.
     """
-    from PIL import Image
-
     with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        w, h = im.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        im = im.crop((left, top, left + side, top + side))
-        if side != size:
-            # Lanczos when shrinking (anti-aliasing), bicubic when growing.
-            im = im.resize((size, size), Image.LANCZOS if side > size else Image.BICUBIC)
-        return from_uint8(np.asarray(im, dtype=np.uint8))
+        if im.mode in HIGH_DEPTH_WHITE:
+            return _load_high_depth(im, Path(path), size=size, channels=channels)
+        try:
+            im = im.convert("L" if channels == 1 else "RGB")
+        except ValueError as e:  # a mode Pillow cannot convert (e.g. La)
+            raise PdsError(f"cannot read image {Path(path).name}: Pillow mode {im.mode}: {e}") from None
+        return from_uint8(np.asarray(_square(im, size), dtype=np.uint8))
+
+
+def _square(im, size: int | None):
+    """Centre square crop, resized to `size` (Lanczos when shrinking, for anti-aliasing; bicubic when
+    growing); size None keeps the image as it is."""
+    if size is None:
+        return im
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    if side != size:
+        im = im.resize((size, size), Image.LANCZOS if side > size else Image.BICUBIC)
+    return im
+
+
+def _load_high_depth(im, path: Path, *, size: int | None, channels: int) -> np.ndarray:
+    """A one-channel 16-bit or float image, scaled to [0, 1] and resampled in float (mode F)."""
+    a = np.asarray(im.convert("F") if im.mode != "F" else im, dtype=np.float32) / HIGH_DEPTH_WHITE[im.mode]
+    if not np.isfinite(a).all():
+        raise PdsError(f"cannot read image {path.name}: its {im.mode} pixels include NaN or infinity")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0.0 or hi > 1.0:
+        white = "1.0" if im.mode == "F" else "65535"
+        raise PdsError(f"cannot read image {path.name}: its {im.mode} pixels span {lo * HIGH_DEPTH_WHITE[im.mode]:g}.."
+                       f"{hi * HIGH_DEPTH_WHITE[im.mode]:g}, not 0..{white}; convert it to 8 or 16 bits")
+    grey = np.asarray(_square(Image.fromarray(a), size), dtype=np.float32)
+    grey = np.clip(grey, 0.0, 1.0)  # Lanczos overshoots at edges; 8-bit images are clipped by their type
+    return np.ascontiguousarray(np.repeat(grey[None], channels, axis=0))

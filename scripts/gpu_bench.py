@@ -42,10 +42,11 @@ import torch
 from pdscli import __version__
 from pdscli.bench.mfu import add_mfu, device_peak, measure_matmul_peak
 from pdscli.devices import set_tf32, tf32_state
-from pdscli.engines.export import at_precision, randomize
+from pdscli.engines.onnx_export import at_precision
 from pdscli.engines.graph_step import StepGraphSampler
 from pdscli.engines.torch_engine import torch_score
 from pdscli.machine import describe_machine
+from pdscli.models.network import randomize
 from pdscli.models import build_model, get_preset, settings_from_config
 from pdscli.noise import NOISE_VERSION, SampleNoise, sample_seed
 from pdscli.precondition import Filters, Preconditioner

@@ -242,3 +242,51 @@ def test_a_wrong_preset_names_the_right_one(church_shaped, preset):
 def test_without_config_a_checkpoint_that_fits_no_preset_is_an_error(fixture_dir):
     with pytest.raises(PdsError, match="fits no preset"):
         load_score_model(fixture_dir / "checkpoint.pth")
+
+
+# ---- files that are not checkpoints: one line, nothing else ----
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # making the archive, not reading it
+def test_a_torchscript_archive_is_one_line_without_torch_warnings(run_pds, tmp_path):
+    path = tmp_path / "scripted.pth"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = run_pds("info", path, "--preset", "cifar10")
+    assert r.exit_code == 2, r.stderr
+    assert [str(w.message) for w in caught] == []  # torch's UserWarning would print before the error
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "TorchScript" in lines[0]
+
+
+# ---- the one opener of an NCSN++ ----
+
+
+def test_open_network_from_a_checkpoint_is_load_score_model(fixture_dir, io):
+    from pdscli.models.network import open_network
+
+    network = open_network(fixture_dir / "checkpoint.pth", fixture_dir / "config.json")
+    ref = _load(fixture_dir)
+    assert network.sha256 == ref.checkpoint_info["sha256"] and network.identity == network.sha256[:16]
+    assert network.weights == "ema" and network.stem == "checkpoint" and network.file == "checkpoint.pth"
+    assert network.num_params == ref.checkpoint_info["num_params"] and network.settings == ref.settings
+    assert all(torch.equal(a, b) for a, b in zip(network.net.state_dict().values(), ref.state_dict().values()))
+
+
+def test_open_network_random_weights_are_seeded(fixture_dir):
+    from pdscli.models.network import open_network
+
+    cfg = fixture_dir / "config.json"
+    a, b = open_network(config=cfg, random_weights=True, seed=1), open_network(config=cfg, random_weights=True, seed=1)
+    c = open_network(config=cfg, random_weights=True, seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.net.parameters(), b.net.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.net.parameters(), c.net.parameters()))
+    assert a.identity == b.identity != c.identity and a.identity.startswith("random-")
+    assert a.weights == "random(seed=1)" and a.stem == "config-random" and a.sha256 is None
+    with pytest.raises(PdsError, match="exclude each other"):
+        open_network(fixture_dir / "checkpoint.pth", cfg, random_weights=True)
+    with pytest.raises(PdsError, match="--checkpoint"):
+        open_network(config=cfg)

@@ -40,7 +40,7 @@ def torch_net(fixture_dir):
 @pytest.fixture(scope="module")
 def onnx_file(torch_net, tmp_path_factory):
     """The fixture checkpoint exported at fp32 once for this module (the export checks parity itself)."""
-    from pdscli.engines.export import export_metadata, export_onnx
+    from pdscli.engines.onnx_export import export_metadata, export_onnx
 
     path = tmp_path_factory.mktemp("engines") / "small-fp32.onnx"
     meta = export_metadata(torch_net.settings, precision="fp32", checkpoint_sha256=torch_net.checkpoint_info["sha256"])
@@ -132,6 +132,40 @@ def test_onnx_with_wrong_inputs_is_refused(tmp_path):
     with pytest.raises(PdsError, match="does not follow the score contract") as e:
         open_engine(path, device="cpu")
     assert "\n" not in str(e.value)
+
+
+def _wrong_shape_onnx(path):
+    """Declares the score contract, but its score is x and x stacked: twice the batch, known only at run time."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 1, 4, 4])
+    sigma = helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["B"])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B", 1, 4, 4])
+    graph = helper.make_graph([helper.make_node("Concat", ["x", "x"], ["score"], axis=0)], "g", [x, sigma], [score])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    return path
+
+
+def test_onnx_output_of_the_wrong_shape_at_run_time_is_one_line(tmp_path, run_pds):
+    path = _wrong_shape_onnx(tmp_path / "twice.onnx")
+    model = open_engine(path, device="cpu", overrides={"sigma_min": 0.01, "sigma_max": 1.0, "num_scales": 10, "snr": 0.16})
+    with pytest.raises(PdsError, match=r"returned score \[4, 1, 4, 4\] for x \[2, 1, 4, 4\]") as e:
+        model.score(torch.zeros(2, 1, 4, 4), torch.ones(2))
+    assert "\n" not in str(e.value)
+    r = run_pds("sample", "--engine", path, "--steps", 2, "-n", 2, "-b", 2, "--out", tmp_path / "out", "--quiet",
+                "--sigma-min", 0.01, "--sigma-max", 1.0, "--num-scales", 10, "--snr", 0.16)
+    assert r.exit_code == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "score contract" in r.stderr
+
+
+def test_one_session_factory_for_bytes_and_paths(onnx_file):
+    """create_session takes a path or the bytes, sets the threads, and names the model in its errors."""
+    from pdscli.engines.onnx_engine import choose_providers, create_session
+
+    providers = choose_providers(torch.device("cpu"), None)
+    for model in (onnx_file, onnx_file.read_bytes()):
+        session = create_session(model, providers, threads=1, label="m")
+        assert session.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(PdsError, match="cannot load the-label as an ONNX model"):
+        create_session(b"not a graph", providers, label="the-label")
 
 
 @pytest.mark.parametrize(

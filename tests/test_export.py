@@ -13,15 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdscli.errors import PdsError
-from pdscli.engines.export import (
-    BatchProfile,
-    export_onnx,
-    parity_cases,
-    parity_plan,
-    parity_sigmas,
-    promote_unsupported,
-    to_onnx,
-)
+from pdscli.engines.contract import BatchProfile
+from pdscli.engines.onnx_export import export_onnx, promote_unsupported, to_onnx
+from pdscli.engines.parity import parity_cases, parity_plan, parity_sigmas
 from pdscli.settings import SamplingSettings
 
 SETTING_KEYS = ("pds.sigma_min", "pds.sigma_max", "pds.num_scales", "pds.snr", "pds.image_size", "pds.num_channels")
@@ -261,14 +255,14 @@ def test_cli_unwritable_engines_folder(run_pds, tmp_path):
 
 
 def test_cli_trt_without_tensorrt_fails_at_once(run_pds, monkeypatch, tmp_path):
-    import pdscli.engines.export
+    import pdscli.cli.export
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
 
     def no_model_load(*a, **k):
         raise AssertionError("the model was loaded before TensorRT was checked")
 
-    monkeypatch.setattr(pdscli.engines.export, "load_source", no_model_load)
+    monkeypatch.setattr(pdscli.cli.export, "open_source", no_model_load)
     line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--format", "trt",
                                    "--out", tmp_path / "m.plan"))
     assert 'pip install "pds[trt]"' in line
@@ -298,3 +292,52 @@ def test_cli_random_weights_exclude_a_checkpoint(run_pds, fixture_dir, tmp_path)
 def test_cli_out_suffix_must_name_the_format(run_pds, tmp_path):
     line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", tmp_path / "m.plan"))
     assert "must end in .onnx" in line
+
+
+# --- interruptions, folders, messages ----------------------------------------------------------------
+
+
+def test_ctrl_c_during_the_export_is_an_interruption(run_pds, fixture_dir, tmp_path, monkeypatch):
+    """A Ctrl-C that reaches the network while the exporter traces it, and that a layer below turns
+    into an ordinary error (as C++ boundaries do), is still "interrupted" with exit 130, not a failed export."""
+    import os
+    import signal
+    import time
+
+    from pdscli.models.ncsnpp import NCSNpp
+
+    def forward(self, x, sigma):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the signal arrives here
+        except KeyboardInterrupt:
+            raise RuntimeError("KeyboardInterrupt (caught and re-raised by a native layer)") from None
+        raise AssertionError("no SIGINT arrived")
+
+    monkeypatch.setattr(NCSNpp, "forward", forward)
+    out = tmp_path / "m.onnx"
+    r = run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
+                "--out", out, "--quiet")
+    assert r.exit_code == 130, r.stderr
+    assert r.stderr.strip() == "interrupted"
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_the_export(run_pds, tmp_path, monkeypatch):
+    import pdscli.cli.export
+
+    def no_model_load(*a, **k):
+        raise AssertionError("the model was opened before the output path was checked")
+
+    monkeypatch.setattr(pdscli.cli.export, "open_source", no_model_load)
+    (tmp_path / "m.onnx").mkdir()
+    line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", tmp_path / "m.onnx",
+                                   "--force"))
+    assert "is a folder" in line
+
+
+def test_messages_carry_no_escape_codes_and_no_blank_lines():
+    """Other libraries' messages are quoted in ours: their colours and leading blank lines are dropped."""
+    e = PdsError("\n\x1b[1;31mONNX export failed\x1b[0m: \x1b[33mshape\x1b[0m\n")
+    assert str(e) == "ONNX export failed: shape"
+

@@ -408,3 +408,16 @@ def test_bench_fid_ref_bad_inputs_get_one_line(run_pds, tmp_path, tiny, monkeypa
     assert_user_error(run_pds("bench", "--quick", "-q", "--fid-ref", big, "--fid-features", tiny), "16x16", "32x32")
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed: said before the model loads
     assert_user_error(run_pds("bench", "--quick", "--fid-ref", ref), 'pip install "pds[eval]"')
+
+
+def test_sixteen_bit_images_are_read_by_their_own_white(tmp_path):
+    """FID reads images as every pds command does: mid-grey 16-bit is 128, not a saturated 255."""
+    from PIL import Image
+
+    from pdscli.evaluate.imagesets import _read_rgb
+
+    Image.fromarray(np.full((4, 5), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    rgb = np.arange(60, dtype=np.uint8).reshape(4, 5, 3)
+    Image.fromarray(rgb).save(tmp_path / "rgb8.png")
+    assert _read_rgb(tmp_path / "grey16.png").tolist() == np.full((3, 4, 5), 128, dtype=np.uint8).tolist()
+    assert np.array_equal(_read_rgb(tmp_path / "rgb8.png"), rgb.transpose(2, 0, 1))

@@ -49,7 +49,7 @@ def test_streams_in_chunks_and_workers_do_not_change_the_result(tmp_path, monkey
 
         return real(tap(), **kw)
 
-    monkeypatch.setattr("pdscli.precondition.operator.compute_statistics", spy)
+    monkeypatch.setattr(lib, "compute_statistics", spy)
     monkeypatch.setattr(lib, "CHUNK", 3)
     one = lib.folder_statistics(tmp_path / "d", size=8, workers=1)
     assert seen == [3, 3, 1]  # never the whole folder at once
@@ -160,16 +160,112 @@ def test_images_helpers_round_trip(tmp_path):
 def test_engine_shape_from_onnx_metadata(tmp_path):
     from test_sample_cli import tiny_onnx  # tests/ is on sys.path (pytest prepend mode)
 
-    assert lib.engine_shape(tiny_onnx(tmp_path / "t.onnx", size=16, channels=1)) == (16, 1)
+    from pdscli.engines.files import engine_shape
+
+    assert engine_shape(tiny_onnx(tmp_path / "t.onnx", size=16, channels=1)) == (16, 1)
 
 
 def test_resolve_shape_rules(tmp_path):
     from test_sample_cli import tiny_onnx  # tests/ is on sys.path (pytest prepend mode)
 
+    from pdscli.cli.filters import resolve_shape
+
     engine = tiny_onnx(tmp_path / "t.onnx", size=16)
-    assert lib.resolve_shape(size=None, channels=None, engine=engine) == (16, 3)
-    assert lib.resolve_shape(size=32, channels=None) == (32, 3)
+    assert resolve_shape(size=None, channels=None, engine=engine) == (16, 3)
+    assert resolve_shape(size=32, channels=None) == (32, 3)
     with pytest.raises(PdsError, match="--size"):
-        lib.resolve_shape(size=None, channels=None)
+        resolve_shape(size=None, channels=None)
     with pytest.raises(PdsError, match="contradicts"):
-        lib.resolve_shape(size=32, channels=None, engine=engine)
+        resolve_shape(size=32, channels=None, engine=engine)
+
+
+# ---- every Pillow mode decodes to [0, 1], or the file is refused ----
+
+
+def _grey(value: float, mode: str, size: int = 6) -> Image.Image:
+    """A flat image at `value` (in [0, 1]) stored in Pillow mode `mode`."""
+    if mode == "F":
+        return Image.fromarray(np.full((size, size), value, np.float32))
+    if mode in ("I;16", "I"):
+        im = Image.fromarray(np.full((size, size), round(value * 65535), np.uint16))
+        return im if mode == "I;16" else im.convert("I")
+    level = round(value * 255)
+    if mode == "P":
+        im = Image.new("P", (size, size), 0)
+        im.putpalette([level, level, level] * 256)
+        return im
+    if mode == "LA":
+        return Image.new("LA", (size, size), (level, 7))
+    if mode == "RGBA":
+        return Image.new("RGBA", (size, size), (level, level, level, 7))
+    if mode == "CMYK":
+        return Image.new("CMYK", (size, size), (0, 0, 0, 255 - level))
+    return Image.new(mode, (size, size), level if mode == "L" else (level,) * 3)
+
+
+@pytest.mark.parametrize(
+    "mode, suffix",
+    [("I;16", "png"), ("I;16", "tif"), ("I", "tif"), ("F", "tif"), ("L", "png"), ("RGB", "png"), ("P", "png"),
+     ("LA", "png"), ("RGBA", "png"), ("CMYK", "tif")],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_pillow_mode_decodes_to_the_unit_range(tmp_path, mode, suffix, channels):
+    """Mid-grey is 0.5 (space statistic 0.25) whatever the file's bit depth: a 16-bit PNG once gave 1.0, a float TIFF 0.0."""
+    path = tmp_path / "d" / f"grey.{suffix}"
+    path.parent.mkdir()
+    _grey(0.5, mode).save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode  # the file really holds that mode
+    x = load_image(path, size=4, channels=channels)
+    assert x.shape == (channels, 4, 4) and x.dtype == np.float32
+    np.testing.assert_allclose(x, 0.5, atol=1 / 255)
+    stats = lib.folder_statistics(path.parent, size=4, channels=channels)
+    np.testing.assert_allclose(stats.space, 0.25, atol=2 / 255)
+
+
+def test_high_depth_images_keep_their_levels(tmp_path):
+    """16 bits are not cut to 8: neighbouring 16-bit levels stay apart, and a ramp stays a ramp."""
+    ramp = np.tile(np.linspace(0, 65535, 8).round().astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    x = load_image(tmp_path / "ramp.png", size=8, channels=1)[0]
+    np.testing.assert_allclose(x, ramp / 65535.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [1.5, -0.25, float("nan")])
+def test_float_images_outside_the_unit_range_are_refused(tmp_path, value):
+    path = tmp_path / "bad.tif"
+    Image.fromarray(np.full((4, 4), value, np.float32)).save(path)
+    with pytest.raises(PdsError, match="bad.tif") as e:
+        load_image(path, size=4)
+    assert "\n" not in str(e.value)
+
+
+# ---- a set of outputs is written whole or not at all ----
+
+
+def test_a_full_disk_leaves_no_part_of_the_output_set(tmp_path, monkeypatch):
+    write_images(tmp_path / "d", n=3)
+    stats = lib.folder_statistics(tmp_path / "d", size=8)
+    out = tmp_path / "masks" / "d.npz"
+
+    full_disk_at(monkeypatch, ".npy")  # the last files of the set
+    with pytest.raises(PdsError, match="(?i)no space left") as e:
+        lib.write_filters(stats, out, npy=True)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.joinpath("masks").rglob("*") if p.is_file()) == []
+    monkeypatch.undo()
+    lib.write_filters(stats, out, npy=True)  # a rerun needs no --force: nothing was left behind
+
+
+def full_disk_at(monkeypatch, suffix: str) -> None:
+    """The disk fills up while a file whose name has `suffix` is written: its fsync fails with ENOSPC."""
+    import os
+
+    fsync = os.fsync
+
+    def failing(fd):
+        if suffix in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)

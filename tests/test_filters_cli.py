@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 from PIL import Image
+from test_filters import full_disk_at
 from test_sample_cli import assert_user_error, tiny_onnx  # tests/ is on sys.path (pytest prepend mode)
 
 from pdscli.precondition import load_filters
@@ -108,3 +109,51 @@ def test_bad_numbers(run_pds, tmp_path):
     assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.txt"), ".npz")
     assert_user_error(run_pds("filters", data, "--size", "8", "--workers", "0", "--out", tmp_path / "f.npz"), "--workers")
     assert_user_error(run_pds("filters", data, "--size", "8", "--limit", "0", "--out", tmp_path / "f.npz"), "--limit")
+
+
+def _no_decoding(monkeypatch):
+    from pdscli.precondition import filters as lib
+
+    def decode(*a, **k):
+        raise AssertionError("images were decoded before the outputs were checked")
+
+    monkeypatch.setattr(lib, "folder_statistics", decode)
+
+
+def test_existing_npy_outputs_are_refused_before_any_image_is_decoded(run_pds, tmp_path, monkeypatch):
+    data = image_dir(tmp_path / "d")
+    out = tmp_path / "m" / "f.npz"
+    (tmp_path / "m" / "f").mkdir(parents=True)
+    (tmp_path / "m" / "f" / "space_mask.npy").write_bytes(b"keep me")
+    _no_decoding(monkeypatch)
+    assert_user_error(run_pds("filters", data, "--size", "8", "--out", out, "--npy", "--quiet"), "space_mask.npy", "--force")
+    assert (tmp_path / "m" / "f" / "space_mask.npy").read_bytes() == b"keep me"
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_the_work(run_pds, tmp_path, monkeypatch):
+    data = image_dir(tmp_path / "d")
+    (tmp_path / "f.npz").mkdir()
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "freq_mask.npy").mkdir()
+    _no_decoding(monkeypatch)
+    assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.npz", "--force", "-q"), "is a folder")
+    (tmp_path / "f.npz").rmdir()
+    assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.npz", "--npy", "--force", "-q"),
+                      "freq_mask.npy", "is a folder")
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(run_pds, tmp_path, monkeypatch):
+    data = image_dir(tmp_path / "d")
+    out = tmp_path / "m" / "f.npz"
+
+    full_disk_at(monkeypatch, ".npy")  # the last files of the set
+    assert_user_error(run_pds("filters", data, "--size", "8", "--out", out, "--npy", "--quiet"), "no space left")
+    assert [p for p in tmp_path.joinpath("m").rglob("*") if p.is_file()] == []
+
+
+def test_json_is_one_document_on_stdout(run_pds, tmp_path):
+    data = image_dir(tmp_path / "d")
+    r = run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.npz", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["count"] == 4 and doc["files"]["npz"] == str(tmp_path / "f.npz")

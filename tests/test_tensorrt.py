@@ -23,7 +23,7 @@ def test_the_toolkit_never_imports_tensorrt():
     code = (
         "import sys\n"
         "import pdscli.cli, pdscli.engines, pdscli.engines.onnx_engine, pdscli.engines.tensorrt_engine\n"
-        "import pdscli.engines.cache, pdscli.engines.torch_engine, pdscli.engines.export, pdscli.cli.export\n"
+        "import pdscli.engines.cache, pdscli.engines.torch_engine, pdscli.engines.onnx_export, pdscli.engines.parity, pdscli.cli.export\n"
         "assert 'tensorrt' not in sys.modules, 'tensorrt was imported'\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -117,7 +117,7 @@ def torch_net(trt, fixture_dir):
 @pytest.fixture(scope="module")
 def onnx_bytes(torch_net):
     """The fixture checkpoint as ONNX at each precision (parity-checked on the GPU where ORT can)."""
-    from pdscli.engines.export import export_metadata, export_onnx
+    from pdscli.engines.onnx_export import export_metadata, export_onnx
 
     cache = {}
 
@@ -167,7 +167,7 @@ def _cases(settings, batch):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_engine_matches_torch_across_sigma(precision, engines, torch_net):
     from pdscli.engines import open_engine
-    from pdscli.engines.export import TOLERANCES, exact_fp32
+    from pdscli.engines.parity import TOLERANCES, exact_fp32
 
     model = open_engine(engines(precision), device="cuda")
     assert model.settings == torch_net.settings

@@ -215,3 +215,69 @@ def test_resume_refuses_other_settings(run_pds, tmp_path):
         assert r.exit_code == 2 and word in r.stderr, r.stderr
     r = run_pds("train", digit_folder(tmp_path, n=2), "--resume", "--out", out, "--quiet")
     assert r.exit_code == 2 and "trains on" in r.stderr
+
+
+# ---------------------------------------------------------------------------- damaged run folders, full disk
+
+
+def _run_folder(tmp_path, checkpoint: bytes | None = None, config: str | None = None):
+    """A run folder as `pds train` leaves it, with the given checkpoint bytes / config.json text."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(config if config is not None else open(tiny_config(tmp_path)).read())
+    (out / "checkpoint.pth").write_bytes(checkpoint if checkpoint is not None else b"")
+    return out
+
+
+def _assert_one_line(r, *needles):
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_resume_from_an_empty_checkpoint_is_one_line(run_pds, tmp_path):
+    out = _run_folder(tmp_path, checkpoint=b"")
+    _assert_one_line(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "checkpoint.pth", "empty")
+
+
+@pytest.mark.parametrize("text", ["{\"model\": ", "[1, 2]", "\udcff"])
+def test_resume_with_a_damaged_config_is_one_line(run_pds, tmp_path, text):
+    out = _run_folder(tmp_path, checkpoint=b"PK", config="")
+    (out / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    _assert_one_line(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "config.json")
+
+
+def test_resume_from_a_pickle_checkpoint_is_one_line(run_pds, tmp_path):
+    import argparse
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"args": argparse.Namespace(lr=1.0)}, buf)
+    out = _run_folder(tmp_path, checkpoint=buf.getvalue())
+    _assert_one_line(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "argparse.Namespace",
+                     "--trust-checkpoint")
+    # Trusted, it is read, and found not to be a training checkpoint: still one line.
+    _assert_one_line(run_pds("train", "digits", "--resume", "--out", out, "--quiet", "--trust-checkpoint"),
+                     "not a `pds train` checkpoint")
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """A file-size limit makes every write past 20 kB fail, as a full disk does: the checkpoint cannot be written."""
+    import resource
+    import subprocess
+    import sys
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "pdscli", "train", "digits", "--config", tiny_config(tmp_path),
+                        "--iters", "2", "--threads", "1", "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=600, preexec_fn=small_disk)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "cannot write" in lines[0] and "checkpoint.pth" in lines[0], r.stderr
+    assert not (out / "checkpoint.pth").exists()
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []

@@ -11,15 +11,14 @@ from typing import Callable
 import torch
 
 from pdscli.bench.config import (
-    ANALYTIC, BACKEND_HELP, ENGINE, NETWORK_BACKENDS, QUICK_BACKENDS, BenchConfig, error_line,
+    ANALYTIC, BACKEND_HELP, ENGINE, NETWORK_BACKENDS, QUICK_BACKENDS, BenchConfig,
 )
 from pdscli.bench.export_cache import ExportCache
 from pdscli.bench.model import BenchModel
-from pdscli.engines.export import at_precision, export_metadata
-from pdscli.engines.onnx_engine import OnnxScore, choose_providers
+from pdscli.engines.onnx_engine import OnnxScore, choose_providers, create_session
+from pdscli.engines.onnx_export import at_precision, export_metadata
 from pdscli.engines.tensorrt_engine import build_engine, open_trt
 from pdscli.engines.torch_engine import torch_score
-from pdscli.errors import PdsError
 from pdscli.machine import library_versions, onnxruntime_providers
 
 ORT_PROVIDERS = {"onnx-cpu": "CPUExecutionProvider", "onnx-cuda": "CUDAExecutionProvider",
@@ -140,28 +139,10 @@ def _onnx_backend(name, model, cache, threads, info) -> Backend:
     onnx = cache.onnx(model, "fp32")
     backend_flag = {"onnx-cpu": "cpu", "onnx-cuda": "cuda", "onnx-trt": "tensorrt"}[name]
     providers = choose_providers(model.device, backend_flag, cache_dir=cache.folder / "ort-trt-cache")
-    score = OnnxScore(ort_session(onnx.data, providers, threads, label=name), model.device)
+    score = OnnxScore(create_session(onnx.data, providers, threads=threads, label=f"the {name} graph"), model.device)
     return Backend(name, lambda b: score, {**info, "precision": "fp32", "provider": score.provider,
                                            "onnx_reused_from_cache": onnx.reused,
                                            "intra_op_threads": threads or "onnxruntime default"})
-
-
-def ort_session(data: bytes, providers: list, threads: int | None, *, label: str):
-    """An ONNX Runtime session with `threads` intra-op threads (the same budget as torch, so CPU
-    backends compete fairly); refuses ORT's silent fallback to the CPU provider."""
-    import onnxruntime as ort  # the availability was checked by _onnx_reason
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    try:
-        session = ort.InferenceSession(data, opts, providers=providers)
-    except Exception as e:  # ORT's own pybind exception types
-        raise PdsError(f"ONNX Runtime cannot load the graph for {label}: {error_line(e)}") from None
-    if session.get_providers()[0] != providers[0][0]:
-        raise PdsError(f"ONNX Runtime fell back to {session.get_providers()[0]} instead of {providers[0][0]}")
-    return session
 
 
 def _trt_backend(name, model, cache, batches, info) -> Backend:

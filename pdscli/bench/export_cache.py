@@ -23,7 +23,7 @@ import torch
 
 from pdscli import __version__
 from pdscli.bench.model import BenchModel, weights_digest
-from pdscli.engines.export import OPSETS, export_metadata, export_onnx
+from pdscli.engines.onnx_export import OPSETS, export_metadata, export_onnx
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_write_bytes, atomic_write_json
 

@@ -13,7 +13,7 @@ from pdscli.bench.config import ANALYTIC, ENGINE, BenchConfig, error_line
 from pdscli.bench.export_cache import ExportCache
 from pdscli.bench.model import NETWORK, BenchModel, nfe_inputs
 from pdscli.bench.timing import time_calls
-from pdscli.engines.export import exact_fp32
+from pdscli.engines.parity import exact_fp32
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,19 +7,17 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pdscli.bench.config import ANALYTIC, ENGINE, BenchConfig, error_line
-from pdscli.engines.export import load_source
 from pdscli.engines.torch_engine import torch_score
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.evaluate.mixture import MixtureImageModel
 from pdscli.models import build_model, builtin
-from pdscli.models.checkpoint import load_score_model
+from pdscli.models.network import Network, open_network
 from pdscli.sample.model import ModelSpec, open_model
 from pdscli.settings import SamplingSettings
 
@@ -77,24 +75,23 @@ def _open_mixture(cfg: BenchConfig, device: torch.device) -> BenchModel:
 
 
 def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) -> BenchModel:
-    net = load_score_model(path, config, preset=preset, trust_checkpoint=trust, device=device)
-    info = dict(net.checkpoint_info)
-    return BenchModel(NETWORK, torch_score(net, device=device), net.settings, device,
-                      name or f"checkpoint:{info['file']}", net=net, net_config=net.config,
-                      info={"checkpoint": str(path), "sha256": info["sha256"], "preset": info.get("preset"),
-                            "config": info.get("config"), "weights": info.get("weights"),
-                            "num_params": info.get("num_params")})
+    network = open_network(path, config, preset, trust_checkpoint=trust, device=device)
+    return _network_model(network, device, name or f"checkpoint:{network.file}",
+                          {"checkpoint": str(path), "sha256": network.sha256, "preset": network.preset,
+                           "config": network.config_label, "weights": network.weights})
 
 
 def _open_random(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    source = load_source(config=cfg.config, preset=cfg.preset, random_weights=True, seed=cfg.seed)
-    net = source.net.to(device).eval()
-    label = cfg.preset or Path(cfg.config).stem
-    return BenchModel(NETWORK, torch_score(net, device=device), source.settings, device,
-                      f"random:{label}", net=net, net_config=net.config,
-                      info={"preset": cfg.preset, "config": str(cfg.config) if cfg.config else None,
-                            "weights": f"random (seed {cfg.seed}): an architecture benchmark, not a trained model",
-                            "num_params": sum(p.numel() for p in net.parameters())})
+    network = open_network(config=cfg.config, preset=cfg.preset, random_weights=True, seed=cfg.seed, device=device)
+    return _network_model(network, device, f"random:{network.stem.removesuffix('-random')}",
+                          {"preset": cfg.preset, "config": str(cfg.config) if cfg.config else None,
+                           "weights": f"random (seed {cfg.seed}): an architecture benchmark, not a trained model"})
+
+
+def _network_model(network: Network, device: torch.device, name: str, info: dict) -> BenchModel:
+    """A BenchModel of an fp32 NCSN++ (pdscli.models.network.open_network), run eager."""
+    return BenchModel(NETWORK, torch_score(network.net, device=device), network.settings, device, name,
+                      net=network.net, net_config=network.config, info={**info, "num_params": network.num_params})
 
 
 def _open_engine(cfg: BenchConfig, device: torch.device) -> BenchModel:

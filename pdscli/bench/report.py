@@ -50,7 +50,7 @@ from pdscli.bench.config import BenchConfig
 from pdscli.bench.latency import nfe_median
 from pdscli.bench.model import BenchModel
 from pdscli.devices import tf32_state
-from pdscli.engines.export import TOLERANCES
+from pdscli.engines.parity import TOLERANCES
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_write_text
 

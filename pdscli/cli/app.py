@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import typer
 
 from pdscli import __version__
+from pdscli.console import err_console
 
 app = typer.Typer(
     name="pds",
@@ -36,3 +39,14 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ):
     pass
+
+
+@contextlib.contextmanager
+def interruptible(hint: str = ""):
+    """Ctrl-C inside a command: "interrupted" (and `hint`) on stderr and exit code 130. Typer would
+    otherwise turn it into a silent exit 130 (`main` runs the app not standalone)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted{'; ' + hint if hint else ''}", highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(130) from None

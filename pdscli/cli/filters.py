@@ -8,8 +8,10 @@ from typing import Optional
 
 import typer
 
-from pdscli.cli.app import app
+from pdscli.cli import options
+from pdscli.cli.app import app, interruptible
 from pdscli.console import console
+from pdscli.errors import PdsError
 
 EPILOG = (
     "Examples:\n\n"
@@ -39,20 +41,21 @@ def filters(
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: CPU count, at most 8)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .npz (default masks/<folder>-<size>.npz)."),
     npy: bool = typer.Option(False, "--npy", help="Also write the reference's freq_mask.npy and space_mask.npy (in a folder named after --out)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    force: options.Force = False,
+    quiet: options.Quiet = False,
+    as_json: options.Json = False,
 ):
     from pdscli.cli.progress import Progress
     from pdscli.precondition import filters as lib
 
-    size, channels = lib.resolve_shape(size=size, channels=channels, preset=preset, engine=engine)
+    size, channels = resolve_shape(size=size, channels=channels, preset=preset, engine=engine)
     out = out or lib.default_out_path(image_dir, size)
     lib.check_outputs(out, npy=npy, force=force)  # before reading a large folder, not after
-    with Progress(enabled=not quiet) as bars:
+    with interruptible(), Progress(enabled=not quiet) as bars:
         stats = lib.folder_statistics(image_dir, size=size, channels=channels, limit=limit, workers=workers,
                                       progress=bars.counter("images"))
-    paths = lib.write_filters(stats, out, npy=npy, force=force)
+    with interruptible():  # the set is renamed into place whole, or not at all
+        paths = lib.write_filters(stats, out, npy=npy, force=force)
     if as_json:
         typer.echo(json.dumps({"filters": stats.describe(), "count": stats.count, "size": stats.size,
                                "channels": stats.channels, "files": {k: str(v) for k, v in paths.items()}}))
@@ -60,3 +63,32 @@ def filters(
         written = ", ".join(str(p) for p in paths.values())
         console.print(f"{stats.describe()} -> {written}", highlight=False, soft_wrap=True)
 
+
+def resolve_shape(*, size: int | None, channels: int | None, preset: str | None = None, engine=None) -> tuple[int, int]:
+    """(size, channels): the flags, else the model's (--preset / --engine); a flag that contradicts the model is an error."""
+    if preset and engine:
+        raise PdsError("--preset and --engine exclude each other: the size comes from one model")
+    model = None
+    if preset:
+        model = (f"preset {preset}", *preset_shape(preset))
+    elif engine:
+        from pdscli.engines.files import engine_shape
+
+        model = (Path(engine).name, *engine_shape(engine))
+    if model:
+        name, model_size, model_channels = model
+        for flag, given, actual in (("--size", size, model_size), ("--channels", channels, model_channels)):
+            if given is not None and given != actual:
+                raise PdsError(f"{flag} {given} contradicts {name} ({model_channels}x{model_size}x{model_size} images); drop {flag}")
+        size, channels = model_size, model_channels
+    if size is None:
+        raise PdsError("give the image size: --size N, or --preset NAME / --engine FILE to take it from the model")
+    return int(size), int(channels if channels is not None else 3)
+
+
+def preset_shape(name: str) -> tuple[int, int]:
+    """(image_size, num_channels) of a named model config (pdscli.models.checkpoint's presets)."""
+    from pdscli.models.config import get_preset, settings_from_config
+
+    settings = settings_from_config(get_preset(name))
+    return settings.image_size, settings.num_channels

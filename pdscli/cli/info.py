@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from pdscli.cli import options
 from pdscli.cli.app import app
 from pdscli.console import console
 
@@ -29,13 +30,12 @@ EPILOG = (
 def info(
     checkpoint: Path = typer.Argument(..., help="score_sde checkpoint (.pth), a plain state_dict (.pth, .safetensors), a diffusers "
                                   "model or pipeline folder, or hf:ORG/NAME\\[@REVISION]."),
-    config: Path | None = typer.Option(None, "--config", help="score_sde config as JSON (config.to_json()); "
-                                       "fields it lacks come from --preset."),
-    preset: str | None = typer.Option(None, "--preset", help="Official VE config by name, e.g. cifar10, ffhq-1024."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    raw_weights: bool = typer.Option(False, "--raw-weights", help="Use the raw weights instead of the EMA."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="Allow full unpickling (only for files from a trusted source)."),
+    config: options.Config = None,
+    preset: options.Preset = None,
+    as_json: options.Json = False,
+    raw_weights: bool = typer.Option(False, "--raw-weights", help="Use the raw weights instead of the EMA.",
+                                     rich_help_panel=options.MODEL),
+    trust_checkpoint: options.TrustCheckpoint = False,
 ):
     from pdscli.models.checkpoint import checkpoint_report, load_score_model
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from pdscli.cli.app import app
+from pdscli.cli import options
+from pdscli.cli.app import app, interruptible
 from pdscli.console import console
 from pdscli.errors import PdsError
 
@@ -34,8 +35,8 @@ EPILOG = (
 )
 def train(
     source: str = typer.Argument(..., metavar="IMAGE_DIR_OR_DATASET", help="A folder of images, or `digits`."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Config JSON in score_sde's layout (model/data/training/optim/sampling)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Named config (cifar10, ffhq-256, ...); a --config file goes over it."),
+    config: options.Config = None,
+    preset: options.Preset = None,
     out: Path = typer.Option(Path("train-out"), "--out", "-o", help="Output folder for the run."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Total optimisation steps (default: training.n_iters)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step (default: training.batch_size)."),
@@ -46,11 +47,13 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the weights, batches and noise (default 0)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (default: training.snapshot_freq_for_preemption)."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between loss records (default: training.log_freq)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice)."),
-    force: bool = typer.Option(False, "--force", help="Start over in a non-empty output folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    device: options.Device = "auto",
+    threads: options.Threads = None,
+    force: options.Force = False,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint.",
+                                rich_help_panel=options.OUTPUT),
+    trust_checkpoint: options.TrustCheckpoint = False,
+    quiet: options.Quiet = False,
 ):
     from pdscli.cli.progress import Progress
     from pdscli.train.loop import TrainOptions, default_config, run_training
@@ -62,13 +65,14 @@ def train(
     opts = TrainOptions(
         iters=iters, batch_size=batch_size, lr=lr, sigma_max=_sigma_max(sigma_max), image_size=image_size,
         channels=channels, seed=seed, save_every=save_every, log_every=log_every, device=device, force=force,
-        resume=resume,
+        resume=resume, trust_checkpoint=trust_checkpoint,
     )
     opts.validate()
     if resume and (config or preset):
         raise PdsError(f"--config / --preset: a resumed run keeps its own config ({out / 'config.json'})")
     cfg = None if resume else default_config(source, config, preset)
-    with Progress(enabled=not quiet, log_lines=True) as bars:
+    with interruptible(f"continue from the last checkpoint with --resume --out {out}"), \
+            Progress(enabled=not quiet, log_lines=True) as bars:
         result = run_training(source, cfg, out, opts, progress=_train_lane(bars))
     loss = f", loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     console.print(

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pdscli.engines import OUTPUT_NAME, BatchAdapter, as_inputs, check_io_signature, check_precision
+from pdscli.engines.contract import OUTPUT_NAME, BatchAdapter, check_io_signature, check_precision
 from pdscli.errors import PdsError
 from pdscli.fsutil import sha256_file
-from pdscli.score import ScoreModel
+from pdscli.score import ScoreModel, as_inputs
 from pdscli.settings import SamplingSettings
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
@@ -29,18 +29,18 @@ def _ort():
 
 
 def choose_providers(device: torch.device, backend: str | None, cache_dir: Path | None = None) -> list:
-    """ONNX Runtime execution providers (with options) for a torch device and --backend."""
+    """ONNX Runtime execution providers (with options) for a torch device and --engine-backend."""
     backend = (backend or "auto").lower()
     if backend not in BACKENDS:
-        raise PdsError(f"--backend must be one of {', '.join(BACKENDS)} for an ONNX model, not {backend!r}")
+        raise PdsError(f"--engine-backend must be one of {', '.join(BACKENDS)} for an ONNX model, not {backend!r}")
     if device.type == "cpu":
         if backend not in ("auto", "cpu"):
-            raise PdsError(f"--backend {backend} runs on a GPU: pass --device cuda (or drop --backend)")
+            raise PdsError(f"--engine-backend {backend} runs on a GPU: pass --device cuda (or drop --engine-backend)")
         return [("CPUExecutionProvider", {})]
     if device.type != "cuda":
         raise PdsError(f"ONNX Runtime engines run on cpu or cuda, not {device}")
     if backend == "cpu":
-        raise PdsError("--backend cpu runs on the CPU: pass --device cpu")
+        raise PdsError("--engine-backend cpu runs on the CPU: pass --device cpu")
     index = device.index if device.index is not None else torch.cuda.current_device()
     # Run on torch's stream, so ORT's kernels are ordered after the ops that made the inputs.
     stream = str(torch.cuda.current_stream(index).cuda_stream)
@@ -53,8 +53,11 @@ def choose_providers(device: torch.device, backend: str | None, cache_dir: Path 
     return [cuda]
 
 
-def create_session(model, providers: list, *, label: str):
-    """An InferenceSession from a path or the model's bytes; a clear error when it cannot be made."""
+def create_session(model: bytes | str | Path, providers: list, *, threads: int | None = None, label: str):
+    """The one way `pds` makes an ONNX Runtime session: from a file or the model's bytes, with the
+    execution `providers` (`choose_providers`), `threads` intra-op threads (None: ORT's default;
+    the bench gives ORT the same budget as torch), and a one-line error naming `label` when the
+    model cannot be loaded or ORT silently falls back from the provider asked for to the CPU."""
     ort = _ort()
     have = ort.get_available_providers()
     wanted = providers[0][0]
@@ -63,6 +66,8 @@ def create_session(model, providers: list, *, label: str):
         raise PdsError(f"this onnxruntime ({ort.__version__}) has no {wanted}{hint}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT's warnings are about its own internals
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers)
     except Exception as e:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
@@ -103,9 +108,10 @@ def settings_from_props(path, props: dict, chw, overrides: dict | None) -> Sampl
 class OnnxScore:
     """`score(x, sigma)` through an ONNX Runtime session."""
 
-    def __init__(self, session, device: torch.device):
+    def __init__(self, session, device: torch.device, label: str = "the ONNX model"):
         self.session = session
         self.device = device
+        self.label = label
         self.provider = session.get_providers()[0]
         if device.type == "cuda":
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
@@ -113,10 +119,18 @@ class OnnxScore:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x, sigma = as_inputs(x, sigma, self.device)
-        if self.device.type == "cpu":
+        try:
+            if self.device.type != "cpu":
+                return self._run_bound(x, sigma)
             out = self.session.run([OUTPUT_NAME], {"x": x.numpy(), "sigma": sigma.numpy()})[0]
-            return torch.from_numpy(out)
-        return self._run_bound(x, sigma)
+        except Exception as e:  # ORT's own pybind exception types (Fail, RuntimeException, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise PdsError(f"ONNX Runtime failed running {self.label} on x {list(x.shape)}: {first[:300]}") from None
+        if tuple(out.shape) != tuple(x.shape):
+            # The declared signature was checked at load; a graph can still compute another shape.
+            raise PdsError(f"{self.label} returned score {list(out.shape)} for x {list(x.shape)}: "
+                           "it breaks the score contract (the score has the shape of x)")
+        return torch.from_numpy(out)
 
     def _run_bound(self, x, sigma):
         out = torch.empty_like(x)
@@ -141,7 +155,7 @@ def open_onnx(path, *, device: torch.device, backend=None, precision=None, overr
     props = dict(session.get_modelmeta().custom_metadata_map)
     check_precision(path, props.get("pds.precision"), precision)
     settings = settings_from_props(path, props, chw, overrides)
-    engine = OnnxScore(session, device)
+    engine = OnnxScore(session, device, label=path.name)
     score = BatchAdapter(engine, fixed_batch, fixed_batch) if fixed_batch else engine
     info = {
         "backend": "onnxruntime",

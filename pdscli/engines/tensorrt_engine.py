@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pdscli.engines import BatchAdapter, OUTPUT_NAME, as_inputs, check_io_signature, check_precision
+from pdscli.engines.contract import OUTPUT_NAME, BatchAdapter, check_io_signature, check_precision
 from pdscli.engines.cache import (
     BuildEnv,
     BuildSpec,
@@ -34,9 +34,10 @@ from pdscli.engines.cache import (
     timing_cache_path,
     write_manifest,
 )
+from pdscli.engines.onnx_engine import settings_from_props
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, atomic_write_bytes
-from pdscli.score import ScoreModel
+from pdscli.score import ScoreModel, as_inputs
 
 INSTALL_HINT = 'TensorRT is not installed: pip install "pds[trt]" (TensorRT 10 or later, on a machine with an NVIDIA GPU)'
 _LOGGER = None
@@ -287,8 +288,6 @@ def _load_engine(trt, path: Path, manifest: dict):
 
 
 def open_trt(path, *, device, precision=None, overrides=None, cuda_graph: bool = False) -> ScoreModel:
-    from pdscli.engines.onnx_engine import settings_from_props
-
     path = Path(path)
     trt, device = require_tensorrt(device)
     manifest = read_manifest(path)

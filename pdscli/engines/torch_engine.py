@@ -13,30 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdscli.engines import BatchAdapter, as_inputs
+from pdscli.devices import PRECISIONS
+from pdscli.engines.contract import BatchAdapter
 from pdscli.errors import PdsError
+from pdscli.score import TorchScore, as_inputs
 
 WARMUP_CALLS = 3  # before capture: cuDNN autotuning and lazy allocations must not be captured
-
-
-class TorchScore:
-    def __init__(self, net: nn.Module, device, *, compile: bool = False, channels_last: bool = False):
-        self.device = torch.device(device)
-        self.channels_last = channels_last
-        self.net = net.eval().to(self.device)
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        # dynamic=False: one graph per batch size is what a sampler needs, and it is the fastest.
-        self.fn = torch.compile(self.net, dynamic=False) if compile else self.net
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        x, sigma = as_inputs(x, sigma, self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            out = self.fn(x, sigma).float()
-        # The samplers' state is in the ordinary layout: mixing layouts in their updates is slow.
-        return out.contiguous() if self.channels_last else out
 
 
 class CudaGraphScore:
@@ -89,11 +71,9 @@ def torch_score(
     in place with its `set_precision`: time embedding and normalisation statistics stay float32).
     `cuda_graph` needs `batch_size` and `shape` (C, H, W)."""
     if precision and precision != "fp32":
-        from pdscli.engines.export import DTYPES
-
         if not hasattr(net, "set_precision"):
             raise PdsError(f"this model cannot run at {precision} (it has no set_precision)")
-        net.set_precision(DTYPES[precision])
+        net.set_precision(PRECISIONS[precision])
     engine = TorchScore(net, device, compile=compile, channels_last=channels_last)
     if not cuda_graph:
         return engine

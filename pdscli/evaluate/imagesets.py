@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from pdscli.errors import PdsError
-from pdscli.images import image_files, to_uint8
+from pdscli.images import image_files, load_image, to_uint8
 
 
 @dataclass
@@ -60,16 +60,16 @@ def open_image_set(path) -> ImageSet:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    """One image as uint8 [3, H, W] (grey and palette images become RGB, alpha is dropped)."""
-    from PIL import Image
-
+    """One image as uint8 [3, H, W], decoded as everywhere in pds (pdscli.images.load_image: grey and
+    palette images become RGB, alpha is dropped, 16-bit and float images scaled by their own white)."""
     try:
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        a = np.moveaxis(to_uint8(load_image(path, size=None, channels=3)), -1, 0)
+    except PdsError:
+        raise
     except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, SyntaxError...
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PdsError(f"cannot read image {path}: {first_line}") from None
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
+    return np.ascontiguousarray(a)
 
 
 def _image_size(path: Path) -> tuple[int, int]:

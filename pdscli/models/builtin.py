@@ -7,7 +7,8 @@ How it was made: scripts/train_builtin.py and docs/builtin-model.md.
 
     default_score_model(device)  -> ScoreModel "builtin:digits" (EMA weights, float32)
     default_filters()            -> the PDS filters of the same data (pdscli.precondition.Filters)
-    DEFAULT_STEPS, DEFAULT_ALPHA -> how `pds sample` runs it when no sampler flag is given
+    DEFAULT_STEPS                -> the steps `pds sample` runs it at when no step flag is given
+    DEFAULT_ALPHA                -> the filter strength of default_preconditioner (docs/builtin-model.md)
 """
 
 from __future__ import annotations

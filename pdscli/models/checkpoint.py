@@ -26,6 +26,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ from rich.markup import escape
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pdscli.devices import resolve_device, resolve_precision
 from pdscli.console import err_console
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_path, sha256_file
@@ -51,7 +53,7 @@ from pdscli.models.config import (
     validate_config,
 )
 from pdscli.models.ncsnpp import NCSNpp, build_model
-from pdscli.score import ScoreModel
+from pdscli.score import ScoreModel, TorchScore
 
 PREFIX = "module."  # torch.nn.DataParallel's, present in every score_sde checkpoint
 WEIGHTS = ("ema", "raw")
@@ -77,6 +79,12 @@ def read_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> RawC
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     return _parse(_torch_load(path, trust_checkpoint), path)
+
+
+def load_file(path: str | Path, *, trust_checkpoint: bool = False):
+    """What `torch.load` returns for a checkpoint file, with a one-line PdsError for a missing,
+    empty, truncated or foreign file, or one that needs unpickling without `trust_checkpoint`."""
+    return _torch_load(Path(path), trust_checkpoint)
 
 
 def _read_safetensors(path: Path) -> RawCheckpoint:
@@ -121,11 +129,17 @@ def _torch_load(path: Path, trust: bool):
         # The zip directory sits at the end of the file: a cut-off copy loses it first.
         raise PdsError(f"checkpoint {path} is truncated or corrupt (its zip directory is missing); copy it again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():
+            # torch warns about legacy (pre-1.6) files on its way to the error we report in one line.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         raise PdsError(_unpickling_message(path, str(e), trust)) from None
     except Exception as e:  # torch.load fails in many ways on damaged files; all mean the same to a user
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "TorchScript" in detail:
+            raise PdsError(f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint: "
+                           "save the model's state_dict with torch.save") from None
         if trust and isinstance(e, (ModuleNotFoundError, AttributeError)):
             raise PdsError(f"cannot unpickle checkpoint {path}: it refers to code that is not installed ({detail})") from None
         raise PdsError(f"checkpoint {path} is truncated or corrupt ({detail})") from None
@@ -282,11 +296,7 @@ def _load_ema(model: nn.Module, ema: dict, path: Path) -> None:
 
 
 def _device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    from pdscli.devices import resolve_device
-
-    return resolve_device(device)
+    return device if isinstance(device, torch.device) else resolve_device(device)
 
 
 @dataclass
@@ -425,30 +435,17 @@ def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = 
     return model
 
 
-class TorchScore:
-    """The score contract for a PyTorch module: `score(x, sigma)` under inference mode."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.module(x, sigma)
-
-
 def open_checkpoint(checkpoint: str | Path, config: str | Path | dict | None = None, preset: str | None = None, *,
                     device: str | torch.device, precision: str = "fp32", weights: str = "ema",
                     trust_checkpoint: bool = False) -> ScoreModel:
     """A checkpoint as a `ScoreModel` for the samplers; `precision` fp16/bf16 runs the body in half."""
-    from pdscli.devices import resolve_precision
-
     dtype = resolve_precision(precision)
     model = load_score_model(checkpoint, config, preset=preset, weights=weights,
                              trust_checkpoint=trust_checkpoint, device=device)
     model.set_precision(dtype)
     info = model.checkpoint_info
     return ScoreModel(
-        score=TorchScore(model),
+        score=TorchScore(model, next(model.parameters()).device),
         settings=model.settings,
         name=f"checkpoint:{info['file']}",
         device=next(model.parameters()).device,

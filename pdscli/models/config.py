@@ -97,6 +97,8 @@ def _ffhq1024() -> dict:
     }
 
 
+# Each preset is one of score_sde's configs/ve/*_ncsnpp*_continuous.py (cifar10, cifar10_deep,
+# celebahq_256, ffhq_256, bedroom, church, ffhq for 1024).
 _PRESETS = {
     "cifar10": _cifar10(num_res_blocks=4, n_iters=1300001),
     "cifar10-deep": _cifar10(num_res_blocks=8, n_iters=950001),
@@ -105,16 +107,6 @@ _PRESETS = {
     "bedroom": _image256("LSUN", 378, category="bedroom"),
     "church": _image256("LSUN", 380, category="church_outdoor"),
     "ffhq-1024": _ffhq1024(),
-}
-
-PRESET_SOURCES = {
-    "cifar10": "configs/ve/cifar10_ncsnpp_continuous.py",
-    "cifar10-deep": "configs/ve/cifar10_ncsnpp_deep_continuous.py",
-    "celebahq-256": "configs/ve/celebahq_256_ncsnpp_continuous.py",
-    "ffhq-256": "configs/ve/ffhq_256_ncsnpp_continuous.py",
-    "bedroom": "configs/ve/bedroom_ncsnpp_continuous.py",
-    "church": "configs/ve/church_ncsnpp_continuous.py",
-    "ffhq-1024": "configs/ve/ffhq_ncsnpp_continuous.py",
 }
 
 PRESET_NAMES = tuple(_PRESETS)

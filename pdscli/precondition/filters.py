@@ -18,10 +18,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
+from rich.markup import escape
 
+from pdscli.console import err_console
 from pdscli.errors import PdsError
-from pdscli.fsutil import atomic_save_image, atomic_write_bytes, prepare_out_file
+from pdscli.fsutil import DiskFull, atomic_group, prepare_out_file
 from pdscli.images import image_files, load_image
+from pdscli.precondition.operator import compute_statistics
 
 CHUNK = 64  # images per batch handed to the accumulator
 MASKS_DIR = Path("masks")
@@ -68,8 +72,6 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
     are skipped and reported through `warn` (default: a line on stderr). `progress(done, total)`
     is called after each chunk.
     """
-    from pdscli.precondition.operator import compute_statistics
-
     folder = Path(folder)
     if size < 1:
         raise PdsError(f"--size must be at least 1, got {size}")
@@ -97,10 +99,6 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
 
 
 def _warn(message: str) -> None:
-    from rich.markup import escape
-
-    from pdscli.console import err_console
-
     # escape: file names may hold brackets, which Rich would read as markup.
     err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
@@ -139,14 +137,28 @@ def check_outputs(out, *, npy: bool, force: bool) -> dict[str, Path]:
 
 
 def write_filters(filters, out, *, npy: bool = False, force: bool = False) -> dict[str, Path]:
-    """The .npz (Filters.save), a preview PNG and optionally freq_mask.npy / space_mask.npy; all atomic."""
+    """The .npz (Filters.save), a preview PNG and optionally freq_mask.npy / space_mask.npy.
+
+    The set is written whole or not at all (`fsutil.atomic_group`): every file goes to a
+    temporary file beside its target first (where a full disk shows), then all are renamed.
+    """
     paths = check_outputs(out, npy=npy, force=force)
-    filters.save(paths["npz"])
-    atomic_save_image(paths["preview"], preview_image(filters))
+    preview = io.BytesIO()
+    preview_image(filters).save(preview, format="PNG")
+    blobs = {paths["preview"]: preview.getvalue()}
     if npy:
         # The reference's layout: float32 [C, H, W], freq = log(1 + mean|fft2|²), space = mean x².
-        _save_npy(paths["freq_npy"], _as_numpy(filters.freq))
-        _save_npy(paths["space_npy"], _as_numpy(filters.space))
+        blobs[paths["freq_npy"]] = _npy_bytes(_as_numpy(filters.freq))
+        blobs[paths["space_npy"]] = _npy_bytes(_as_numpy(filters.space))
+    try:
+        with atomic_group() as group:
+            filters.save(group.path(paths["npz"]))
+            for target, data in blobs.items():
+                group.path(target).write_bytes(data)
+    except DiskFull:
+        raise
+    except OSError as e:
+        raise PdsError(f"cannot write {e.filename or out}: {e.strerror or e}; no filter file was written") from None
     return paths
 
 
@@ -156,16 +168,14 @@ def _as_numpy(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def preview_image(filters, min_side: int = 192):
     """Grey picture: the log spectrum (fft-shifted, DC in the centre) | the space statistic, channel-averaged."""
-    from PIL import Image
-
     def normalised(a: np.ndarray) -> np.ndarray:
         lo, hi = float(a.min()), float(a.max())
         return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
@@ -179,70 +189,3 @@ def preview_image(filters, min_side: int = 192):
     im = Image.fromarray(np.floor(picture * 255 + 0.5).astype(np.uint8))
     scale = max(1, -(-min_side // h))  # nearest-neighbour zoom so small filters are visible
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
-
-
-# ----------------------------------------------------------------------------------------
-# The image shape, from flags or from the model the filters are for.
-
-
-def resolve_shape(*, size: int | None, channels: int | None, preset: str | None = None, engine=None) -> tuple[int, int]:
-    """(size, channels): the flags, else the model's (--preset / --engine); a flag that contradicts the model is an error."""
-    if preset and engine:
-        raise PdsError("--preset and --engine exclude each other: the size comes from one model")
-    model = None
-    if preset:
-        model = (f"preset {preset}", *preset_shape(preset))
-    elif engine:
-        model = (Path(engine).name, *engine_shape(engine))
-    if model:
-        name, model_size, model_channels = model
-        for flag, given, actual in (("--size", size, model_size), ("--channels", channels, model_channels)):
-            if given is not None and given != actual:
-                raise PdsError(f"{flag} {given} contradicts {name} ({model_channels}x{model_size}x{model_size} images); drop {flag}")
-        size, channels = model_size, model_channels
-    if size is None:
-        raise PdsError("give the image size: --size N, or --preset NAME / --engine FILE to take it from the model")
-    return int(size), int(channels if channels is not None else 3)
-
-
-def preset_shape(name: str) -> tuple[int, int]:
-    """(image_size, num_channels) of a named model config (pdscli.models.checkpoint's presets)."""
-    from pdscli.models.config import get_preset, settings_from_config
-
-    settings = settings_from_config(get_preset(name))
-    return settings.image_size, settings.num_channels
-
-
-def engine_shape(path) -> tuple[int, int]:
-    """(image_size, num_channels) of an exported engine, read from its metadata without starting a runtime."""
-    path = Path(path)
-    if not path.is_file():
-        raise PdsError(f"engine file {path} does not exist")
-    if path.suffix.lower() == ".onnx":
-        props, dims = _onnx_header(path)
-    else:
-        from pdscli.engines.cache import read_manifest
-
-        props, dims = read_manifest(path).get("metadata", {}), None
-    try:
-        size = int(float(props["pds.image_size"])) if "pds.image_size" in props else int(dims[2])
-        channels = int(float(props["pds.num_channels"])) if "pds.num_channels" in props else int(dims[1])
-    except (TypeError, ValueError, IndexError):
-        raise PdsError(f"{path.name} does not say its image size; pass --size (and --channels)") from None
-    return size, channels
-
-
-def _onnx_header(path: Path):
-    """The `pds.*` metadata and input x's dims of an ONNX file (weights stay on disk)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise PdsError(f"cannot read {path.name} as an ONNX model ({type(e).__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    dims = None
-    for inp in model.graph.input:
-        if inp.name == "x":
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    return props, dims

@@ -26,9 +26,13 @@ from pathlib import Path
 
 import torch
 
-from pdscli.train.datasets import max_pairwise_distance
+from pdscli.devices import resolve_device
 from pdscli.errors import PdsError
+from pdscli.fsutil import atomic_path, atomic_write_json, prepare_out_dir
+from pdscli.models import build_model, load_config, validate_config
+from pdscli.models.checkpoint import load_file, load_score_model, save_checkpoint, save_safetensors
 from pdscli.noise import sample_seed
+from pdscli.train.datasets import load_dataset, max_pairwise_distance
 
 CHECKPOINT_NAME = "checkpoint.pth"
 WEIGHTS_NAME = "ema.safetensors"  # the EMA weights alone, config in its metadata: `pds sample --checkpoint` reads it
@@ -102,11 +106,6 @@ class EMA:
         decay = min(self.rate, (1 + self.num_updates) / (10 + self.num_updates))
         for s, p in zip(self.shadow, (p for p in params if p.requires_grad)):
             s.sub_((1.0 - decay) * (s - p.detach()))
-
-    @torch.no_grad()
-    def copy_to(self, params) -> None:
-        for s, p in zip(self.shadow, (p for p in params if p.requires_grad)):
-            p.copy_(s)
 
 
 def warmup_lr(step: int, lr: float, warmup: int) -> float:
@@ -208,16 +207,19 @@ def save_training_checkpoint(path, state: TrainState) -> None:
 
     Each file is renamed into place in one step.
     """
-    from pdscli.models.checkpoint import save_checkpoint, save_safetensors
-
-    save_checkpoint(path, state.net, ema_params=state.ema.shadow, optimizer_state=state.optimizer.state_dict(), step=state.step)
-    save_safetensors(Path(path).with_name(WEIGHTS_NAME), state.net, ema_params=state.ema.shadow, step=state.step)
-
-
-def restore_training_checkpoint(path, state: TrainState) -> None:
-    """Load what `save_training_checkpoint` wrote into `state` (weights, Adam moments, EMA, step)."""
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        save_checkpoint(path, state.net, ema_params=state.ema.shadow, optimizer_state=state.optimizer.state_dict(),
+                        step=state.step)
+        save_safetensors(Path(path).with_name(WEIGHTS_NAME), state.net, ema_params=state.ema.shadow, step=state.step)
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        raise PdsError(f"cannot write {path} (is the disk full? torch.save: {_first_line(e)}); "
+                       "the previous checkpoint is kept") from None
+
+
+def restore_training_checkpoint(raw: dict, state: TrainState, path) -> None:
+    """Put what `save_training_checkpoint` wrote (read by `read_training_checkpoint`) into `state`:
+    weights, Adam moments, EMA, step."""
+    try:
         state.net.load_state_dict(_strip_module(raw["model"]))
         shadow = raw["ema"]["shadow_params"]
         if len(shadow) != len(state.ema.shadow):
@@ -228,8 +230,17 @@ def restore_training_checkpoint(path, state: TrainState) -> None:
         state.ema.num_updates = state.step  # one EMA update per step, whatever the file says
         if raw.get("optimizer"):
             state.optimizer.load_state_dict(raw["optimizer"])
-    except (KeyError, RuntimeError, ValueError, OSError) as e:
-        raise PdsError(f"cannot resume from {path}: {str(e).splitlines()[0]}") from None
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PdsError(f"cannot resume from {path}: it is not a checkpoint of this run ({detail})") from None
+
+
+def read_training_checkpoint(path, *, trust_checkpoint: bool = False) -> dict:
+    """The checkpoint of a run folder as torch.load gives it; one line for an empty, truncated or foreign file."""
+    raw = load_file(path, trust_checkpoint=trust_checkpoint)
+    if not isinstance(raw, dict) or not all(k in raw for k in ("model", "ema", "step")):
+        raise PdsError(f"cannot resume from {path}: it is not a `pds train` checkpoint (no model, ema and step)")
+    return raw
 
 
 # ----------------------------------------------------------------------------- the run
@@ -251,6 +262,7 @@ class TrainOptions:
     device: str = "cpu"
     force: bool = False
     resume: bool = False
+    trust_checkpoint: bool = False  # --resume from a checkpoint that needs full unpickling
 
     def validate(self) -> "TrainOptions":
         """The checks that need no data and no config: fail before anything slow happens."""
@@ -274,8 +286,6 @@ BUILTIN_CONFIG = Path(__file__).parents[1] / "data" / "digits-config.json"
 
 def default_config(source: str, config=None, preset: str | None = None) -> dict:
     """The config a new run starts from: --config/--preset, else the built-in model's own for `digits`."""
-    from pdscli.models import load_config
-
     if config is not None or preset is not None:
         return load_config(config, preset)
     if str(source) == "digits":
@@ -308,8 +318,6 @@ def data_sigma_max(data: torch.Tensor) -> float:
 
 def check_trainable(cfg: dict) -> None:
     """What this trainer can do: score_sde's continuous VE objective for an NCSN++. Anything else is a user error."""
-    from pdscli.models import validate_config
-
     validate_config(cfg)
     training, model = cfg.get("training", {}), cfg["model"]
     sde = str(training.get("sde", "vesde")).lower()
@@ -334,15 +342,14 @@ def run_training(source: str, cfg: dict | None, out_dir, opts: TrainOptions, *, 
     `cfg` is the nested score_sde-layout config (ignored on --resume: the run's config.json wins).
     `progress(step, total, loss, seconds)` is called after every step; None = quiet.
     """
-    from pdscli.train.datasets import load_dataset
-    from pdscli.devices import resolve_device
-    from pdscli.fsutil import atomic_write_json, prepare_out_dir
-
     opts.validate()
     device = resolve_device(opts.device)
     out = Path(out_dir)
+    raw = None
     if opts.resume:
         cfg, record = _resumed_setup(out, source, opts)
+        # Read before the data and before anything is written: a damaged run folder is one line at once.
+        raw = read_training_checkpoint(out / CHECKPOINT_NAME, trust_checkpoint=opts.trust_checkpoint)
         cfg = apply_options(cfg, TrainOptions(iters=opts.iters))  # --resume --iters N: train on to step N
     else:
         _check_new_run(out, opts)
@@ -357,12 +364,20 @@ def run_training(source: str, cfg: dict | None, out_dir, opts: TrainOptions, *, 
         record.update(num_images=int(data.shape[0]), sigma_max_from_data=round(max_pairwise_distance(data), 4),
                       torch_threads=torch.get_num_threads())
         prepare_out_dir(out, force=opts.force)
-    atomic_write_json(out / CONFIG_NAME, cfg)
-
     state = _new_state(cfg, device, seed=int(record["seed"]))
-    if opts.resume:
-        restore_training_checkpoint(out / CHECKPOINT_NAME, state)
-    return _loop(state, data.to(device), cfg, out, record, opts, progress)
+    if raw is not None:
+        restore_training_checkpoint(raw, state, out / CHECKPOINT_NAME)
+    try:
+        atomic_write_json(out / CONFIG_NAME, cfg)
+        return _loop(state, data.to(device), cfg, out, record, opts, progress)
+    except PdsError:  # fsutil.DiskFull, also an OSError, already names the file
+        raise
+    except OSError as e:  # a file-size limit, a folder gone: the checkpoint on disk is the last whole one
+        raise PdsError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _check_new_run(out: Path, opts: TrainOptions) -> None:
@@ -378,8 +393,9 @@ def _resumed_setup(out: Path, source: str, opts: TrainOptions) -> tuple[dict, di
     fixed = [flag for flag, v in (("--batch-size", opts.batch_size), ("--lr", opts.lr), ("--sigma-max", opts.sigma_max)) if v is not None]
     if fixed:
         raise PdsError(f"{', '.join(fixed)}: a resumed run keeps the settings in {out / CONFIG_NAME}; start a new run to change them")
-    cfg = json.loads((out / CONFIG_NAME).read_text())
-    record = json.loads((out / SUMMARY_NAME).read_text()) if (out / SUMMARY_NAME).is_file() else {"source": str(source), "seed": 0}
+    cfg = _read_json(out / CONFIG_NAME)
+    record = _read_json(out / SUMMARY_NAME) if (out / SUMMARY_NAME).is_file() else {"source": str(source), "seed": 0}
+    record.setdefault("seed", 0)
     if opts.seed is not None and int(opts.seed) != int(record["seed"]):
         raise PdsError(f"--seed {opts.seed}: the run in {out} was started with seed {record['seed']}")
     if str(record.get("source")) != str(source):
@@ -387,9 +403,21 @@ def _resumed_setup(out: Path, source: str, opts: TrainOptions) -> tuple[dict, di
     return cfg, record
 
 
-def _new_state(cfg: dict, device, *, seed: int) -> TrainState:
-    from pdscli.models import build_model
+def _read_json(path: Path) -> dict:
+    """A run folder's JSON file as a dict, or one line saying it is damaged."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PdsError(f"cannot resume: {path} is damaged (not JSON: {e.msg} at line {e.lineno}); "
+                       "start a new run with --force") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PdsError(f"cannot resume: cannot read {path} ({_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise PdsError(f"cannot resume: {path} holds a JSON {type(obj).__name__}, not an object; start a new run with --force")
+    return obj
 
+
+def _new_state(cfg: dict, device, *, seed: int) -> TrainState:
     torch.manual_seed(seed)  # the initial weights are part of the recipe
     net = build_model(cfg).to(device)
     optimizer = make_optimizer(net.parameters(), cfg["optim"])
@@ -424,8 +452,6 @@ class _LossLog:
 
 
 def _loop(state: TrainState, data: torch.Tensor, cfg: dict, out: Path, record: dict, opts: TrainOptions, progress) -> TrainResult:
-    from pdscli.fsutil import atomic_write_json
-
     training = cfg["training"]
     total, batch = int(training["n_iters"]), int(training["batch_size"])
     lr = float(cfg["optim"].get("lr", 2e-4))
@@ -472,14 +498,14 @@ def export_ema_weights(checkpoint, config, dst) -> dict:
     `ema` list: a quarter of the training checkpoint. `load_score_model` reads a plain
     state_dict as it is. Returns {"step", "num_params", "bytes"}.
     """
-    from pdscli.models.checkpoint import load_score_model
-    from pdscli.fsutil import atomic_path
-
     net = load_score_model(checkpoint, config, weights="ema", device="cpu")
     if net.checkpoint_info["weights"] != "ema":
         raise PdsError(f"{checkpoint} holds no EMA weights")
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    with atomic_path(dst) as tmp:
-        torch.save(weights, tmp)
+    try:
+        with atomic_path(dst) as tmp:
+            torch.save(weights, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise PdsError(f"cannot write {dst}: {_first_line(e)}") from None
     return {"step": net.checkpoint_info["step"], "num_params": net.checkpoint_info["num_params"],
             "bytes": Path(dst).stat().st_size}
