@@ -17,3 +17,10 @@ class PdsError(Exception):
 
     def __init__(self, message: object = ""):
         super().__init__(_ANSI.sub("", str(message)).strip())
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (cut at `limit`), or its type's name if it has none:
+    other libraries' errors quoted inside a one-line PdsError or a report."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__

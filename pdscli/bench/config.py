@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pdscli.bench.fid import check_fid_flags
 from pdscli.bench.plot import PLOT_FORMATS, require_matplotlib
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import prepare_out_file
 from pdscli.images import image_files
 from pdscli.precondition.alpha import ALPHA_REFERENCE, resolve_alpha
@@ -228,5 +228,5 @@ def check_outputs(out: Path | None, plot: Path | None, force: bool) -> None:
 
 def error_line(e: BaseException) -> str:
     """An exception as one line of a report (a backend that failed, a model that could not be traced)."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+    text = first_line(e)
+    return type(e).__name__ if text == type(e).__name__ else f"{type(e).__name__}: {text}"

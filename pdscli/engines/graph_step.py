@@ -31,6 +31,7 @@ import contextlib
 
 import torch
 
+from pdscli.errors import first_line
 from pdscli.noise import SampleNoise
 
 EAGER, CUDA_GRAPH = "eager", "cuda-graph"
@@ -85,8 +86,7 @@ class StepGraphSampler:
             try:
                 self.capture = self._capture(key, score, noise, steps, opts)
             except Exception as e:  # the capture is abandoned; this setting runs eagerly from now on
-                first_line = (str(e).strip().splitlines() or [""])[0]
-                self.capture, self.failed = None, (key, f"capture failed ({type(e).__name__}: {first_line})")
+                self.capture, self.failed = None, (key, f"capture failed ({type(e).__name__}: {first_line(e)})")
                 return self._eager(self.failed[1], score, noise, steps, opts, callback)
         return self._replay(score, noise, callback)
 

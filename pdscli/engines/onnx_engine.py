@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pdscli.engines.contract import OUTPUT_NAME, BatchAdapter, check_io_signature, check_precision
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import sha256_file
 from pdscli.score import ScoreModel, as_inputs
 from pdscli.settings import SamplingSettings
@@ -71,7 +71,7 @@ def create_session(model: bytes | str | Path, providers: list, *, threads: int |
     try:
         session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers)
     except Exception as e:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise PdsError(f"cannot load {label} as an ONNX model: {first[:400]}") from None
     if session.get_providers()[0] != wanted:
         # ORT silently falls back to the CPU when the CUDA / TensorRT libraries fail to load.
@@ -124,7 +124,7 @@ class OnnxScore:
                 return self._run_bound(x, sigma)
             out = self.session.run([OUTPUT_NAME], {"x": x.numpy(), "sigma": sigma.numpy()})[0]
         except Exception as e:  # ORT's own pybind exception types (Fail, RuntimeException, ...)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise PdsError(f"ONNX Runtime failed running {self.label} on x {list(x.shape)}: {first[:300]}") from None
         if tuple(out.shape) != tuple(x.shape):
             # The declared signature was checked at load; a graph can still compute another shape.

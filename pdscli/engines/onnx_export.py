@@ -34,7 +34,7 @@ from pdscli import __version__
 from pdscli.devices import PRECISIONS
 from pdscli.engines.contract import INPUT_NAMES, OUTPUT_NAME, check_io_signature
 from pdscli.engines.parity import TOLERANCES, ParityReport, check_parity_or_fail, format_parity, onnx_parity
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import atomic_write_bytes
 from pdscli.settings import SamplingSettings
 
@@ -108,7 +108,7 @@ def to_onnx(net: nn.Module, settings: SamplingSettings, precision: str):
         if interrupts or _interrupted(e):
             # The exporter turned a Ctrl-C into its own error: it is an interruption, not a failure.
             raise KeyboardInterrupt from None
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = first_line(e)
         raise PdsError(f"ONNX export failed ({type(e).__name__}): {first[:300]}") from None
     proto = program.model_proto
     if precision == "bf16":
@@ -239,7 +239,7 @@ def check_graph(proto, label: str) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = first_line(e)
         raise PdsError(f"the exported graph fails onnx.checker: {first[:300]}") from e
     check_io_signature(label, *graph_io(proto))
 

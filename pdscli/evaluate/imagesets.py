@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.images import image_files, load_image, to_uint8
 
 
@@ -67,8 +67,7 @@ def _read_rgb(path: Path) -> np.ndarray:
     except PdsError:
         raise
     except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, SyntaxError...
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PdsError(f"cannot read image {path}: {first_line}") from None
+        raise PdsError(f"cannot read image {path}: {first_line(e)}") from None
     return np.ascontiguousarray(a)
 
 
@@ -79,8 +78,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:  # reads the header only
             return im.size[1], im.size[0]
     except Exception as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PdsError(f"cannot read image {path}: {first_line}") from None
+        raise PdsError(f"cannot read image {path}: {first_line(e)}") from None
 
 
 def _sample_folder_files(folder: Path, files: list[Path]) -> list[Path]:

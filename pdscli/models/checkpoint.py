@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from pdscli.devices import resolve_device, resolve_precision
 from pdscli.console import err_console
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import atomic_path, sha256_file
 from pdscli.models import diffusers
 from pdscli.models.config import (
@@ -98,7 +98,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
     except FileNotFoundError:
         raise PdsError(f"checkpoint {path} not found") from None
     except Exception as e:  # safetensors reports damage as several error types
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        detail = first_line(e, 200)
         raise PdsError(f"checkpoint {path} is not a readable safetensors file ({detail})") from None
     if not tensors:
         raise PdsError(f"checkpoint {path} holds no tensors")
@@ -136,7 +136,7 @@ def _torch_load(path: Path, trust: bool):
     except pickle.UnpicklingError as e:
         raise PdsError(_unpickling_message(path, str(e), trust)) from None
     except Exception as e:  # torch.load fails in many ways on damaged files; all mean the same to a user
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        detail = first_line(e, 200)
         if "TorchScript" in detail:
             raise PdsError(f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint: "
                            "save the model's state_dict with torch.save") from None

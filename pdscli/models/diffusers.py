@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.models.ncsnpp import NCSNpp, sigma_ladder
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -488,7 +488,7 @@ def _hub_message(spec: str, repo: str, error: Exception, offline: bool) -> str:
     if offline or kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "IncompleteSnapshotError"):
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
         return f"{spec} is not in the Hugging Face cache and {why}; {local}"
-    detail = (str(error).strip().splitlines() or [kind])[0][:200]
+    detail = first_line(error, 200)
     return f"cannot fetch {spec} ({detail}); {local}"
 
 

@@ -4,8 +4,6 @@ config / preset with seeded random weights, with what its exports are keyed and 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +39,6 @@ class Network:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.net.parameters())
-
-    @property
-    def identity(self) -> str:
-        """What exports of this network are cached under: the checkpoint's digest, or the
-        architecture's and the seed for random weights."""
-        if self.sha256:
-            return self.sha256[:16]
-        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return f"random-{digest}-s{self.seed}"
 
 
 def randomize(net: nn.Module, seed: int = 0, std: float = RANDOM_STD) -> nn.Module:

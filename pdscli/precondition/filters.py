@@ -22,7 +22,7 @@ from PIL import Image
 from rich.markup import escape
 
 from pdscli.console import err_console
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import DiskFull, atomic_group, prepare_out_file
 from pdscli.images import image_files, load_image
 from pdscli.precondition.operator import compute_statistics
@@ -36,8 +36,7 @@ def _read(path: Path, size: int, channels: int):
     try:
         return load_image(path, size=size, channels=channels)
     except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, SyntaxError...
-        first_line = (str(e).strip().splitlines() or [""])[0]  # messages must stay one line
-        return f"{type(e).__name__}: {first_line}"
+        return f"{type(e).__name__}: {first_line(e)}"  # messages must stay one line
 
 
 def _decoded_chunks(files: list[Path], *, size: int, channels: int, workers: int, skipped: list, progress) -> Iterator[torch.Tensor]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pdscli.devices import resolve_device
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import atomic_path, atomic_write_json, prepare_out_dir
 from pdscli.models import build_model, load_config, validate_config
 from pdscli.models.checkpoint import load_file, load_score_model, save_checkpoint, save_safetensors
@@ -212,7 +212,7 @@ def save_training_checkpoint(path, state: TrainState) -> None:
                         step=state.step)
         save_safetensors(Path(path).with_name(WEIGHTS_NAME), state.net, ema_params=state.ema.shadow, step=state.step)
     except RuntimeError as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
-        raise PdsError(f"cannot write {path} (is the disk full? torch.save: {_first_line(e)}); "
+        raise PdsError(f"cannot write {path} (is the disk full? torch.save: {first_line(e)}); "
                        "the previous checkpoint is kept") from None
 
 
@@ -231,7 +231,7 @@ def restore_training_checkpoint(raw: dict, state: TrainState, path) -> None:
         if raw.get("optimizer"):
             state.optimizer.load_state_dict(raw["optimizer"])
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = first_line(e)
         raise PdsError(f"cannot resume from {path}: it is not a checkpoint of this run ({detail})") from None
 
 
@@ -376,9 +376,6 @@ def run_training(source: str, cfg: dict | None, out_dir, opts: TrainOptions, *, 
         raise PdsError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
 
 def _check_new_run(out: Path, opts: TrainOptions) -> None:
     # The cheap check before loading data: the real one (prepare_out_dir) runs just before writing.
@@ -411,7 +408,7 @@ def _read_json(path: Path) -> dict:
         raise PdsError(f"cannot resume: {path} is damaged (not JSON: {e.msg} at line {e.lineno}); "
                        "start a new run with --force") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise PdsError(f"cannot resume: cannot read {path} ({_first_line(e)})") from None
+        raise PdsError(f"cannot resume: cannot read {path} ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise PdsError(f"cannot resume: {path} holds a JSON {type(obj).__name__}, not an object; start a new run with --force")
     return obj
@@ -506,6 +503,6 @@ def export_ema_weights(checkpoint, config, dst) -> dict:
         with atomic_path(dst) as tmp:
             torch.save(weights, tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        raise PdsError(f"cannot write {dst}: {_first_line(e)}") from None
+        raise PdsError(f"cannot write {dst}: {first_line(e)}") from None
     return {"step": net.checkpoint_info["step"], "num_params": net.checkpoint_info["num_params"],
             "bytes": Path(dst).stat().st_size}
