@@ -353,7 +353,7 @@ def test_checkpoint_at_half_precision_keeps_the_sampler_in_fp32(run_pds, tmp_pat
     assert a.dtype == np.float32 and np.isfinite(a).all()
 
 
-# ---------------------------------------------------------------------------- reliability (docs/reliability-sample.md)
+# ---------------------------------------------------------------------------- reliability (docs/reliability.md)
 
 KILLER = r"""
 import os, re, signal, sys
