@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pdscli import __version__
+
 # Distribution names to report, with the alternatives that install the same module.
 LIBRARIES = {
     "torch": ("torch",),
@@ -77,8 +79,6 @@ def library_versions() -> dict[str, str | None]:
             except metadata.PackageNotFoundError:
                 continue
     if versions["pds"] is None:
-        from pdscli import __version__
-
         versions["pds"] = __version__
     versions["torch"] = torch.__version__  # the imported one (a local build may lack metadata)
     return versions

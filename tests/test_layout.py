@@ -126,3 +126,20 @@ def test_help_imports_cleanly(command):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_library_modules_import_the_package_at_the_top():
+    """Function-level imports of pdscli modules hide the graph: only cli/ (to keep --help fast) and the
+    top package's lazy `load_score_model` may have them."""
+    hidden = []
+    for m, p in MODULES.items():
+        if m == "pdscli" or m.startswith("pdscli.cli"):
+            continue
+        tree = ast.parse(p.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in top and (node.module or "").startswith("pdscli"):
+                hidden.append(f"{m}:{node.lineno} imports {node.module}")
+            elif isinstance(node, ast.Import) and id(node) not in top and any(a.name.startswith("pdscli") for a in node.names):
+                hidden.append(f"{m}:{node.lineno}")
+    assert not hidden, "function-level imports of the package:\n" + "\n".join(hidden)

@@ -13,9 +13,12 @@ How it was made: scripts/train_builtin.py and docs/builtin-model.md.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pdscli.errors import PdsError
+from pdscli.models.checkpoint import open_checkpoint
+from pdscli.precondition import Preconditioner, load_filters
 from pdscli.precondition.alpha import ALPHA_REFERENCE
 
 NAME = "builtin:digits"
@@ -38,10 +41,6 @@ def _require(path: Path) -> Path:
 
 def default_score_model(device="cpu"):
     """The built-in digits model as a ScoreModel named "builtin:digits"."""
-    import dataclasses
-
-    from pdscli.models.checkpoint import open_checkpoint
-
     model = open_checkpoint(_require(WEIGHTS), _require(CONFIG), device=device)
     info = {**model.info, "builtin": "digits", "doc": "docs/builtin-model.md"}
     return dataclasses.replace(model, name=NAME, info=info)
@@ -49,12 +48,8 @@ def default_score_model(device="cpu"):
 
 def default_filters():
     """The PDS filters (frequency + space statistics) of the 16x16 digits the model was trained on."""
-    from pdscli.precondition import load_filters
-
     return load_filters(_require(FILTERS))
 
 
 def default_preconditioner(device="cpu", alpha: float = DEFAULT_ALPHA):
-    from pdscli.precondition import Preconditioner
-
     return Preconditioner.from_filters(default_filters(), alpha, device)

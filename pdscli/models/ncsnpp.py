@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pdscli.errors import PdsError
 from pdscli.models import layers
+from pdscli.models.config import validate_config
 from pdscli.models.layers import SKIP_SCALE, Combine, Downsample, Upsample, group_norm
 
 
@@ -339,9 +341,6 @@ def build_model(config: dict, *, device: str | torch.device | None = None) -> NC
 
     `device="meta"` builds the structure only: no memory, no init cost (shapes, parameter counts).
     """
-    from pdscli.errors import PdsError
-    from pdscli.models.config import validate_config
-
     validate_config(config)
     try:
         with torch.device(device if device is not None else "cpu"):
