@@ -54,3 +54,21 @@ def test_sample_bars_count_images_and_steps():
         assert samples.steps.completed == 0 and samples.steps.text == "#4"
     out = buf.getvalue()
     assert "images" in out and "steps" in out and "4/6" in out  # the bars' last frame
+
+
+def test_nothing_is_drawn_before_the_first_bar():
+    """A command that fails before any bar leaves stderr to its one-line error (no empty line first)."""
+    import io
+
+    from rich.console import Console
+
+    from pdscli.cli.progress import Progress
+
+    quiet_fail = io.StringIO()
+    with Progress(True, console=Console(file=quiet_fail, force_terminal=False)):
+        pass
+    assert quiet_fail.getvalue() == ""
+    drawn = io.StringIO()
+    with Progress(True, console=Console(file=drawn, force_terminal=False)) as bars:
+        bars.lane("images", 2).update(completed=2)
+    assert "images" in drawn.getvalue()

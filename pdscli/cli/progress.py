@@ -66,6 +66,7 @@ class Progress:
         self.enabled = enabled
         self.console = console or err_console
         self.log_lines = log_lines
+        self._started = False
         live = enabled and (self.console.is_terminal or not log_lines)
         self.bars = RichProgress(
             TextColumn("{task.description:>7}"),
@@ -79,16 +80,19 @@ class Progress:
         ) if live else None
 
     def __enter__(self):
-        if self.bars is not None:
-            self.bars.start()
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self.bars is not None:
+        if self._started:
             self.bars.stop()
         return False
 
     def lane(self, label: str, total: int | None = None, completed: int = 0) -> Lane:
+        # The display starts with its first bar: a command that fails before any bar prints nothing
+        # (no empty line ahead of its error message).
+        if self.bars is not None and not self._started:
+            self.bars.start()
+            self._started = True
         return Lane(self, label, total, completed)
 
     def counter(self, label: str):
