@@ -351,8 +351,10 @@ def pc_second_moments(model, steps, p: torch.Tensor, snr: float, *, corrector: b
     return q
 
 
-def ddpm_second_moments(model, steps, p: torch.Tensor) -> torch.Tensor:
-    """The same for `pdscli.samplers` ddpm on a grid whose last step is the denoise."""
+def _sde_second_moments(model, steps, p: torch.Tensor, noise_variances) -> torch.Tensor:
+    """The reverse-SDE samplers' recursion on a grid whose last step is the denoise:
+    `noise_variances(hi, lo, d) -> (before, after)` are the variances (per unit of p) of the
+    noise added before the score evaluation and after the update."""
     lam = model.lam
     q = _prior(model, steps, p)
     for i in range(len(steps)):
@@ -362,24 +364,24 @@ def ddpm_second_moments(model, steps, p: torch.Tensor) -> torch.Tensor:
             q = (1 - sigma**2 / a) ** 2 * q
         else:
             d = (hi - lo) * (hi + lo)
-            q = (1 - d * p / a) ** 2 * q + d * p
+            before, after = noise_variances(hi, lo, d)
+            q = (1 - d * p / a) ** 2 * (q + before * p) + after * p
     return q
+
+
+def ddpm_second_moments(model, steps, p: torch.Tensor) -> torch.Tensor:
+    """The same for `pdscli.samplers` ddpm: all the step's noise after the update."""
+    return _sde_second_moments(model, steps, p, lambda hi, lo, d: (0.0, d))
+
+
+def _accel_sde_variances(hi: float, lo: float, d: float) -> tuple[float, float]:
+    pre, post = sde_noise_scales(hi, lo)
+    return pre**2, post**2
 
 
 def accel_sde_second_moments(model, steps, p: torch.Tensor) -> torch.Tensor:
     """The same for accel-sde (half the noise first, the score at the perturbed point)."""
-    lam = model.lam
-    q = _prior(model, steps, p)
-    for i in range(len(steps)):
-        sigma, hi, lo = float(steps.sigma[i]), float(steps.sigma_hi[i]), float(steps.sigma_lo[i])
-        a = lam + sigma**2
-        if lo == 0:
-            q = (1 - sigma**2 / a) ** 2 * q
-        else:
-            pre, post = sde_noise_scales(hi, lo)
-            d = (hi - lo) * (hi + lo)
-            q = (1 - d * p / a) ** 2 * (q + pre**2 * p) + post**2 * p
-    return q
+    return _sde_second_moments(model, steps, p, _accel_sde_variances)
 
 
 def spectral_kl_of_moments(model, q: torch.Tensor) -> torch.Tensor | float:
