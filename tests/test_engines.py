@@ -3,6 +3,7 @@ and manifest (plain data, no TensorRT needed), and bad engine files through the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -263,7 +264,8 @@ def test_key_changes_with_one_onnx_byte(onnx_file):
 def _engine_with_manifest(tmp_path, env=ENV):
     engine = tmp_path / "m.plan"
     engine.write_bytes(b"engine bytes")
-    write_manifest(engine, make_manifest(SPEC, env, engine_sha256="00", metadata={"pds.sigma_min": "0.01"}))
+    sha = hashlib.sha256(b"engine bytes").hexdigest()
+    write_manifest(engine, make_manifest(SPEC, env, engine_sha256=sha, metadata={"pds.sigma_min": "0.01"}))
     return engine
 
 
@@ -283,6 +285,8 @@ def test_manifest_cache_hit_and_differences(tmp_path):
     engine = _engine_with_manifest(tmp_path)
     assert is_up_to_date(engine, cache_key(SPEC, ENV))
     assert not is_up_to_date(engine, cache_key(_spec(precision="fp32"), ENV))
+    engine.write_bytes(b"engine bytes, changed")  # the same manifest over other bytes is no hit
+    assert not is_up_to_date(engine, cache_key(SPEC, ENV))
     assert differences(read_manifest(engine), _spec(profile=(1, 8, 32)), ENV) == [
         "profile {'min': 1, 'opt': 8, 'max': 16} -> {'min': 1, 'opt': 8, 'max': 32}"
     ]

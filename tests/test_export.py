@@ -255,14 +255,14 @@ def test_cli_unwritable_engines_folder(run_pds, tmp_path):
 
 
 def test_cli_trt_without_tensorrt_fails_at_once(run_pds, monkeypatch, tmp_path):
-    import pdscli.cli.export
+    import pdscli.engines.export
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
 
     def no_model_load(*a, **k):
         raise AssertionError("the model was loaded before TensorRT was checked")
 
-    monkeypatch.setattr(pdscli.cli.export, "open_source", no_model_load)
+    monkeypatch.setattr(pdscli.engines.export, "open_source", no_model_load)
     line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--format", "trt",
                                    "--out", tmp_path / "m.plan"))
     assert 'pip install "pds[trt]"' in line
@@ -271,7 +271,7 @@ def test_cli_trt_without_tensorrt_fails_at_once(run_pds, monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["--preset", "cifar10", "--random-weights", "--format", "tflite"], "--format must be onnx or trt"),
+        (["--preset", "cifar10", "--random-weights", "--format", "tflite"], "--format must be one of onnx, trt, diffusers"),
         (["--preset", "cifar10", "--random-weights", "--precision", "fp8"], "--precision must be one of"),
         (["--preset", "cifar10", "--random-weights", "--batch-size", "4", "--max-batch", "8"], "--batch-size excludes"),
         (["--preset", "cifar10"], "pass --checkpoint"),
@@ -324,12 +324,12 @@ def test_ctrl_c_during_the_export_is_an_interruption(run_pds, fixture_dir, tmp_p
 
 
 def test_an_output_path_that_is_a_folder_is_refused_before_the_export(run_pds, tmp_path, monkeypatch):
-    import pdscli.cli.export
+    import pdscli.engines.export
 
     def no_model_load(*a, **k):
         raise AssertionError("the model was opened before the output path was checked")
 
-    monkeypatch.setattr(pdscli.cli.export, "open_source", no_model_load)
+    monkeypatch.setattr(pdscli.engines.export, "open_source", no_model_load)
     (tmp_path / "m.onnx").mkdir()
     line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", tmp_path / "m.onnx",
                                    "--force"))

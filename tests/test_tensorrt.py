@@ -23,7 +23,7 @@ def test_the_toolkit_never_imports_tensorrt():
     code = (
         "import sys\n"
         "import pdscli.cli, pdscli.engines, pdscli.engines.onnx_engine, pdscli.engines.tensorrt_engine\n"
-        "import pdscli.engines.cache, pdscli.engines.torch_engine, pdscli.engines.onnx_export, pdscli.engines.parity, pdscli.cli.export\n"
+        "import pdscli.engines.cache, pdscli.engines.torch_engine, pdscli.engines.onnx_export, pdscli.engines.parity, pdscli.engines.export\n"
         "assert 'tensorrt' not in sys.modules, 'tensorrt was imported'\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -23,6 +23,7 @@ import torch
 
 from pdscli import __version__
 from pdscli.bench.model import BenchModel, weights_digest
+from pdscli.engines.cache import read_record, why_not_reusable
 from pdscli.engines.onnx_export import OPSETS, export_metadata, export_onnx
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_write_bytes, atomic_write_json
@@ -98,19 +99,9 @@ class ExportCache:
         record = record_path(path)
         if not path.exists() and not record.exists():
             return None
-        why = None
-        try:
-            saved = json.loads(record.read_text())
-            data = path.read_bytes()
-        except (OSError, ValueError) as e:
-            why = f"unreadable ({getattr(e, 'strerror', None) or type(e).__name__})"
-        else:
-            if not isinstance(saved, dict) or saved.get("format") != RECORD_FORMAT or saved.get("key") != key:
-                why = "its record is not this export's"
-            elif hashlib.sha256(data).hexdigest() != saved.get("sha256"):
-                why = f"its bytes do not match the recorded sha256 ({len(data)} bytes, {saved.get('size')} recorded)"
+        why = why_not_reusable(path, read_record(record), {"format": RECORD_FORMAT, "key": key}, sha256_field="sha256")
         if why is None:
-            return data
+            return path.read_bytes()
         warning = f"cached export {path} is not trusted ({why}): exported again"
         self.warnings.append(warning)
         self.log(f"warning: {warning}")

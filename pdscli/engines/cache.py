@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdscli.errors import PdsError
-from pdscli.fsutil import atomic_write_json
+from pdscli.fsutil import atomic_write_json, sha256_file
 
 MANIFEST_FORMAT = "pds-tensorrt-engine/1"
 TIMING_CACHE_NAME = "tensorrt-timing.cache"
@@ -135,16 +135,42 @@ def check_manifest(manifest: dict, env: BuildEnv, engine: str | os.PathLike) -> 
         raise PdsError(f"refusing stale engine {engine}: {reason}; rebuild it with `pds export --format trt --force`")
 
 
-def is_up_to_date(engine: str | os.PathLike, key: str) -> bool:
-    """True when `engine` exists with a manifest for exactly `key` (a cache hit)."""
-    engine = Path(engine)
-    if not engine.exists():
-        return False
+def read_record(path: str | os.PathLike) -> dict | None:
+    """A JSON record kept beside an exported file (an engine's manifest, a cached graph's record),
+    or None when there is none that parses to an object."""
     try:
-        manifest = json.loads(manifest_path(engine).read_text(encoding="utf-8"))
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("key") == key
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def why_not_reusable(path: str | os.PathLike, record: dict | None, wanted: dict, *,
+                     sha256_field: str | None = None) -> str | None:
+    """The one rule for reusing an exported file instead of making it again: None when `path`
+    exists, its `record` (what the file says it was made from: a record beside it or its own
+    metadata) holds every `wanted` value, and, given `sha256_field`, the file's bytes still hash
+    to the sha256 the record gives under that name. Otherwise why not, as a phrase."""
+    path = Path(path)
+    if not path.is_file():
+        return "there is no such file"
+    if record is None:
+        return "it has no readable record of what it was made from"
+    differ = sorted(k for k in wanted if record.get(k) != wanted[k])
+    if differ:
+        return f"it was made from something else (differs in {', '.join(differ)})"
+    if sha256_field is not None:
+        recorded = record.get(sha256_field)
+        if sha256_file(path) != recorded:
+            return f"its bytes do not match the recorded sha256 ({path.stat().st_size} bytes)"
+    return None
+
+
+def is_up_to_date(engine: str | os.PathLike, key: str) -> bool:
+    """True when `engine` exists with a manifest for exactly `key` and the bytes it records (a cache hit)."""
+    manifest = read_record(manifest_path(engine))
+    wanted = {"format": MANIFEST_FORMAT, "key": key}
+    return why_not_reusable(engine, manifest, wanted, sha256_field="engine_sha256") is None
 
 
 @contextlib.contextmanager
