@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdscli.errors import PdsError
-from pdscli.samplers import accelerated, dpm, edm, pc
+from pdscli.samplers import accelerated, dpm, edm, pc, sigma_multistep
 from pdscli.samplers.grids import VE_EPS, Steps, pc_steps
 
 __all__ = [
@@ -65,10 +65,14 @@ REGISTRY: dict[str, SamplerInfo] = {
         SamplerInfo("dpm++2m", dpm.dpmpp_2m, 1, True, False),
         SamplerInfo("dpm++3m", dpm.dpmpp_3m, 1, True, False),
         SamplerInfo("dpm++2m-sde", dpm.dpmpp_2m_sde, 1, False, False),
+        SamplerInfo("dpm++2m-sde-mid", dpm.dpmpp_2m_sde_midpoint, 1, False, False),
         SamplerInfo("dpm++3m-sde", dpm.dpmpp_3m_sde, 1, False, False),
         SamplerInfo("heun", edm.heun, 2, True, False, nfe_offset=-1),
         SamplerInfo("edm-sde", edm.edm_sde, 2, False, False, nfe_offset=-1),
         SamplerInfo("euler-a", edm.euler_ancestral, 1, False, False),
+        SamplerInfo("ipndm", sigma_multistep.ipndm, 1, True, False),
+        SamplerInfo("ipndm-v", sigma_multistep.ipndm_v, 1, True, False),
+        SamplerInfo("gradient-estimation", sigma_multistep.gradient_estimation, 1, True, False),
     )
 }
 

@@ -11,6 +11,7 @@ Same signature as every sampler in `pdscli.samplers`:
     dpm++2m           deterministic  n                              2 (two-step multistep)
     dpm++3m           deterministic  n                              3 (three-step multistep)
     dpm++2m-sde       stochastic     n                              -
+    dpm++2m-sde-mid   stochastic     n                              -  (the paper's midpoint correction)
     dpm++3m-sde       stochastic     n                              -
 
 On a VE model (alpha_t = 1) the data prediction is Tweedie's D(x, sigma) = x + sigma^2 s(x, sigma)
@@ -142,6 +143,15 @@ def dpmpp_2m_sde(score, noise, steps: Steps, *, precond=None, snr=0.16, per_samp
     """DPM-Solver++(2M) SDE (eta = 1: the reverse SDE), with the exact linear-in-lambda
     correction. n calls; one fresh noise draw per step except the last."""
     return _multistep("dpm++2m-sde", 2, 1.0, score, noise, steps, precond, callback, midpoint=False)
+
+
+@torch.no_grad()
+def dpmpp_2m_sde_midpoint(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False,
+                          callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (eta = 1) with the midpoint correction (1 - e^-H) / (2 r) (D - D_prev),
+    k-diffusion's default form. On the built-in model it leaves 3.3x the data's high-frequency
+    energy at 5 NFE where the exact-integral form leaves 10.9x (docs/samplers.md). n calls."""
+    return _multistep("dpm++2m-sde-mid", 2, 1.0, score, noise, steps, precond, callback, midpoint=True)
 
 
 @torch.no_grad()

@@ -1,0 +1,109 @@
+"""iPNDM, iPNDM-v and gradient estimation (pdscli.samplers.sigma_multistep): weights, orders on the
+exact probability-flow ODE of the Gaussian model, and the contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pdscli.errors import PdsError
+from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.noise import SampleNoise
+from pdscli.precondition import Preconditioner
+from pdscli.samplers import REGISTRY
+from pdscli.samplers.grids import geometric, steps_from_levels
+from pdscli.samplers.sigma_multistep import adams_weights, uniform_weights
+
+NAMES = ["ipndm", "ipndm-v", "gradient-estimation"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GaussianImageModel(16, 1)
+
+
+def test_uniform_weights_are_the_adams_bashforth_constants():
+    expected = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    for order, weights in expected.items():
+        assert np.allclose(uniform_weights(order), weights, atol=1e-13)
+
+
+def test_variable_weights_integrate_cubics_exactly_on_uneven_nodes():
+    nodes = (0.0, -0.7, -1.9, -2.4)
+    weights = adams_weights(nodes)
+    for p in (np.polynomial.Polynomial([1.0]), np.polynomial.Polynomial([0.3, -2.0, 0.5, 1.7])):
+        exact = p.integ()(1.0) - p.integ()(0.0)
+        assert abs(sum(w * p(u) for w, u in zip(weights, nodes)) - exact) < 1e-12
+    cubic = np.polynomial.Polynomial([0, 0, 0, 0, 1.0])  # degree 4: not exact with 4 nodes
+    assert abs(sum(w * cubic(u) for w, u in zip(weights, nodes)) - 0.2) > 1e-3
+
+
+def exact_output(model, z):
+    st = model.settings
+    x = model.ode_solution(st.sigma_max * z, st.sigma_max, st.sigma_min)
+    return x + st.sigma_min**2 * model.score(x, torch.full((len(z),), st.sigma_min))
+
+
+def errors(model, name, ns, grid=geometric):
+    z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    exact = exact_output(model, z)
+    return [float((REGISTRY[name].fn(model.score, iter([z]).__next__, grid(model.settings, n)) - exact)
+                  .double().pow(2).mean().sqrt()) for n in ns]
+
+
+@pytest.mark.parametrize("name,low,high", [("ipndm", -2.4, -1.8), ("ipndm-v", -4.3, -3.2), ("gradient-estimation", -1.2, -0.6)])
+def test_order_on_the_exact_ode(model, name, low, high):
+    """Log-log slope of the error against the closed form over 20-160 log-uniform steps."""
+    ns = [20, 40, 80, 160]
+    errs = errors(model, name, ns)
+    assert low < float(np.polyfit(np.log(ns), np.log(errs), 1)[0]) < high, errs
+
+
+def test_ipndm_and_ipndm_v_agree_on_equal_steps_and_differ_on_uneven_ones(model):
+    st = model.settings
+    z = lambda: torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    even = steps_from_levels(torch.linspace(st.sigma_max, st.sigma_min, 9, dtype=torch.float64))
+    assert torch.allclose(REGISTRY["ipndm"].fn(model.score, z, even), REGISTRY["ipndm-v"].fn(model.score, z, even), atol=1e-5)
+    uneven = geometric(st, 9)
+    assert not torch.allclose(REGISTRY["ipndm"].fn(model.score, z, uneven), REGISTRY["ipndm-v"].fn(model.score, z, uneven), atol=1e-3)
+
+
+def test_ipndm_v_beats_ipndm_with_many_steps_and_ipndm_beats_2m_at_five(model):
+    assert errors(model, "ipndm-v", [80]) < errors(model, "ipndm", [80])
+    assert errors(model, "ipndm", [5]) < errors(model, "dpm++2m", [5])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_refuses_a_preconditioner(model, name):
+    pre = Preconditioner(freq_filter=np.ones((1, 16, 16)))
+    with pytest.raises(PdsError, match="no preconditioner"):
+        REGISTRY[name].fn(model.score, lambda: torch.randn(2, 1, 16, 16), geometric(model.settings, 4), precond=pre)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_never_couples_a_batch(model, name):
+    steps = geometric(model.settings, 7)
+    big = REGISTRY[name].fn(model.score, SampleNoise(9, range(4), (1, 16, 16)), steps)
+    small = REGISTRY[name].fn(model.score, SampleNoise(9, [2, 3], (1, 16, 16)), steps)
+    assert torch.allclose(big[2:], small, atol=1e-5)
+
+
+# -- DPM-Solver++(2M) SDE, midpoint form (pdscli.samplers.dpm) -----------------------------------
+
+
+def test_2m_sde_midpoint_differs_from_the_exact_form_only_by_the_correction(model):
+    noise = lambda: SampleNoise(3, range(3), (1, 16, 16))
+    two = geometric(model.settings, 2)  # a first-order step and the denoise: no correction term
+    assert torch.equal(REGISTRY["dpm++2m-sde-mid"].fn(model.score, noise(), two), REGISTRY["dpm++2m-sde"].fn(model.score, noise(), two))
+    five = geometric(model.settings, 5)
+    assert not torch.allclose(REGISTRY["dpm++2m-sde-mid"].fn(model.score, noise(), five),
+                              REGISTRY["dpm++2m-sde"].fn(model.score, noise(), five), atol=1e-4)
+
+
+def test_2m_sde_midpoint_converges_in_distribution(model):
+    from pdscli.evaluate.measures import exact_spectral_kl
+
+    fn = REGISTRY["dpm++2m-sde-mid"].fn
+    kl = [exact_spectral_kl(model, fn, geometric(model.settings, n)) for n in (5, 20, 80)]
+    assert kl[0] > kl[1] > kl[2], kl
