@@ -1,7 +1,7 @@
 """The package's import graph: no cycles, no upward imports, and every command's --help imports cleanly.
 
 The layers (docs/design.md): the base modules, then samplers / precondition / models, then engines /
-evaluate / train, then sample, then bench, then cli. A module may import its own package and any
+evaluate / train, then sample, then bench, then api (the Python API), diffusers, then cli. A module may import its own package and any
 lower layer; a cycle anywhere is a failure, whether the imports run at module level or in a function.
 """
 
@@ -22,7 +22,9 @@ LAYERS = {
     "engines": 2, "evaluate": 2, "train": 2,
     "sample": 3,
     "bench": 4,
-    "cli": 5,
+    "api": 5,  # pdscli.api: the Python API over the sampling run, filters and FID
+    "diffusers": 6,  # pdscli.diffusers: PDS for diffusers pipelines, over the API
+    "cli": 7,
 }
 
 

@@ -35,7 +35,10 @@ SMALL_N_NOTE = ("FID is biased upward at small sample counts (more so below the 
 
 
 def open_side(path) -> ImageSet | Statistics:
-    """SAMPLES or REFERENCE: a statistics .npz (mu, sigma), else a folder of images or a samples.npz."""
+    """SAMPLES or REFERENCE: a statistics .npz (mu, sigma), else a folder of images or a samples.npz;
+    a set or statistics already open (images in memory: `ArraySet`) is taken as it is."""
+    if isinstance(path, (ImageSet, Statistics)):
+        return path
     path = Path(path)
     if is_statistics_file(path):
         stats = load_statistics(path)

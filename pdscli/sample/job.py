@@ -42,7 +42,7 @@ class SampleJob:
     model: ScoreModel
     sampler: str  # a name in pdscli.samplers.REGISTRY
     steps: Steps
-    out: Path
+    out: Path | None  # None: the samples stay in memory (pdscli.sample), no file is written
     num_samples: int
     batch_size: int
     seed: int

@@ -100,6 +100,41 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
+def make_batch(job: SampleJob, indices: range, *, sampler_fn, score, callback=None) -> torch.Tensor:
+    """Planned batch `indices` as the sampler returns it (not clipped): sample i's noise from
+    (seed, i), the job's grid, preconditioner and parts. Out of memory and NaN/Inf in the output
+    end as one-line errors."""
+    try:
+        noise = SampleNoise(job.seed, indices, job.shape, job.model.device)
+        with torch.no_grad():
+            x = sampler_fn(score, noise, job.steps, precond=job.precond, snr=job.snr,
+                           per_sample_step=job.per_sample_step, callback=callback, **job.sampler_options)
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        raise OutOfMemory(
+            f"out of memory on {job.model.device} making a batch of {len(indices)} samples "
+            f"({'x'.join(map(str, job.shape))}); pass a smaller --batch-size (finished images are kept)"
+        ) from None
+    # A NaN in the last step's output (after the final callback) must not become a black PNG.
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteState(f"the sampler returned NaN/Inf for samples {indices[0]}..{indices[-1]}; "
+                             "finished images are kept")
+    return x
+
+
+def step_callback(indices: range, score: CountingScore, progress: SampleProgress, t0: float) -> Callable[[dict], None]:
+    """The sampler's callback: stop at the first NaN/Inf, and report the step and the NFE rate."""
+    check = _finite_check(indices)
+
+    def callback(info: dict) -> None:
+        check(info)
+        elapsed = time.perf_counter() - t0
+        progress.step(int(info["i"]), int(info["n"]), score.calls / elapsed if elapsed > 0 else 0.0)
+
+    return callback
+
+
 def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, progress: SampleProgress) -> Stats:
     """Make the planned batches `batch_numbers` and write their missing files."""
     score = CountingScore(job.model.score)
@@ -110,30 +145,9 @@ def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, 
     for k in batch_numbers:
         indices = batch_indices(k, job.num_samples, job.batch_size)
         progress.batch(indices[0], indices[-1])
-        check = _finite_check(indices)
         calls0 = score.calls
-
-        def callback(info: dict, check=check) -> None:
-            check(info)
-            elapsed = time.perf_counter() - t0
-            progress.step(int(info["i"]), int(info["n"]), score.calls / elapsed if elapsed > 0 else 0.0)
-
-        try:
-            noise = SampleNoise(job.seed, indices, job.shape, job.model.device)
-            with torch.no_grad():
-                x = sampler_fn(score, noise, job.steps, precond=job.precond, snr=job.snr,
-                               per_sample_step=job.per_sample_step, callback=callback, **job.sampler_options)
-        except (MemoryError, RuntimeError) as e:
-            if not _is_out_of_memory(e):
-                raise
-            raise OutOfMemory(
-                f"out of memory on {job.model.device} making a batch of {len(indices)} samples "
-                f"({'x'.join(map(str, job.shape))}); pass a smaller --batch-size (finished images are kept)"
-            ) from None
-        # A NaN in the last step's output (after the final callback) must not become a black PNG.
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteState(f"the sampler returned NaN/Inf for samples {indices[0]}..{indices[-1]}; "
-                                 "finished images are kept")
+        x = make_batch(job, indices, sampler_fn=sampler_fn, score=score,
+                       callback=step_callback(indices, score, progress, t0))
         images = to_numpy(x.clamp(0.0, 1.0))
         written = sum(outputs.write_sample(job.out, i, job.num_samples, image) for i, image in zip(indices, images))
         stats.made += written
@@ -143,4 +157,3 @@ def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, 
     stats.sampling_s = time.perf_counter() - t0
     stats.step_graph = sampler_fn.summary()
     return stats
-

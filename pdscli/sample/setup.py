@@ -21,12 +21,12 @@ from pdscli.errors import PdsError
 from pdscli.fsutil import FolderLock, prepare_out_dir
 from pdscli.models import builtin
 from pdscli.precondition import Preconditioner
-from pdscli.precondition.alpha import check_alpha, choose_alpha
+from pdscli.precondition.alpha import AlphaChoice, check_alpha, choose_alpha
 from pdscli.sample.job import SampleJob
 from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, open_filters, open_model
 from pdscli.samplers import Steps, pc_steps, sampler_info
 from pdscli.samplers.grids import SCHEDULES, make_steps
-from pdscli.samplers.recommend import plan_budget
+from pdscli.samplers.recommend import BudgetPlan, plan_budget
 from pdscli.samplers.pc import PCOptions, corrector_stalls
 from pdscli.settings import SamplingSettings
 
@@ -122,7 +122,7 @@ def sampler_parts(settings: SamplingSettings, sampler: str, grid: Steps) -> tupl
 
 
 
-def _check_fits_in_memory(batch: int, shape: tuple[int, ...], device: torch.device) -> None:
+def check_fits_in_memory(batch: int, shape: tuple[int, ...], device: torch.device) -> None:
     """Refuse, before allocating anything, a batch whose sampler state alone exceeds the device's memory."""
     need = STATE_COPIES * batch * math.prod(shape) * 4
     have = _device_memory(device)
@@ -156,9 +156,25 @@ def _removed_if_left_empty(out: Path):
         raise
 
 
-def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
-    """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
-    out = Path(flags.out)
+@dataclass(frozen=True)
+class SamplerChoice:
+    """What the flags choose before any model is open: the sampler, its grid, the step flags it
+    runs with and which filters it uses. `pds sample` and `pdscli.sample` both come here."""
+
+    sampler: str
+    schedule: str
+    steps: int | None  # --steps, or the built-in model's default when no step flag is given
+    speed_up: float | None
+    alpha: str | None
+    given_filters: bool  # the filters the caller gave are used (an --nfe plan may leave them unused)
+    builtin_filters: bool  # the built-in model's own filters are used
+    budget: BudgetPlan | None = None  # --nfe's plan
+
+
+def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | None = None) -> SamplerChoice:
+    """Check the sampling flags (no model needed) and choose the sampler, grid and filters.
+    `has_filters`: filters were given (default: filter files among the flags)."""
+    has_filters = flags.has_filter_files if has_filters is None else has_filters
     check_alpha(flags.alpha)  # a bad number fails before the slow model load
     if flags.steps is not None and flags.speed_up is not None:
         raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
@@ -166,16 +182,48 @@ def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
         raise PdsError(f"--speed-up must be a positive number, got {flags.speed_up:g}")
     budget = None
     if flags.nfe is not None:
-        flags, budget = _apply_budget(spec, flags)
+        flags, budget = _apply_budget(spec, flags, has_filters=has_filters)
+        if budget.chosen and not budget.filters:
+            has_filters = False
     # The built-in model runs as its docs say (PDS with its own filters, few steps) unless told otherwise.
-    builtin_filters = spec.uses_builtin and not flags.has_filter_files and flags.sampler in (None, "pds")
+    builtin_filters = spec.uses_builtin and not has_filters and flags.sampler in (None, "pds")
     if budget is not None and budget.chosen:
-        builtin_filters = spec.uses_builtin and not flags.has_filter_files and budget.filters
-    sampler = resolve_sampler_name(flags.sampler, has_filters=flags.has_filter_files or builtin_filters)
+        builtin_filters = spec.uses_builtin and not has_filters and budget.filters
+    sampler = resolve_sampler_name(flags.sampler, has_filters=has_filters or builtin_filters)
     schedule = resolve_schedule(flags.schedule, sampler)
-    steps_flag = flags.steps
+    steps = flags.steps
     if spec.uses_builtin and flags.steps is None and flags.speed_up is None:
-        steps_flag = builtin.DEFAULT_STEPS
+        steps = builtin.DEFAULT_STEPS
+    return SamplerChoice(sampler=sampler, schedule=schedule, steps=steps, speed_up=flags.speed_up, alpha=flags.alpha,
+                         given_filters=has_filters, builtin_filters=builtin_filters, budget=budget)
+
+
+@dataclass(frozen=True)
+class SamplingParts:
+    """What a sampler runs with for an open model: the grid, the preconditioner and the PC parts."""
+
+    steps: Steps
+    precond: Preconditioner | None
+    alpha: AlphaChoice | None
+    options: dict
+    warnings: tuple[str, ...]
+
+
+def sampling_parts_for(model, choice: SamplerChoice, filters) -> SamplingParts:
+    """The grid, the preconditioner (--alpha for this sampler and step count) and the PC parts."""
+    grid = build_steps(model.settings, steps=choice.steps, speed_up=choice.speed_up, schedule=choice.schedule)
+    precond, alpha = preconditioner_for(filters, choice.alpha, model, choice.sampler, len(grid))
+    options, warnings = sampler_parts(model.settings, choice.sampler, grid)
+    if alpha is not None and alpha.off:
+        warnings.insert(0, alpha.note)
+    return SamplingParts(steps=grid, precond=precond, alpha=alpha, options=options, warnings=tuple(warnings))
+
+
+def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
+    """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
+    out = Path(flags.out)
+    choice = choose_sampler(spec, flags)
+    files = (flags.masks, flags.freq_mask, flags.space_mask) if choice.given_filters else (None, None, None)
     with _removed_if_left_empty(out):
         prepare_out_dir(out, force=flags.force, resume=flags.resume)
         FolderLock.check_free(out, what="pds sample run")
@@ -185,37 +233,30 @@ def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
         settings = model.settings
         if settings.num_channels not in PNG_CHANNELS:
             raise PdsError(f"pds sample writes PNGs of 1 or 3 channels; {model.name} makes {settings.num_channels}")
-        _check_fits_in_memory(min(flags.batch_size, flags.num_samples), settings.shape, model.device)
-        filters, filters_info = open_filters(flags.masks, flags.freq_mask, flags.space_mask, settings=settings,
-                                             use_builtin=builtin_filters)
-        grid = build_steps(settings, steps=steps_flag, speed_up=flags.speed_up, schedule=schedule)
-        precond, choice = preconditioner_for(filters, flags.alpha, model, sampler, len(grid))
-        sampler_options, warnings = sampler_parts(settings, sampler, grid)
-        if choice is not None and choice.off:
-            warnings.insert(0, choice.note)
+        check_fits_in_memory(min(flags.batch_size, flags.num_samples), settings.shape, model.device)
+        filters, filters_info = open_filters(*files, settings=settings, use_builtin=choice.builtin_filters)
+        parts = sampling_parts_for(model, choice, filters)
+    alpha, budget = parts.alpha, choice.budget
     return SampleJob(
-        model=model, sampler=sampler, steps=grid, out=out, num_samples=flags.num_samples,
+        model=model, sampler=choice.sampler, steps=parts.steps, out=out, num_samples=flags.num_samples,
         batch_size=flags.batch_size, seed=flags.seed, snr=settings.snr,  # --snr is already in the settings
-        precond=precond, per_sample_step=flags.per_sample_step, resume=flags.resume, force=flags.force,
+        precond=parts.precond, per_sample_step=flags.per_sample_step, resume=flags.resume, force=flags.force,
         step_graphs=flags.step_graphs,
-        schedule=schedule, alpha=choice.alpha if precond is not None else None,
-        alpha_given=choice.given if choice is not None else None, filters=filters_info,
+        schedule=choice.schedule, alpha=alpha.alpha if parts.precond is not None else None,
+        alpha_given=alpha.given if alpha is not None else None, filters=filters_info,
         precision=model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
-        steps_flag=steps_flag, speed_up_flag=flags.speed_up, model_load_s=load_s,
+        steps_flag=choice.steps, speed_up_flag=choice.speed_up, model_load_s=load_s,
         nfe_budget=None if budget is None else {"budget": flags.nfe, "planned": budget.nfe, "reason": budget.reason},
-        sampler_options=sampler_options, filter_off=choice.note if choice is not None and choice.off else None,
-        warnings=tuple(warnings),
+        sampler_options=parts.options, filter_off=alpha.note if alpha is not None and alpha.off else None,
+        warnings=parts.warnings,
     )
 
 
-def _apply_budget(spec: ModelSpec, flags: SampleFlags):
+def _apply_budget(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool):
     """--nfe: the flags with the planned sampler, step count and grid filled in, and the plan.
-    A recommended sampler that takes no filters runs without the filter files (its reason says so)."""
+    A recommended sampler that takes no filters runs without them (`plan.filters`; its reason says so)."""
     if flags.steps is not None or flags.speed_up is not None:
         raise PdsError("--nfe excludes --steps and --speed-up: give a budget of network calls or a number of steps")
     plan = plan_budget(flags.nfe, sampler=flags.sampler, schedule=flags.schedule,
-                       filters=flags.has_filter_files or spec.uses_builtin, analytic=spec.model in ANALYTIC_MODELS)
-    changes = {"sampler": plan.sampler, "steps": plan.steps, "schedule": plan.grid}
-    if plan.chosen and not plan.filters:
-        changes.update(masks=None, freq_mask=None, space_mask=None)
-    return dataclasses.replace(flags, **changes), plan
+                       filters=has_filters or spec.uses_builtin, analytic=spec.model in ANALYTIC_MODELS)
+    return dataclasses.replace(flags, sampler=plan.sampler, steps=plan.steps, schedule=plan.grid), plan
