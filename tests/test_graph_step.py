@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from pdscli.devices import TF32_POLICIES, set_tf32, tf32_state
-from pdscli.engines.graph_step import CUDA_GRAPH, EAGER, StepGraphSampler
+from pdscli.engines.graph_step import (
+    COMPILED, CUDA_GRAPH, EAGER, CompiledStepSampler, StepGraphSampler, step_sampler,
+)
 from pdscli.errors import PdsError
 from pdscli.evaluate.analytic import gaussian_score_model
 from pdscli.noise import SampleNoise
@@ -20,6 +22,7 @@ from pdscli.precondition import Preconditioner
 from pdscli.precondition.operator import Filters
 from pdscli.samplers import get_sampler, pc_steps
 from pdscli.samplers.grids import make_steps
+from pdscli.score import CountingScore
 
 CUDA = torch.cuda.is_available()
 
@@ -71,6 +74,85 @@ def test_a_run_records_the_path_and_makes_the_same_images(model, tmp_path):
     off, on = (r["step_graph"] for r in records)
     assert off["reason"] == "step graphs off" and on["path"] == EAGER and "CUDA" in on["reason"]
     assert records[1]["tf32"]["applies"] is False
+
+
+# -- the torch.compile(mode="reduce-overhead") variant --------------------------------------------
+
+
+def test_step_sampler_picks_the_path(model):
+    fn = get_sampler("pc")
+    off, graphs, compiled = (step_sampler(fn, "cpu", p) for p in ("off", "cuda-graph", "compile"))
+    assert isinstance(off, StepGraphSampler) and not off.enabled
+    assert isinstance(graphs, StepGraphSampler) and graphs.enabled
+    assert isinstance(compiled, CompiledStepSampler) and (compiled.mode, compiled.backend) == ("reduce-overhead", "inductor")
+    with pytest.raises(ValueError, match="step path must be one of off, cuda-graph, compile"):
+        step_sampler(fn, "cpu", "graphs")
+
+
+def test_reduce_overhead_on_cpu_runs_the_eager_step_and_says_why(model):
+    fn, steps = get_sampler("pds"), _steps(model, "pds")
+    wrapped = step_sampler(fn, "cpu", "compile")
+    for batch in ([0, 1], [2, 3]):
+        got = wrapped(model.score, SampleNoise(3, batch, model.settings.shape), steps)
+        assert torch.equal(got, fn(model.score, SampleNoise(3, batch, model.settings.shape), steps))
+    summary = wrapped.summary()
+    assert summary["path"] == EAGER and summary["batches"] == {EAGER: 2, COMPILED: 0}
+    assert "needs a CUDA device (this run is on cpu)" in summary["reason"] and summary["compile_s"] is None
+
+
+@pytest.mark.parametrize("name", ["pc", "ddim", "accel-ode"])
+def test_dynamo_traced_steps_give_the_eager_samples(model, name):
+    """Dynamo's tracing alone (backend "eager"): the whole-step path's graphs, graph breaks and
+    callbacks, without Inductor's C++ compile on a CPU."""
+    fn, steps = get_sampler(name), _steps(model, name)
+    wrapped = CompiledStepSampler(fn, "cpu", mode=None, backend="eager")
+    seen_eager, seen_wrapped = [], []
+    for batch in ([0, 1, 2], [3, 4, 5], [6, 7]):  # the last, partial batch runs eagerly
+        counting = CountingScore(model.score)
+        eager = fn(model.score, SampleNoise(4, batch, model.settings.shape), steps, callback=lambda i: seen_eager.append(i["nfe"]))
+        got = wrapped(counting, SampleNoise(4, batch, model.settings.shape), steps, callback=lambda i: seen_wrapped.append(i["nfe"]))
+        assert torch.equal(got, eager)
+        assert counting.calls == seen_eager[-1]
+    assert seen_wrapped == seen_eager
+    summary = wrapped.summary()
+    assert summary["path"] == COMPILED and summary["batches"] == {EAGER: 1, COMPILED: 2}
+    assert summary["reason"] == "batch of 2: compiled for 3 (fixed shapes)"
+    assert summary["compile_s"] > 0 and summary["graphs"]["graphs"] >= 1
+
+
+def test_a_failed_compile_falls_back_to_the_eager_step(model):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler today")
+
+    fn, steps = get_sampler("pc"), _steps(model, "pc")
+    wrapped = CompiledStepSampler(fn, "cpu", mode=None, backend=broken)
+    for batch in ([0, 1], [2, 3]):
+        counting = CountingScore(model.score)
+        got = wrapped(counting, SampleNoise(6, batch, model.settings.shape), steps)
+        assert torch.equal(got, fn(model.score, SampleNoise(6, batch, model.settings.shape), steps))
+        assert counting.calls == 2 * len(steps)  # the failed attempt's calls are not counted
+    summary = wrapped.summary()
+    assert summary["path"] == EAGER and summary["batches"] == {EAGER: 2, COMPILED: 0}
+    assert summary["reason"].startswith("compile failed (") and "no compiler today" in summary["reason"]
+
+
+def test_the_samplers_own_errors_are_not_taken_for_compile_failures(model):
+    fn, steps = get_sampler("pc"), _steps(model, "pc")
+    wrapped = CompiledStepSampler(fn, "cpu", mode=None, backend="eager")
+    with pytest.raises(PdsError, match="snr must be a positive number"):
+        wrapped(model.score, SampleNoise(6, [0], model.settings.shape), steps, snr=-1.0)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_steps_match_the_eager_samples(model):
+    """Inductor itself (C++ on a CPU: slow to compile): the same samples up to float32 rounding."""
+    fn, steps = get_sampler("ddim"), _steps(model, "ddim", 3)
+    wrapped = CompiledStepSampler(fn, "cpu", mode="default")
+    for batch in ([0, 1], [2, 3]):
+        got = wrapped(model.score, SampleNoise(2, batch, model.settings.shape), steps)
+        eager = fn(model.score, SampleNoise(2, batch, model.settings.shape), steps)
+        assert torch.allclose(got, eager, rtol=1e-4, atol=1e-5)
+    assert wrapped.summary()["batches"] == {EAGER: 0, COMPILED: 2}
 
 
 # -- channels_last and TF32 -----------------------------------------------------------------------
@@ -153,3 +235,17 @@ def test_a_samplers_own_keywords_pass_through(model):
     wrapped = StepGraphSampler(fn, "cpu")
     got = wrapped(model.score, SampleNoise(5, [0, 1], model.settings.shape), steps, options=options)
     assert torch.equal(got, fn(model.score, SampleNoise(5, [0, 1], model.settings.shape), steps, options=options))
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU: the reduce-overhead path is compared with the eager step on one")
+@pytest.mark.parametrize("name", ["pc", "pds", "ddim", "accel-ode"])
+def test_reduce_overhead_steps_give_the_eager_samples(name):
+    model = gaussian_score_model(16, 3, device="cuda")
+    fn, steps = get_sampler(name), _steps(model, name, 8)
+    precond = _preconditioner(model.settings.shape) if name == "pds" else None
+    wrapped = step_sampler(fn, "cuda", "compile")
+    for batch in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]):
+        eager = fn(model.score, SampleNoise(4, batch, model.settings.shape, "cuda"), steps, precond=precond)
+        got = wrapped(model.score, SampleNoise(4, batch, model.settings.shape, "cuda"), steps, precond=precond)
+        assert torch.allclose(got, eager, rtol=1e-5, atol=1e-6), (name, batch)
+    assert wrapped.summary()["batches"] == {EAGER: 0, COMPILED: 3}

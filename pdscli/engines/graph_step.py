@@ -23,18 +23,30 @@ capture refuses.
 The step grid's coefficients are Python floats baked into the graphs, and the sampler's
 control flow is recorded as it ran: so a capture is only replayed for the same sampler, score,
 grid, preconditioner and options, and captured anew when they change.
+
+`CompiledStepSampler` is the other way to the same end: the whole sampler call goes through
+`torch.compile(mode="reduce-overhead")`. Dynamo traces score call and update together; its graph
+breaks fall where a step touches the host (the grid's sigma read as a float, the callback), so the
+compiled regions are about one step each, and Inductor replays each region from a CUDA graph
+(its own graph trees, with their own warm-up). It needs no capture by hand and survives a
+host read inside a step (the region just ends there), at the price of a compile on the first
+batch. Where it cannot run (a CPU for CUDA graphs, no Triton, a compiler error) the batch runs
+eagerly and `info` says why, as for the graph path. `step_sampler` picks one of the paths.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import time
 
 import torch
 
 from pdscli.errors import first_line
 from pdscli.noise import SampleNoise
 
-EAGER, CUDA_GRAPH = "eager", "cuda-graph"
+EAGER, CUDA_GRAPH, COMPILED = "eager", "cuda-graph", "compile"
+STEP_PATHS = ("off", CUDA_GRAPH, COMPILED)  # what a caller may ask for
 
 
 class _Capture:
@@ -181,3 +193,111 @@ class StepGraphSampler:
         self.info = {"path": CUDA_GRAPH, "reason": None, "graphs": len(cap.graphs)}
         self.batches[CUDA_GRAPH] += 1
         return cap.out.clone()  # the next replay overwrites the captured output
+
+
+class CompiledStepSampler:
+    """`sampler_fn` through `torch.compile(mode=mode, backend=backend)`; same call signature.
+
+    The defaults are the GPU variant: Inductor with CUDA-graph replay ("reduce-overhead"), which
+    needs a CUDA device. Another `mode` or `backend` (say backend="eager", Dynamo's tracing
+    alone) runs on any device. The first batch compiles (`compile_s` in `summary()`); a batch of
+    another size runs eagerly rather than compiling again for one partial batch. `info`,
+    `batches` and `summary()` are as for `StepGraphSampler`.
+    """
+
+    def __init__(self, sampler_fn, device, *, enabled: bool = True, mode: str | None = "reduce-overhead",
+                 backend: str = "inductor"):
+        self.fn = sampler_fn
+        self.device = torch.device(device)
+        self.enabled, self.mode, self.backend = enabled, mode, backend
+        self.compiled = None
+        self.batch_shape: tuple | None = None  # (batch, shape) of the first compiled batch
+        self.failed: str | None = None  # why compiling failed: every later batch runs eagerly
+        self.compile_s: float | None = None
+        self.graph_counts: dict | None = None  # Dynamo's graphs and graph breaks of the first batch
+        self.info: dict = {"path": EAGER, "reason": "no batch run yet"}
+        self.eager_reason: str | None = None
+        self.batches = {EAGER: 0, COMPILED: 0}
+
+    def __call__(self, score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None, **extra):
+        opts = dict(precond=precond, snr=snr, per_sample_step=per_sample_step, **extra)
+        reason = self._eager_reason(noise)
+        if reason is not None:
+            return self._eager(reason, score, noise, steps, opts, callback)
+        first = self.compiled is None
+        if first:
+            self.compiled = torch.compile(self.fn, mode=self.mode, backend=self.backend, dynamic=False)
+            self.batch_shape = (len(noise), tuple(getattr(noise, "shape", ())))
+        before = _dynamo_counts() if first else None
+        calls0 = getattr(score, "calls", None)
+        t0 = time.perf_counter()
+        try:
+            if self.device.type == "cuda":
+                # A new sampler call: outputs of earlier replays may be overwritten from here on.
+                torch.compiler.cudagraph_mark_step_begin()
+            x = self.compiled(score, noise, steps, callback=callback, **opts)
+        except torch._dynamo.exc.TorchDynamoException as e:  # a compiler problem, not the sampler's own error
+            self.failed = f"compile failed ({_innermost(e)})"
+            if calls0 is not None:
+                score.calls = calls0  # the batch is made again eagerly: count its calls once
+            if isinstance(noise, SampleNoise):
+                noise.rebind(noise.indices)  # the failed attempt may have drawn: start the batch's noise over
+            return self._eager(self.failed, score, noise, steps, opts, callback)
+        if first:
+            self.compile_s = time.perf_counter() - t0
+            self.graph_counts = {k: v - before[k] for k, v in _dynamo_counts().items()}
+        self.info = {"path": COMPILED, "reason": None}
+        self.batches[COMPILED] += 1
+        return x.clone()  # a replay may write into the graph's output buffer again
+
+    def summary(self) -> dict:
+        """As `StepGraphSampler.summary`, plus the mode, the backend and the first batch's compile
+        time and Dynamo graph counts."""
+        path = COMPILED if self.batches[COMPILED] else EAGER
+        return {"path": path, "reason": self.eager_reason, "batches": dict(self.batches), "mode": self.mode,
+                "backend": self.backend, "compile_s": self.compile_s, "graphs": self.graph_counts}
+
+    def _eager_reason(self, noise) -> str | None:
+        if not self.enabled:
+            return "compiled steps off"
+        if self.failed is not None:
+            return self.failed
+        if self.mode == "reduce-overhead" and self.backend == "inductor":
+            if self.device.type != "cuda":
+                return f"torch.compile(mode=\"reduce-overhead\") replays CUDA graphs: it needs a CUDA device " \
+                       f"(this run is on {self.device.type})"
+            if importlib.util.find_spec("triton") is None:
+                return "torch.compile on CUDA needs Triton (not installed)"
+        if self.batch_shape is not None and (len(noise), tuple(getattr(noise, "shape", ()))) != self.batch_shape:
+            return f"batch of {len(noise)}: compiled for {self.batch_shape[0]} (fixed shapes)"
+        return None
+
+    def _eager(self, reason, score, noise, steps, opts, callback):
+        self.info = {"path": EAGER, "reason": reason}
+        self.eager_reason = reason
+        self.batches[EAGER] += 1
+        return self.fn(score, noise, steps, callback=callback, **opts)
+
+
+def _innermost(e: BaseException) -> str:
+    """The error a compiler wrapper reports: the wrapped one (Dynamo's own first line is only
+    "backend='inductor' raised:"), as "Type: first line"."""
+    while (inner := e.__cause__ or getattr(e, "inner_exception", None)) is not None:
+        e = inner
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def _dynamo_counts() -> dict:
+    """Dynamo's running totals: graphs compiled and graph breaks (process-wide, so read as differences)."""
+    counters = torch._dynamo.utils.counters
+    return {"graphs": int(counters["stats"].get("unique_graphs", 0)), "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def step_sampler(sampler_fn, device, path: str = "off"):
+    """`sampler_fn` on step path `path`: "off" (eager; a StepGraphSampler that says so),
+    "cuda-graph" (StepGraphSampler) or "compile" (CompiledStepSampler, reduce-overhead)."""
+    if path not in STEP_PATHS:
+        raise ValueError(f"step path must be one of {', '.join(STEP_PATHS)}, got {path!r}")
+    if path == COMPILED:
+        return CompiledStepSampler(sampler_fn, device)
+    return StepGraphSampler(sampler_fn, device, enabled=path == CUDA_GRAPH)
