@@ -80,3 +80,37 @@ def test_add_mfu_fills_rows_from_their_own_fields():
 def test_matmul_peak_is_a_positive_rate_on_cpu():
     rate = M.measure_matmul_peak(torch.device("cpu"), torch.float32, n=64, repeats=2)
     assert rate > 0
+
+
+def _nfe_report(gpu_name):
+    """A `pds bench` report reduced to what the per-call table reads, MFU added as run_bench adds it."""
+    rows = {"eager": (0.020, 0.030), "bf16": (0.004, 0.011)}
+    entries = [{"name": name, "status": "ok", "precision": "fp32" if name == "eager" else name, "setup_s": 0.0,
+                "batches": [{"batch": b, "median_s": t, "iqr_s": t / 10, "min_s": t, "max_s": t, "images_per_s": b / t,
+                             "first_call_s": t, "flops_per_call": 1e11 * b, "achieved_flops_per_s": 1e11 * b / t}
+                            for b, t in zip((8, 32), times)]}
+               for name, times in rows.items()]
+    M.add_mfu(entries, gpu_name, tf32=False)
+    return {"backends": entries, "settings": {"repeats": 5, "warmup": 1}, "flops": {}}
+
+
+def test_the_text_table_shows_mfu_against_the_listed_peak():
+    from pdscli.bench.render import markdown_table, nfe_table
+
+    table = nfe_table(_nfe_report("NVIDIA H100 80GB HBM3"))
+    col = table.columns.index("MFU")
+    bf16_b32 = next(r for r in table.rows if r[0] == "bf16" and r[2] == "32")
+    assert bf16_b32[col] == f"{3.2e12 / 0.011 / 989.4e12 * 100:.0f} %"  # 29 % of the H100's dense bf16
+    eager_b8 = next(r for r in table.rows if r[0] == "eager" and r[2] == "8")
+    assert eager_b8[col] == f"{8e11 / 0.020 / 67e12 * 100:.2g} %"
+    note = table.notes[-1]
+    assert "NVIDIA H100 (SXM)" in note and "bf16 989.4 TFLOP/s (bf16)" in note and "fp32 67.0 TFLOP/s (eager)" in note
+    assert "| MFU |" in markdown_table(table.columns, table.rows)
+
+
+def test_without_a_listed_peak_there_is_no_mfu_column():
+    from pdscli.bench.render import nfe_table
+
+    table = nfe_table(_nfe_report(None))  # a CPU, or a GPU not in the table
+    assert "MFU" not in table.columns and not any("MFU" in n for n in table.notes)
+    assert all(len(r) == len(table.columns) for r in table.rows)

@@ -93,6 +93,21 @@ def add_mfu(entries: list[dict], device_name: str | None, *, tf32: bool, measure
                 row["mfu_of_measured_peak"] = mfu(row.get("flops_per_call"), row.get("median_s"), measured)
 
 
+def mfu_note(entries: list[dict]) -> str:
+    """What an MFU column is read against, in one sentence: each peak the entries' rows used
+    (the entries as `add_mfu` left them), once."""
+    peaks = {}
+    for e in entries:
+        peak = e.get("peak")
+        if peak and any(r.get("mfu") is not None for r in e.get("batches", [])):
+            peaks.setdefault((peak["device"], peak["precision"]), (peak["flops_per_s"], []))[1].append(e["name"])
+    listed = "; ".join(f"{prec} {flops / 1e12:,.1f} TFLOP/s ({', '.join(names)})"
+                       for (_, prec), (flops, names) in peaks.items())
+    devices = ", ".join(sorted({device for device, _ in peaks}))
+    return (f"MFU: model FLOP/s over the {devices} data sheet's dense peak for the precision each backend "
+            f"computes in: {listed}.") if peaks else ""
+
+
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 8192, repeats: int = 20) -> float:
     """FLOP/s of an n x n x n matmul at `dtype` on `device` (a CUDA device: timed with events).
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from rich.table import Table as RichTable
 from rich.text import Text
 
+from pdscli.bench.mfu import mfu_note
 from pdscli.machine import machine_summary
 
 
@@ -31,6 +32,11 @@ def pct(fraction) -> str:
         return "—"
     v = fraction * 100
     return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
+
+
+def pct_or_dash(fraction) -> str:
+    """A share as a percentage with its sign, or a dash."""
+    return "—" if fraction is None else f"{pct(fraction)} %"
 
 
 def rate(v) -> str:
@@ -87,22 +93,27 @@ def nfe_table(report: dict) -> Table | None:
     if not ok:
         return None
     base = next((k for k in ok[0]["batches"][0] if k.startswith("speedup_vs_")), None)
+    # MFU exists only against a listed peak (a GPU of pdscli.bench.mfu's table): no column of dashes elsewhere.
+    with_mfu = any(r.get("mfu") is not None for e in ok for r in e["batches"])
     rows = []
     for e in ok:
         for r in e["batches"]:
             rows.append([e["name"], e.get("precision") or "?", str(r["batch"]), ms(r["median_s"]), ms(r["iqr_s"]),
                          f"{ms(r['min_s'])}–{ms(r['max_s'])}", rate(r["images_per_s"]),
                          num(r.get(base), ".2f") + "×" if base and r.get(base) else "—",
-                         num(r["achieved_flops_per_s"] / 1e9 if r.get("achieved_flops_per_s") else None),
-                         num(r.get("max_rel_err_vs_eager_fp32"), ".1e")])
+                         num(r["achieved_flops_per_s"] / 1e9 if r.get("achieved_flops_per_s") else None)]
+                        + ([pct_or_dash(r.get("mfu"))] if with_mfu else [])
+                        + [num(r.get("max_rel_err_vs_eager_fp32"), ".1e")])
     s, flops = report["settings"], report["flops"]
     timed = f"{s['repeats']} timed calls after {s['warmup']} warm-up"
     caption = (f"Per network call, {timed}"
                + (f"; model FLOPs {flops['per_image'] / 1e9:.3g} GFLOP per image per call ({flops['method']})"
                   if flops.get("per_image") else "") + ":")
     columns = ["backend", "precision", "batch", "median ms", "IQR ms", "min–max ms", "images/s",
-               f"vs {base.removeprefix('speedup_vs_') if base else '—'}", "GFLOP/s", "rel. error vs eager fp32"]
-    return Table(f"Network call (NFE) latency, {timed}", caption, columns, rows, _nfe_notes(ok))
+               f"vs {base.removeprefix('speedup_vs_') if base else '—'}", "GFLOP/s"] + (["MFU"] if with_mfu else []) \
+        + ["rel. error vs eager fp32"]
+    notes = _nfe_notes(ok) + ([mfu_note(ok)] if with_mfu else [])
+    return Table(f"Network call (NFE) latency, {timed}", caption, columns, rows, notes)
 
 
 def _nfe_notes(ok: list[dict]) -> list[str]:

@@ -14,10 +14,11 @@ Schema (format `pds-bench/1`; times in seconds, None where a figure does not exi
     fid          --fid-ref only, else None: {path, kind (folder | samples.npz | statistics), count,
                  size, features, feature_dim, note (FID's small-sample bias)}
     backends     [{name, status: ok | skipped | failed, reason?, description, precision,
+                   compute_precision, peak (pdscli.bench.mfu.device_peak) | None,
                    setup_s, provider?, ..., batches: [{batch, <timing summary>, times_s, clock,
                    warmup, first_call_s, per_image_s, images_per_s, nfe_per_s, finite,
                    max_rel_err_vs_eager_fp32?, flops_per_call?, achieved_flops_per_s?,
-                   speedup_vs_<base>?}]}]
+                   mfu (a fraction of the listed peak) | None, speedup_vs_<base>?}]}]
     filters      {source, kinds, images_meaningful}
     pds_overhead {status, reason? | preconditioner, what, batches: [{batch, noise, grad (timing
                   summaries), per_nfe_s, per_pc_step_s, fraction_of_nfe {backend: x},
