@@ -22,3 +22,39 @@ def test_every_command_has_help_with_examples(run_pds):
         r = run_pds(name, "--help")
         assert r.exit_code == 0, name
         assert "Example" in r.stdout, f"`pds {name} --help` shows no example"
+
+
+def test_every_command_takes_json(run_pds):
+    for command in app.registered_commands:
+        r = run_pds(command.name, "--help")
+        assert "--json" in r.stdout, f"`pds {command.name}` has no --json"
+
+
+def test_one_json_printer_serves_every_command():
+    """cli.output.print_json is the only JSON writer of the commands: one style everywhere."""
+    import ast
+    from pathlib import Path
+
+    import pdscli.cli
+
+    folder = Path(pdscli.cli.__file__).parent
+    writers = []
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "output.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("dumps", "dump") and getattr(node.value, "id", "") == "json":
+                writers.append(f"{path.name}:{node.lineno}")
+    assert not writers, writers
+
+
+def test_the_json_printer_is_strict_and_indented(capsys):
+    import json
+    from pathlib import Path
+
+    from pdscli.cli.output import print_json
+
+    print_json({"path": Path("a/b"), "nan": float("nan"), "inf": [float("inf"), 1.5], "n": 2})
+    text = capsys.readouterr().out
+    assert json.loads(text) == {"path": "a/b", "nan": None, "inf": [None, 1.5], "n": 2}
+    assert text.startswith('{\n  "path"') and text.endswith("}\n")

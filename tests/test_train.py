@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,8 +101,11 @@ def test_warmup_and_ema_follow_score_sde():
 def test_train_checkpoint_load_sample_end_to_end(run_pds, tmp_path):
     folder = digit_folder(tmp_path)
     out = tmp_path / "run"
-    r = run_pds("train", folder, "--config", tiny_config(tmp_path), "--iters", 6, "--out", out, "--quiet", "--threads", 1)
+    r = run_pds("train", folder, "--config", tiny_config(tmp_path), "--iters", 6, "--out", out, "--threads", 1, "--json")
     assert r.exit_code == 0, r.stderr
+    printed = json.loads(r.stdout)  # --json: one document, and nothing else, on stdout
+    assert printed["step"] == 6 and printed["start_step"] == 0 and printed["out"] == str(out)
+    assert all(Path(p).is_file() for p in printed["files"].values())
     assert (out / "checkpoint.pth").is_file() and (out / "config.json").is_file()
     summary = json.loads((out / "train.json").read_text())
     assert summary["step"] == 6 and summary["num_images"] == 24

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from pdscli.cli import options
 from pdscli.cli.app import app
+from pdscli.cli.output import print_json, stderr_log
 from pdscli.console import console, err_console
 
 MODEL, MEASURE, SAMPLING, QUALITY, OUTPUT = "Model", "Measurement", "End to end and samplers", "Quality", "Output"
@@ -91,7 +92,7 @@ def bench(
     from pdscli.bench.config import KNOWN_BACKENDS, BenchConfig, check_outputs, parse_ints, parse_names
     from pdscli.bench.plot import write_plot
     from pdscli.bench.render import to_rich
-    from pdscli.bench.report import to_json, write_json
+    from pdscli.bench.report import write_json
     from pdscli.bench.run import run_bench
     from pdscli.devices import set_tf32
 
@@ -109,10 +110,7 @@ def bench(
     ).resolved()  # every flag checked before the outputs are touched
     check_outputs(out, plot, force)
 
-    def log(line: str) -> None:
-        if not quiet:
-            err_console.print(line, highlight=False, soft_wrap=True, markup=False)
-
+    log = stderr_log(quiet)
     report = run_bench(cfg, log)
     # With --json the report owns stdout, so the tables go to stderr.
     shown = err_console if as_json else console
@@ -123,7 +121,7 @@ def bench(
         # Lines of text must not wrap (a CPU name split in two); tables fit the width.
         shown.print(item, soft_wrap=isinstance(item, Text))
     if as_json:
-        typer.echo(to_json(report), nl=False)
+        print_json(report)
     if out:
         write_json(report, out)
         log(f"wrote {out}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,8 @@ import typer
 
 from pdscli.cli import options
 from pdscli.cli.app import app
-from pdscli.console import console, err_console
+from pdscli.cli.output import print_json, print_line
+from pdscli.console import err_console
 
 MEASURE = "Measurement"
 SMALL_N = 10_000  # below this many images, the text output repeats FID's small-sample caveat
@@ -72,14 +72,13 @@ def fid(
                              kid_subset_size=kid_subset_size, save_stats=save_stats, progress=progress)
     result["device"] = str(net.device)
     if as_json:
-        typer.echo(json.dumps(result))
+        print_json(result)
         return
     k = result["kid"]
-    console.print(
+    print_line(
         f"FID {result['fid']:.3f}  KID {k['mean']:.5f} ± {k['std']:.5f} ({k['subsets']} subsets of {k['subset_size']})\n"
         f"samples {result['samples_count']} ({result['samples']['path']}), reference {result['reference_count']} "
-        f"({result['reference']['path']}), features {result['features']}",
-        highlight=False, soft_wrap=True, markup=False,
+        f"({result['reference']['path']}), features {result['features']}"
     )
     if min(result["samples_count"], result["reference_count"]) < SMALL_N:
         err_console.print(f"note: {result['note']}", highlight=False, soft_wrap=True, markup=False)

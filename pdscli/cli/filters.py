@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ import typer
 
 from pdscli.cli import options
 from pdscli.cli.app import app, interruptible
-from pdscli.console import console
+from pdscli.cli.output import print_json, print_line
 from pdscli.errors import PdsError
 
 EPILOG = (
@@ -57,11 +56,11 @@ def filters(
     with interruptible():  # the set is renamed into place whole, or not at all
         paths = lib.write_filters(stats, out, npy=npy, force=force)
     if as_json:
-        typer.echo(json.dumps({"filters": stats.describe(), "count": stats.count, "size": stats.size,
-                               "channels": stats.channels, "files": {k: str(v) for k, v in paths.items()}}))
+        print_json({"filters": stats.describe(), "count": stats.count, "size": stats.size,
+                    "channels": stats.channels, "files": {k: str(v) for k, v in paths.items()}})
     else:
         written = ", ".join(str(p) for p in paths.values())
-        console.print(f"{stats.describe()} -> {written}", highlight=False, soft_wrap=True)
+        print_line(f"{stats.describe()} -> {written}")
 
 
 def resolve_shape(*, size: int | None, channels: int | None, preset: str | None = None, engine=None) -> tuple[int, int]:

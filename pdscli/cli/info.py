@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from pdscli.cli import options
 from pdscli.cli.app import app
+from pdscli.cli.output import print_json
 from pdscli.console import console
 
 EPILOG = (
@@ -43,7 +43,7 @@ def info(
                              trust_checkpoint=trust_checkpoint)
     report = checkpoint_report(model)
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        print_json(report)
     else:
         console.print(_table(report))
 

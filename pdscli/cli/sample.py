@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,8 @@ import typer
 
 from pdscli.cli import options
 from pdscli.cli.app import app
-from pdscli.console import console, err_console
+from pdscli.cli.output import print_json, print_line
+from pdscli.console import err_console
 
 SAMPLER, RUN = "Sampler", "Run"
 
@@ -148,9 +148,9 @@ def sample(
     if record is None:  # not rank 0
         return
     if as_json:
-        typer.echo(json.dumps({"out": str(out), **record}))
+        print_json({"out": str(out), **record})
     else:
-        console.print(summary_line(record, out), highlight=False, soft_wrap=True)
+        print_line(summary_line(record, out))
 
 
 def summary_line(record: dict, out: Path) -> str:

@@ -9,7 +9,7 @@ import typer
 
 from pdscli.cli import options
 from pdscli.cli.app import app, interruptible
-from pdscli.console import console
+from pdscli.cli.output import print_json, print_line
 from pdscli.errors import PdsError
 
 EPILOG = (
@@ -54,6 +54,7 @@ def train(
                                 rich_help_panel=options.OUTPUT),
     trust_checkpoint: options.TrustCheckpoint = False,
     quiet: options.Quiet = False,
+    as_json: options.Json = False,
 ):
     from pdscli.cli.progress import Progress
     from pdscli.train.loop import TrainOptions, default_config, run_training
@@ -74,12 +75,23 @@ def train(
     with interruptible(f"continue from the last checkpoint with --resume --out {out}"), \
             Progress(enabled=not quiet, log_lines=True) as bars:
         result = run_training(source, cfg, out, opts, progress=_train_lane(bars))
+    if as_json:
+        print_json(summary(result))
+        return
     loss = f", loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-    console.print(
+    print_line(
         f"trained steps {result.start_step}..{result.step} in {result.seconds:.1f} s{loss}: {out}/checkpoint.pth\n"
-        f"sample: pds sample --checkpoint {out}/checkpoint.pth --config {out}/config.json --steps 50",
-        highlight=False, soft_wrap=True,
+        f"sample: pds sample --checkpoint {out}/checkpoint.pth --config {out}/config.json --steps 50"
     )
+
+
+def summary(result) -> dict:
+    """--json: what the run did and where its files are."""
+    out = Path(result.out_dir)
+    return {"out": str(out), "start_step": result.start_step, "step": result.step,
+            "seconds": round(result.seconds, 3), "final_loss": result.final_loss,
+            "files": {name: str(out / name) for name in ("checkpoint.pth", "config.json", "ema.safetensors",
+                                                          "log.jsonl", "train.json")}}
 
 
 def _sigma_max(value: str | None):
