@@ -27,7 +27,8 @@ import torch
 from pdscli.precondition import alpha as AL
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.precondition import Filters, Preconditioner, compute_statistics
-from pdscli.samplers import get_sampler, pc_steps, pds
+from pdscli.samplers import get_sampler, pc_steps
+from pdscli.samplers.pc import pds
 from pdscli.samplers import accelerated as A
 from pdscli.samplers.grids import edm, geometric
 
@@ -189,7 +190,7 @@ def alpha_section(m) -> str:
     lines = [
         "### `--alpha auto` next to the fixed alpha = 5 and vanilla PC",
         "",
-        f"PC / PDS (`pdscli.samplers.pds`, reference grid `pc_steps`, snr {st.snr:g}) with frequency filters from "
+        f"PC / PDS (`pdscli.samplers.pc.pds`, reference grid `pc_steps`, snr {st.snr:g}) with frequency filters from "
         f"{filters.count} exact samples. MC: spectral KL of {PDS_BATCH} samples, the same noise for all three "
         "(floor ~5e-4). Exact: the population value from `pdscli.precondition.alpha.pc_second_moments` with the same "
         "estimated statistic. auto = `auto_alpha(n, num_scales, sigma_min=..., sigma_max=...)` (off: no filter).",

@@ -172,7 +172,7 @@ def test_last_step_is_tweedie_and_nfe_is_counted(model, name):
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_deterministic_samplers_refuse_a_preconditioner(model, name):
     pre = Preconditioner(freq_filter=np.ones((1, 16, 16)))
-    with pytest.raises(PdsError, match="deterministic"):
+    with pytest.raises(PdsError, match="takes no preconditioner"):
         get_sampler(name)(model.score, lambda: torch.randn(2, 1, 16, 16), geometric(model.settings, 4), precond=pre)
 
 

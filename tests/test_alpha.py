@@ -11,7 +11,8 @@ from pdscli.errors import PdsError
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.precondition import Filters, Preconditioner, compute_statistics
 from pdscli.precondition import alpha as AL
-from pdscli.samplers import pc_steps, pds
+from pdscli.samplers import pc_steps
+from pdscli.samplers.pc import pds
 from pdscli.samplers.accelerated import accel_sde, ddpm
 from pdscli.samplers.grids import geometric
 

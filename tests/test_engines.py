@@ -78,7 +78,8 @@ def test_onnx_engine_reads_settings_and_matches_torch_across_sigma(onnx_file, to
 def test_sampling_through_onnx_gives_the_torch_images(onnx_file, torch_net):
     """The full PC loop (corrector + predictor, 4 steps) through both engines, same seed."""
     from pdscli.noise import SampleNoise
-    from pdscli.samplers import pc, pc_steps
+    from pdscli.samplers import pc_steps
+    from pdscli.samplers.pc import pc
 
     model = open_engine(onnx_file, device="cpu")
     steps = pc_steps(model.settings, 4)

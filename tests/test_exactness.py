@@ -16,7 +16,8 @@ from pdscli.images import save_png
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
 from pdscli.precondition.alpha import ALPHA_REFERENCE
-from pdscli.samplers import pc, pc_steps, pds, predictor
+from pdscli.samplers import pc_steps
+from pdscli.samplers.pc import pc, pds, predictor
 
 N_SAMPLES = 128  # spectral-KL estimation floor ~ 1 / (4 n) = 0.002
 

@@ -17,17 +17,8 @@ import torch
 from pdscli.errors import PdsError
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner, compute_statistics, load_reference_npy
-from pdscli.samplers import (
-    REGISTRY,
-    Steps,
-    corrector,
-    get_sampler,
-    nfe_count,
-    pc,
-    pc_steps,
-    pds,
-    predictor,
-)
+from pdscli.samplers import REGISTRY, Steps, get_sampler, nfe_count, pc_steps
+from pdscli.samplers.pc import corrector, pc, pds, predictor
 from pdscli.settings import SamplingSettings
 
 SHAPE = (2, 8, 8)

@@ -1,5 +1,7 @@
 """Samplers: every sampler a short function `sampler(score, noise, steps, ...) -> x`, the step
-grids they walk (`grids`), and one registry (name -> function, NFE per step, deterministic or not).
+grids they walk (`grids`), the helpers their steps share (`common`), and one registry (name ->
+function, NFE per step, deterministic or not). The modules are named for their family: `pc`
+(predictor-corrector, PDS), `accelerated`, `dpm`, `edm`; `get_sampler(name)` is the function.
 
 Imports only the base layer (errors, settings) and its own modules.
 """
@@ -18,13 +20,9 @@ __all__ = [
     "VE_EPS",
     "SamplerInfo",
     "Steps",
-    "corrector",
     "get_sampler",
     "nfe_count",
-    "pc",
     "pc_steps",
-    "pds",
-    "predictor",
     "sampler_info",
 ]
 
@@ -75,11 +73,6 @@ REGISTRY: dict[str, SamplerInfo] = {
         SamplerInfo("gradient-estimation", sigma_multistep.gradient_estimation, 1, True, False),
     )
 }
-
-# The PC family's functions, importable as `pdscli.samplers.pds` etc.
-pds, predictor, corrector = pc.pds, pc.predictor, pc.corrector
-pc = pc.pc
-
 
 def sampler_info(name: str) -> SamplerInfo:
     """The registry entry for `name`; a PdsError listing the choices if unknown."""

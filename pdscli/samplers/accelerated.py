@@ -33,11 +33,9 @@ here). No sampler here couples the samples of a batch: an image depends on its o
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
-from pdscli.errors import PdsError
+from pdscli.samplers.common import eval_score, levels, no_precond, precond_maps, report, tweedie
 from pdscli.samplers.grids import Steps
 
 # -- float64 coefficients ------------------------------------------------------------------
@@ -93,33 +91,6 @@ def sde_noise_scales(sigma_hi: float, sigma_lo: float) -> tuple[float, float]:
 # -- shared pieces -------------------------------------------------------------------------
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _deterministic(name: str, precond) -> None:
-    if precond is not None:
-        # M M^T s is not the velocity of any flow that carries p_sigma to p_sigma' (only M = I
-        # is), and the prior sigma_max M z is not N(0, sigma_max^2 I): the result would not be
-        # the ODE's solution, and we have no exactness claim to make for it.
-        raise PdsError(f"{name} is deterministic and takes no preconditioner; use ddpm or accel-sde with filters, or drop --masks/--freq-mask/--space-mask")
-
-
-def _levels(steps: Steps, i: int) -> tuple[float, float, float]:
-    return float(steps.sigma[i]), float(steps.sigma_hi[i]), float(steps.sigma_lo[i])
-
-
-def _eval(score, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """s(x, sigma) with sigma as the [B] float32 tensor of the contract."""
-    return score(x, torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device))
-
-
-def _report(callback, i, n, sigma, x, x_eval, s, nfe) -> None:
-    if callback is not None:
-        denoised = x_eval + sigma**2 * s  # Tweedie's estimate at the point just evaluated
-        callback({"i": i, "n": n, "sigma": sigma, "x": x, "denoised": denoised, "nfe": nfe})
-
-
 def _add_correction(x: torch.Tensor, w: float, delta: torch.Tensor) -> torch.Tensor:
     """x + w delta where that is finite, per sample; x where it is not.
 
@@ -142,15 +113,16 @@ def _add_correction(x: torch.Tensor, w: float, delta: torch.Tensor) -> torch.Ten
 def ddim(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
     """DDIM = Euler in sigma on the probability-flow ODE dx/dsigma = eps = -sigma s(x, sigma).
     First order; n score calls."""
-    _deterministic("ddim", precond)
+    no_precond("ddim", precond)
     x = steps.sigma_max * noise()
     n = len(steps)
     for i in range(n):
-        sigma, hi, lo = _levels(steps, i)
-        s = _eval(score, x, sigma)
+        sigma, hi, lo = levels(steps, i)
+        s = eval_score(score, x, sigma)
         x_eval = x
         x = x + sigma**2 * s if lo == 0 else x + (lo - hi) * (-sigma * s)
-        _report(callback, i, n, sigma, x, x_eval, s, i + 1)
+        if callback is not None:
+            report(callback, i, n, sigma, x, tweedie(x_eval, sigma, s), i + 1)
     return x
 
 
@@ -160,13 +132,13 @@ def accel_ode(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_
     plus w (eps_prev - eps), i.e. eps taken linear in abar through this step's and the previous
     step's evaluations and integrated exactly: a two-step multistep method, second order.
     The first step (no previous evaluation) is plain DDIM, as in the authors' code; n calls."""
-    _deterministic("accel-ode", precond)
+    no_precond("accel-ode", precond)
     x = steps.sigma_max * noise()
     n = len(steps)
     prev = None  # (sigma, eps) of the previous evaluation
     for i in range(n):
-        sigma, hi, lo = _levels(steps, i)
-        s = _eval(score, x, sigma)
+        sigma, hi, lo = levels(steps, i)
+        s = eval_score(score, x, sigma)
         x_eval = x
         if lo == 0:
             x = x + sigma**2 * s
@@ -176,7 +148,8 @@ def accel_ode(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_
             if prev is not None:
                 x = _add_correction(x, abar_linear_weight(sigma, hi, lo, prev[0]), prev[1] - eps)
             prev = (sigma, eps)
-        _report(callback, i, n, sigma, x, x_eval, s, i + 1)
+        if callback is not None:
+            report(callback, i, n, sigma, x, tweedie(x_eval, sigma, s), i + 1)
     return x
 
 
@@ -185,12 +158,12 @@ def accel_ode2(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample
     """Two-call accelerated deterministic step: eps at x, a DDIM step to sigma_lo, eps there, and
     the exact integral of eps linear in abar between the two (a Heun / DPM-Solver-2-type single
     step: no history, second order). 2 calls per step, 1 for the final denoise: 2n - 1."""
-    _deterministic("accel-ode2", precond)
+    no_precond("accel-ode2", precond)
     x = steps.sigma_max * noise()
     n, nfe = len(steps), 0
     for i in range(n):
-        sigma, hi, lo = _levels(steps, i)
-        s = _eval(score, x, sigma)
+        sigma, hi, lo = levels(steps, i)
+        s = eval_score(score, x, sigma)
         nfe += 1
         x_eval = x
         if lo == 0:
@@ -198,21 +171,15 @@ def accel_ode2(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample
         else:
             eps = -sigma * s
             x_ddim = x + (lo - hi) * eps
-            eps_lo = -lo * _eval(score, x_ddim, lo)
+            eps_lo = -lo * eval_score(score, x_ddim, lo)
             nfe += 1
             x = _add_correction(x_ddim, abar_linear_weight(sigma, hi, lo, lo), eps_lo - eps)
-        _report(callback, i, n, sigma, x, x_eval, s, nfe)
+        if callback is not None:
+            report(callback, i, n, sigma, x, tweedie(x_eval, sigma, s), nfe)
     return x
 
 
 # -- stochastic samplers -------------------------------------------------------------------
-
-
-def _maps(precond) -> tuple[Callable, Callable]:
-    """(grad, draw): g -> M M^T g and z -> M z, or identities."""
-    if precond is None:
-        return _identity, _identity
-    return precond.grad, precond.noise
 
 
 @torch.no_grad()
@@ -220,19 +187,20 @@ def ddpm(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=
     """Reverse diffusion only (score_sde's predictor; the DDPM step in VE variables):
     x' = x + D M M^T s(x, sigma) + sqrt(D) M z. n calls. With M != I this is the PDS predictor,
     a heuristic: it keeps the marginals only for M M^T = I (docs/samplers.md)."""
-    grad, draw = _maps(precond)
+    grad, draw = precond_maps(precond)
     x = steps.sigma_max * draw(noise())
     n = len(steps)
     for i in range(n):
-        sigma, hi, lo = _levels(steps, i)
-        s = _eval(score, x, sigma)
+        sigma, hi, lo = levels(steps, i)
+        s = eval_score(score, x, sigma)
         x_eval = x
         if lo == 0:
             x = x + sigma**2 * s
         else:
             d = (hi - lo) * (hi + lo)
             x = x + d * grad(s) + math.sqrt(d) * draw(noise())
-        _report(callback, i, n, sigma, x, x_eval, s, i + 1)
+        if callback is not None:
+            report(callback, i, n, sigma, x, tweedie(x_eval, sigma, s), i + 1)
     return x
 
 
@@ -242,20 +210,21 @@ def accel_sde(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_
     the step's noise first, the score at that perturbed point, then the drift and the other
     half of the noise. The final denoise adds no noise first. n calls. With M, both draws are
     M z and the drift D M M^T s: a heuristic, as for ddpm."""
-    grad, draw = _maps(precond)
+    grad, draw = precond_maps(precond)
     x = steps.sigma_max * draw(noise())
     n = len(steps)
     for i in range(n):
-        sigma, hi, lo = _levels(steps, i)
+        sigma, hi, lo = levels(steps, i)
         if lo == 0:
-            s = _eval(score, x, sigma)
+            s = eval_score(score, x, sigma)
             x_eval = x
             x = x + sigma**2 * s
         else:
             pre, post = sde_noise_scales(hi, lo)
             d = (hi - lo) * (hi + lo)
             x_eval = x + pre * draw(noise())
-            s = _eval(score, x_eval, sigma)
+            s = eval_score(score, x_eval, sigma)
             x = x_eval + d * grad(s) + post * draw(noise())
-        _report(callback, i, n, sigma, x, x_eval, s, i + 1)
+        if callback is not None:
+            report(callback, i, n, sigma, x, tweedie(x_eval, sigma, s), i + 1)
     return x

@@ -45,8 +45,7 @@ import math
 
 import torch
 
-from pdscli.errors import PdsError
-from pdscli.samplers.accelerated import _deterministic, _eval, _levels
+from pdscli.samplers.common import eval_score, levels, no_precond, report, tweedie
 from pdscli.samplers.grids import Steps
 
 
@@ -70,16 +69,6 @@ def phi3(h: float) -> float:
     return phi2(h) / h - 0.5
 
 
-def _no_precond(name: str, precond) -> None:
-    if precond is not None:
-        raise PdsError(f"{name} takes no preconditioner (filters); use pds, ddpm or accel-sde with filters, or drop --masks/--freq-mask/--space-mask")
-
-
-def _report(callback, i, n, sigma, x, denoised, nfe) -> None:
-    if callback is not None:
-        callback({"i": i, "n": n, "sigma": sigma, "x": x, "denoised": denoised, "nfe": nfe})
-
-
 def _multistep(name: str, order: int, eta: float, score, noise, steps: Steps, precond, callback, *, midpoint: bool) -> torch.Tensor:
     """DPM-Solver++ of multistep order `order` (2 or 3) with noise share eta (0 = the ODE).
 
@@ -87,16 +76,13 @@ def _multistep(name: str, order: int, eta: float, score, noise, steps: Steps, pr
     False takes the exact integral of D linear in lambda, phi2(H) / r (D - D_prev). Both are
     second order; they differ by O(h^3) per step.
     """
-    if eta == 0:
-        _deterministic(name, precond)
-    else:
-        _no_precond(name, precond)
+    no_precond(name, precond)
     x = steps.sigma_max * noise()
     n = len(steps)
     hist: list[tuple[float, torch.Tensor]] = []  # (h of the step that followed it, D), newest first
     for i in range(n):
-        sigma, _, lo = _levels(steps, i)
-        denoised = x + sigma**2 * _eval(score, x, sigma)
+        sigma, _, lo = levels(steps, i)
+        denoised = tweedie(x, sigma, eval_score(score, x, sigma))
         if lo == 0:
             x = denoised
         else:
@@ -122,7 +108,7 @@ def _multistep(name: str, order: int, eta: float, score, noise, steps: Steps, pr
             if eta > 0:
                 x = x + lo * math.sqrt(-math.expm1(-2.0 * eta * h)) * noise()
             hist = [(h, denoised), *hist[: order - 1]]
-        _report(callback, i, n, sigma, x, denoised, i + 1)
+        report(callback, i, n, sigma, x, denoised, i + 1)
     return x
 
 

@@ -29,8 +29,7 @@ from functools import partial
 
 import torch
 
-from pdscli.samplers.accelerated import _deterministic, _eval, _levels
-from pdscli.samplers.dpm import _no_precond, _report
+from pdscli.samplers.common import eval_score, levels, no_precond, report, tweedie
 from pdscli.samplers.grids import Steps
 
 # EDM Algorithm 2's constants for `edm-sde` (measured on the built-in model and the exact models;
@@ -46,30 +45,30 @@ def _heun(score, noise, steps: Steps, callback, *, churn: float, tmin: float, tm
     n, nfe = len(steps), 0
     gamma_max = min(churn / n, math.sqrt(2.0) - 1.0) if churn > 0 else 0.0
     for i in range(n):
-        sigma, _, lo = _levels(steps, i)
+        sigma, _, lo = levels(steps, i)
         if lo > 0 and gamma_max > 0 and tmin <= sigma <= tmax:
             sigma_hat = sigma * (1.0 + gamma_max)
             x = x + s_noise * math.sqrt(sigma_hat**2 - sigma**2) * noise()
         else:
             sigma_hat = sigma
-        denoised = x + sigma_hat**2 * _eval(score, x, sigma_hat)
+        denoised = tweedie(x, sigma_hat, eval_score(score, x, sigma_hat))
         nfe += 1
         if lo == 0:
             x = denoised
         else:
             slope = (x - denoised) / sigma_hat
             x_euler = x + (lo - sigma_hat) * slope
-            slope_lo = -lo * _eval(score, x_euler, lo)  # (x_euler - D(x_euler, lo)) / lo
+            slope_lo = -lo * eval_score(score, x_euler, lo)  # (x_euler - D(x_euler, lo)) / lo
             nfe += 1
             x = x + (lo - sigma_hat) * 0.5 * (slope + slope_lo)
-        _report(callback, i, n, sigma, x, denoised, nfe)
+        report(callback, i, n, sigma, x, denoised, nfe)
     return x
 
 
 @torch.no_grad()
 def heun(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
     """EDM's deterministic 2nd-order Heun sampler: 2 calls per step, 1 for the final denoise (2n - 1)."""
-    _deterministic("heun", precond)
+    no_precond("heun", precond)
     return _heun(score, noise, steps, callback, churn=0.0, tmin=0.0, tmax=math.inf, s_noise=1.0)
 
 
@@ -77,7 +76,7 @@ def heun(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=
 def edm_sde_with(score, noise, steps: Steps, *, churn: float = S_CHURN, tmin: float = S_TMIN, tmax: float = S_TMAX,
                  s_noise: float = S_NOISE, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
     """EDM's stochastic sampler with explicit churn settings (2n - 1 calls)."""
-    _no_precond("edm-sde", precond)
+    no_precond("edm-sde", precond)
     return _heun(score, noise, steps, callback, churn=float(churn), tmin=float(tmin), tmax=float(tmax), s_noise=float(s_noise))
 
 
@@ -90,17 +89,17 @@ def euler_ancestral(score, noise, steps: Steps, *, precond=None, snr=0.16, per_s
     """Euler ancestral: per step an Euler (DDIM) step to sigma_down, then noise sigma_up z, with
     sigma_up^2 = sigma_lo^2 (sigma^2 - sigma_lo^2) / sigma^2 and sigma_down^2 = sigma_lo^2 - sigma_up^2
     (the DDPM posterior's split of sigma_lo^2). n calls."""
-    _no_precond("euler-a", precond)
+    no_precond("euler-a", precond)
     x = steps.sigma_max * noise()
     n = len(steps)
     for i in range(n):
-        sigma, _, lo = _levels(steps, i)
-        denoised = x + sigma**2 * _eval(score, x, sigma)
+        sigma, _, lo = levels(steps, i)
+        denoised = tweedie(x, sigma, eval_score(score, x, sigma))
         if lo == 0:
             x = denoised
         else:
             up = lo * math.sqrt((sigma - lo) * (sigma + lo)) / sigma
             down = lo * lo / sigma
             x = x + (down - sigma) * (x - denoised) / sigma + up * noise()
-        _report(callback, i, n, sigma, x, denoised, i + 1)
+        report(callback, i, n, sigma, x, denoised, i + 1)
     return x

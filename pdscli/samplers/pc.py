@@ -27,14 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from pdscli.errors import PdsError
+from pdscli.samplers.common import precond_maps, report, tweedie
 from pdscli.samplers.grids import Steps
 from pdscli.settings import CORRECTORS, PREDICTORS, SamplingSettings
 
 # -- the updates ----------------------------------------------------------------------------
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +45,7 @@ def langevin_step(score, noise, x, sigma, *, snr, precond=None, per_sample_step=
     g = M M^T s(x, sigma), z = M z0; step = 2 (snr |z| / |g|)^2 with the norms averaged over the
     batch (the reference) or per sample; x_mean = x + step g, x = x_mean + sqrt(2 step) z.
     """
-    grad = precond.grad if precond is not None else _identity
-    draw = precond.noise if precond is not None else _identity
+    grad, draw = precond_maps(precond)
     g = grad(score(x, sigma))
     z = draw(noise())
     g_norm, z_norm = _norms(g), _norms(z)
@@ -79,8 +75,7 @@ def reverse_diffusion_step(score, noise, x, sigma, sigma_hi: float, sigma_lo: fl
     D = sigma_hi^2 - sigma_lo^2 (float64); x_mean = x + D M M^T s(x, sigma); x = x_mean + sqrt(D) M z.
     probability_flow: half the drift and no noise (the draw is still made, as the reference does).
     """
-    grad = precond.grad if precond is not None else _identity
-    draw = precond.noise if precond is not None else _identity
+    grad, draw = precond_maps(precond)
     d = float(sigma_hi) ** 2 - float(sigma_lo) ** 2
     if probability_flow:
         x_mean = x + 0.5 * d * grad(score(x, sigma))
@@ -192,6 +187,18 @@ def _predict(opts, score, noise, x, x_mean, sigma, hi, lo, *, precond, n_steps):
     return x, x_mean  # none
 
 
+def _recorded(score, last: dict):
+    """`score` that keeps its latest input and output in `last` (the updates use the score only
+    through M M^T s, the callback's D(x) needs s itself)."""
+
+    def recorded(x, sigma):
+        s = score(x, sigma)
+        last["x"], last["s"] = x, s
+        return s
+
+    return recorded
+
+
 @torch.no_grad()
 def _pc_loop(score, noise, steps: Steps, *, precond, snr, per_sample_step, callback, options: PCOptions):
     snr = _check_snr(snr)
@@ -200,6 +207,9 @@ def _pc_loop(score, noise, steps: Steps, *, precond, snr, per_sample_step, callb
     x = steps.sigma_max * (precond.noise(z) if precond is not None else z)
     x_mean = x
     n, nfe, per_step = len(steps), 0, opts.nfe_per_step()
+    last: dict = {}  # the step's last score evaluation, for the callback's D(x)
+    if callback is not None:
+        score = _recorded(score, last)
     for i in range(n):
         # The score's sigma: [B] float32 on x's device (the contract), the same for every update of the step.
         sigma = torch.full((x.shape[0],), float(steps.sigma[i]), dtype=torch.float32, device=x.device)
@@ -209,7 +219,8 @@ def _pc_loop(score, noise, steps: Steps, *, precond, snr, per_sample_step, callb
                              precond=precond, n_steps=n)
         nfe += per_step
         if callback is not None:
-            callback({"i": i, "n": n, "sigma": float(steps.sigma[i]), "x": x, "denoised": x_mean, "nfe": nfe})
+            level = float(steps.sigma[i])
+            report(callback, i, n, level, x, tweedie(last["x"], level, last["s"]), nfe)
     # noise_removal: the last update's x_mean (the reference's denoise); else its x, noise and all.
     return x_mean if opts.noise_removal else x
 
