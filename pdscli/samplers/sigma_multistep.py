@@ -40,8 +40,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from pdscli.samplers.accelerated import _deterministic, _eval, _levels
-from pdscli.samplers.dpm import _report
+from pdscli.samplers.common import eval_score, levels, no_precond, report
 from pdscli.samplers.grids import Steps
 
 MAX_ORDER = 4  # iPNDM's and ComfyUI's default
@@ -72,13 +71,13 @@ def uniform_weights(order: int) -> tuple[float, ...]:
 
 
 def _adams(name: str, score, noise, steps: Steps, precond, callback, *, variable: bool) -> torch.Tensor:
-    _deterministic(name, precond)
+    no_precond(name, precond)
     x = steps.sigma_max * noise()
     n = len(steps)
     slopes: list[tuple[float, torch.Tensor]] = []  # (sigma of the evaluation, d), newest first
     for i in range(n):
-        sigma, _, lo = _levels(steps, i)
-        s = _eval(score, x, sigma)
+        sigma, _, lo = levels(steps, i)
+        s = eval_score(score, x, sigma)
         denoised = x + sigma**2 * s
         if lo == 0:
             x = denoised
@@ -94,7 +93,7 @@ def _adams(name: str, score, noise, steps: Steps, precond, callback, *, variable
             for w, (_, older) in zip(weights[1:], slopes[1:]):
                 step = step + w * older
             x = x + dt * step
-        _report(callback, i, n, sigma, x, denoised, i + 1)
+        report(callback, i, n, sigma, x, denoised, i + 1)
     return x
 
 
@@ -114,13 +113,13 @@ def ipndm_v(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_st
 def gradient_estimation(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False,
                         callback=None) -> torch.Tensor:
     """Permenter & Yuan's gradient-estimation sampler (gamma = 2). n calls."""
-    _deterministic("gradient-estimation", precond)
+    no_precond("gradient-estimation", precond)
     x = steps.sigma_max * noise()
     n = len(steps)
     previous = None
     for i in range(n):
-        sigma, _, lo = _levels(steps, i)
-        s = _eval(score, x, sigma)
+        sigma, _, lo = levels(steps, i)
+        s = eval_score(score, x, sigma)
         denoised = x + sigma**2 * s
         if lo == 0:
             x = denoised
@@ -129,5 +128,5 @@ def gradient_estimation(score, noise, steps: Steps, *, precond=None, snr=0.16, p
             slope = d if previous is None else d + (GE_GAMMA - 1.0) * (d - previous)
             x = x + (lo - sigma) * slope
             previous = d
-        _report(callback, i, n, sigma, x, denoised, i + 1)
+        report(callback, i, n, sigma, x, denoised, i + 1)
     return x
