@@ -151,3 +151,21 @@ def test_sample_runs_pds_samplers_on_the_pipeline(folder):
         expected = pdscli.sample(model, B, **kwargs)  # the same weights in pds's own network
         assert got.shape == (B, 3, SIZE, SIZE) and inside(expected.numpy()) > 0.1
         assert (got - expected).abs().max().item() <= TOL
+
+
+def test_api_doc_examples_run(folder, tmp_path, monkeypatch):
+    """Every Python block of docs/api.md, in order, in one namespace, in an empty folder (with the
+    small `pipeline/` the diffusers examples open)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) >= 6
+    shutil.copytree(folder, tmp_path / "pipeline")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/api.md block {i + 1}", "exec"), namespace)
+    assert namespace["images"].shape == (4, 1, 16, 16)
