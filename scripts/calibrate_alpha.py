@@ -3,7 +3,7 @@
 For each sampler (pds = the PC loop, ddpm, accel-sde), calibration model (analytic Gaussians of
 several sizes, sigma ranges and snrs) and step count from 2 to 2000, the exact spectral KL over
 a grid of filter excesses e = 1 / (alpha - 1) comes from the closed second-moment recursions in
-`pdscli.precondition.alpha` (no sampling). A step count's *safe* excesses are those where the KL
+`pdscli.evaluate.moments` (no sampling). A step count's *safe* excesses are those where the KL
 is no worse than vanilla's (to TOLERANCE), and still so with the excess doubled (a margin from
 the divergence cliff), every smaller excess safe too. The table keeps, at each knot of h (the
 step in log sigma), the smallest over the models near that h of each model's best safe excess
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pdscli.evaluate import moments as M
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.precondition import alpha as A
 
@@ -63,8 +64,8 @@ def alpha_of(e: float) -> float | None:
 
 def kl_grid(model, sampler: str, n: int, stat) -> tuple[float, np.ndarray]:
     """(KL vanilla, KL at each E_GRID excess), all filters in one pass of the recursion."""
-    p = torch.stack([A.squared_filter(stat, None)] + [A.squared_filter(stat, alpha_of(e)) for e in E_GRID])
-    kl = A.spectral_kl_of_moments(model, A.exact_moments(model, sampler, n, p)).numpy()
+    p = torch.stack([M.squared_filter(stat, None)] + [M.squared_filter(stat, alpha_of(e)) for e in E_GRID])
+    kl = M.spectral_kl_of_moments(model, M.exact_moments(model, sampler, n, p)).numpy()
     return float(kl[0]), kl[1:]
 
 
@@ -85,7 +86,7 @@ def best_safe_excess(van: float, kls: np.ndarray) -> float:
 def measure(sampler: str, models) -> list[dict]:
     points = []
     for label, model in models:
-        stat = A.expected_freq_statistic(model)
+        stat = M.expected_freq_statistic(model)
         st = model.settings
         for n in STEP_COUNTS:
             van, kls = kl_grid(model, sampler, n, stat)
@@ -128,8 +129,8 @@ def check(sampler: str, points) -> list[dict]:
         if e <= 0:
             p["kl_auto"] = p["van"]
             continue
-        kl = A.exact_spectral_kl(p["model"], sampler, p["n"], alpha_of(e), statistic=p["stat"])
-        kl2 = A.exact_spectral_kl(p["model"], sampler, p["n"], alpha_of(MARGIN * e), statistic=p["stat"])
+        kl = M.recursion_spectral_kl(p["model"], sampler, p["n"], alpha_of(e), statistic=p["stat"])
+        kl2 = M.recursion_spectral_kl(p["model"], sampler, p["n"], alpha_of(MARGIN * e), statistic=p["stat"])
         p["kl_auto"] = kl
         if max(kl, kl2) > p["van"] * (1 + TOLERANCE):
             bad.append(p)
@@ -163,7 +164,7 @@ def markdown(results, seconds: float, models=()) -> str:
         f"{platform.system()}, torch {torch.__version__}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"{seconds:.0f} s.",
         "",
-        "Exact spectral KL from the second-moment recursions of `pdscli.precondition.alpha` (no sampling), "
+        "Exact spectral KL from the second-moment recursions of `pdscli.evaluate.moments` (no sampling), "
         "frequency filter of each model's exact statistic. Every step count from 2 to 30 and 24 more up to 2000 "
         f"was checked: auto is never worse than vanilla (to {TOLERANCE:g}), and neither is twice its excess. "
         "`best` = the best alpha on the grid (unsafe ones included), `auto/van` = KL(auto) / KL(vanilla).",
@@ -179,7 +180,7 @@ def markdown(results, seconds: float, models=()) -> str:
         for p in points:
             if p["n"] not in SHOWN:
                 continue
-            k5 = A.exact_spectral_kl(p["model"], sampler, p["n"], A.ALPHA_REFERENCE, statistic=p["stat"])
+            k5 = M.recursion_spectral_kl(p["model"], sampler, p["n"], A.ALPHA_REFERENCE, statistic=p["stat"])
             lines.append(
                 f"| {p['label']} | {p['n']} | {p['h']:.3f} | {p['van']:.3g} | {k5:.3g} | {fmt_alpha(p['e_best_grid'])} "
                 f"| {p['kl_best_grid']:.3g} | {fmt_alpha(p['auto'])} | {p['kl_auto']:.3g} | {p['kl_auto'] / p['van']:.3f} |")
@@ -215,7 +216,7 @@ def corrector_alone(models) -> list[str]:
         cells = []
         for n in counts:
             steps = pc_steps(st, n)
-            kl = A.spectral_kl_of_moments(model, A.pc_second_moments(model, steps, p, st.snr, predictor=False))
+            kl = M.spectral_kl_of_moments(model, M.pc_second_moments(model, steps, p, st.snr, predictor=False))
             cells.append(f"{kl:.3g}" + (" warn" if corrector_stalls(steps, st.snr) else ""))
         lines.append(f"| {label} | {st.snr:g} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -256,7 +257,7 @@ def write_docs(text: str, path: Path = DOCS) -> None:
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)  # small elementwise ops: extra threads only contend
     t0 = time.time()
-    models = [(label, A.reduce_model(m)) for label, m in calibration_models()]
+    models = [(label, M.reduce_model(m)) for label, m in calibration_models()]
     results = {}
     for sampler in SAMPLERS:
         points = measure(sampler, models)

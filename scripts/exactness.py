@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.evaluate.digits import markdown_table
+from pdscli.evaluate.divergence import mean_gaussian_kl
 from pdscli.fsutil import atomic_write_text
 from pdscli.images import save_png
 from pdscli.noise import SampleNoise
@@ -117,8 +119,7 @@ def fmt_ratio(v: float) -> str:
 
 def tweedie_floor(model) -> float:
     """Spectral KL of an exact sampler's denoised output: r = lambda / (lambda + sigma_min^2)."""
-    r = model.lam / (model.lam + model.settings.sigma_min**2)
-    return float((0.5 * (r - 1 - torch.log(r))).mean())
+    return mean_gaussian_kl(model.lam, model.lam + model.settings.sigma_min**2)
 
 
 def table(rows: list[int], columns: list[Column], cell, full: int) -> str:
@@ -150,9 +151,6 @@ def builtin_section() -> str:
     """The built-in trained model's quality check (scripts/quality_check.py --json), if recorded."""
     if not BUILTIN_FIGURES.exists():
         return ""
-    spec = importlib.util.spec_from_file_location("quality_check", REPO / "scripts" / "quality_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     results = json.loads(BUILTIN_FIGURES.read_text())
     return (
         "## The built-in trained model (digits): PDS against vanilla on a real network\n\n"
@@ -161,7 +159,7 @@ def builtin_section() -> str:
         f"{results['num_samples']} samples per run, seed {results['seed']}, alpha {results['alpha']}. "
         "Figures recorded by `python scripts/quality_check.py --threads 1 --json docs/data/builtin-quality.json` "
         "(2-core AMD EPYC, shared, one thread; the times are of that loaded machine).\n\n"
-        + module.markdown_table(results) + "\n"
+        + markdown_table(results) + "\n"
     )
 
 

@@ -10,7 +10,7 @@ Everything is measured against the analytic Gaussian's ground truth:
     same x_T (then the same final denoise), and the log-log slope over 40-160 steps;
   * stochastic samplers and PC / PDS: the spectral KL of `GaussianImageModel.spectral_kl` (the
     measure of docs/exactness.md) from samples, next to its exact population value from the
-    closed second-moment recursions below (no sampling floor; the rates are read from those).
+    closed second-moment recursions of `pdscli.evaluate.moments` (no sampling floor; the rates are read from those).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-
-from pdscli.precondition import alpha as AL
+from pdscli.evaluate import moments as M
 from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.evaluate.divergence import mean_gaussian_kl
+from pdscli.precondition import alpha as AL
 from pdscli.precondition import Filters, Preconditioner, compute_statistics
 from pdscli.samplers import get_sampler, pc_steps
 from pdscli.samplers.pc import pds
-from pdscli.samplers import accelerated as A
 from pdscli.samplers.grids import edm, geometric
 
 SIZE = 32  # 32x32x1, the model's default settings (sigma_max 189, snr 0.075, 2000 scales)
@@ -103,40 +103,23 @@ def deterministic_section(m) -> str:
 # -- stochastic: spectral KL --------------------------------------------------------------------
 
 
-def stochastic_second_moments(m, steps, name: str, p: torch.Tensor | None = None) -> torch.Tensor:
+def sde_moments(m, steps, name: str, p: torch.Tensor | None = None) -> torch.Tensor:
     """E|F_ortho(x_out - mu)|^2 per coefficient for ddpm / accel-sde on the analytic model, with
-    M M^T = diag(p) (None = identity): each update is linear per Fourier coefficient."""
-    lam = m.lam
-    p = torch.ones_like(lam) if p is None else p
-    q = float(steps.sigma_max) ** 2 * p.clone()
-    q[..., :, 0, 0] += m.image_size**2 * m.mean**2  # the prior's mean is 0, the data's mu
-    for i in range(len(steps)):
-        sigma, hi, lo = float(steps.sigma[i]), float(steps.sigma_hi[i]), float(steps.sigma_lo[i])
-        a = lam + sigma**2
-        if lo == 0:
-            q = (lam / a) ** 2 * q  # Tweedie: x + sigma^2 s scales coefficient k by lam / a
-            continue
-        d = hi**2 - lo**2
-        if name == "ddpm":
-            q = (1 - d * p / a) ** 2 * q + d * p
-        elif name == "accel-sde":
-            pre, post = A.sde_noise_scales(hi, lo)
-            q = (1 - d * p / a) ** 2 * (q + pre**2 * p) + post**2 * p
-        else:
-            raise ValueError(name)
-    return q
+    M M^T = diag(p) (None = identity), from `pdscli.evaluate.moments`' recursions."""
+    p = torch.ones_like(m.lam) if p is None else p
+    return {"ddpm": M.ddpm_second_moments, "accel-sde": M.accel_sde_second_moments}[name](m, steps, p)
 
 
 def stochastic_section(m) -> str:
     st = m.settings
     ideal = m.lam**2 / (m.lam + st.sigma_min**2)  # an exact sampler's output, after the denoise
-    floor = AL.spectral_kl_of_moments(m, ideal)
+    floor = M.spectral_kl_of_moments(m, ideal)
     lines = [
         "### Stochastic samplers: ddpm and accel-sde",
         "",
         f"Spectral KL of {SDE_BATCH} samples (MC; its own floor with exact samples is about 1/(4n) = "
         f"{1 / (4 * SDE_BATCH):.1e}) and its exact population value from the second-moment recursion "
-        "(`stochastic_second_moments` in this script). Geometric grid; both samplers make one score "
+        "(`pdscli.evaluate.moments`). Geometric grid; both samplers make one score "
         f"call per step. Even an exact sampler has KL {floor:.1e} here: the final Tweedie denoise at "
         "sigma_min shrinks each coefficient by lam / (lam + sigma_min^2).",
         "",
@@ -148,7 +131,7 @@ def stochastic_section(m) -> str:
         for name in ("ddpm", "accel-sde"):
             g = _gen(100 + n)
             x = get_sampler(name)(m.score, lambda: torch.randn(SDE_BATCH, 1, SIZE, SIZE, generator=g), geometric(st, n))
-            e = AL.spectral_kl_of_moments(m, stochastic_second_moments(m, geometric(st, n), name))
+            e = M.spectral_kl_of_moments(m, sde_moments(m, geometric(st, n), name))
             row += [f"{m.spectral_kl(x):.3g}", f"{e:.3g}"]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
@@ -159,17 +142,12 @@ def stochastic_section(m) -> str:
         "",
     ]
     for name in ("ddpm", "accel-sde"):
-        k = [_kl_to(stochastic_second_moments(m, geometric(st, n), name), ideal) for n in SDE_STEPS]
+        k = [mean_gaussian_kl(sde_moments(m, geometric(st, n), name), ideal) for n in SDE_STEPS]
         parts = [f"{SDE_STEPS[i]}->{SDE_STEPS[i + 1]}: {math.log(k[i + 1] / k[i]) / math.log(SDE_STEPS[i + 1] / SDE_STEPS[i]):.2f}"
                  for i in range(len(k) - 1)]
         lines.append(f"- {name}: " + ", ".join(parts) + f" (KL {k[0]:.2g} at {SDE_STEPS[0]} steps, {k[-1]:.2g} at {SDE_STEPS[-1]})")
     lines.append("")
     return "\n".join(lines)
-
-
-def _kl_to(q: torch.Tensor, ref: torch.Tensor) -> float:
-    r = q / ref
-    return float((0.5 * (r - 1 - torch.log(r))).mean())
 
 
 # -- --alpha auto -------------------------------------------------------------------------------
@@ -192,7 +170,7 @@ def alpha_section(m) -> str:
         "",
         f"PC / PDS (`pdscli.samplers.pc.pds`, reference grid `pc_steps`, snr {st.snr:g}) with frequency filters from "
         f"{filters.count} exact samples. MC: spectral KL of {PDS_BATCH} samples, the same noise for all three "
-        "(floor ~5e-4). Exact: the population value from `pdscli.precondition.alpha.pc_second_moments` with the same "
+        "(floor ~5e-4). Exact: the population value from `pdscli.evaluate.moments.pc_second_moments` with the same "
         "estimated statistic. auto = `auto_alpha(n, num_scales, sigma_min=..., sigma_max=...)` (off: no filter).",
         "",
         "| steps | auto alpha | vanilla MC | alpha=5 MC | auto MC | vanilla exact | alpha=5 exact | auto exact |",
@@ -206,7 +184,7 @@ def alpha_section(m) -> str:
             g = _gen(1000 + n)
             x = pds(m.score, lambda: torch.randn(PDS_BATCH, 1, SIZE, SIZE, generator=g), pc_steps(st, n), precond=pre, snr=st.snr)
             mc.append(m.spectral_kl(x))
-            ex.append(AL.pc_spectral_kl(m, n, alpha, statistic=filters.freq))
+            ex.append(M.pc_spectral_kl(m, n, alpha, statistic=filters.freq))
         lines.append(f"| {n} | {'off' if a is None else f'{a:.3g}'} | " + " | ".join(f"{v:.3g}" for v in mc + ex) + " |")
     lines.append("")
     return "\n".join(lines)
@@ -221,7 +199,7 @@ def _auto(st, n: int, sampler: str) -> float | None:
 def preconditioned_stochastic_section(m) -> str:
     """ddpm / accel-sde with the PDS preconditioner, exact (recursion, exact filter statistic)."""
     st = m.settings
-    stat = AL.expected_freq_statistic(m)
+    stat = M.expected_freq_statistic(m)
     lines = [
         "### The preconditioner with ddpm and accel-sde (heuristic)",
         "",
@@ -237,8 +215,8 @@ def preconditioned_stochastic_section(m) -> str:
         for name in ("ddpm", "accel-sde"):
             a = _auto(st, n, name)
             for alpha, is_auto in ((None, False), (AL.ALPHA_REFERENCE, False), (a, True)):
-                p = None if alpha is None else AL.squared_filter(stat, alpha)
-                kl = AL.spectral_kl_of_moments(m, stochastic_second_moments(m, geometric(st, n), name, p))
+                p = None if alpha is None else M.squared_filter(stat, alpha)
+                kl = M.spectral_kl_of_moments(m, sde_moments(m, geometric(st, n), name, p))
                 row.append(f"{kl:.3g}" + (" (off)" if is_auto and a is None else ""))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")

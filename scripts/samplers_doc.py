@@ -8,20 +8,19 @@ measures into docs/data/samplers-*.json, renders the "Quality per budget" sectio
 Measures (one thread; the whole `measure` takes minutes on one core):
   * gaussian: the exact Gaussian model (pdscli.evaluate.analytic, 3x32x32, its defaults). Every
     sampler outside the PC family on the geometric (log-uniform) and edm (Karras rho 7) grids:
-    the exact spectral KL of its output (pdscli.evaluate.measures.exact_spectral_kl: no samples,
+    the exact spectral KL of its output (pdscli.evaluate.moments.exact_spectral_kl: no samples,
     no floor); PC and PDS (alpha 5 and auto) by the exact second-moment recursion
-    (pdscli.precondition.alpha). Deterministic samplers also: the RMS distance from the exact
+    (pdscli.evaluate.moments). Deterministic samplers also: the RMS distance from the exact
     probability-flow solution (same x_T, 8 samples), the ODE map sigma_max -> sigma_min followed
     by the Tweedie denoise every sampler ends with.
   * mixture: the mixture model (pdscli.evaluate.mixture, 3x32x32), N samples from the same x_T
     for every sampler: mode TV and the weight-averaged per-mode spectral KL (with its floor).
-  * builtin: the built-in digits model's classifier check (scripts/quality_check.py), N samples.
+  * builtin: the built-in digits model's classifier check (pdscli.evaluate.digits), N samples.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import platform
@@ -34,12 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pdscli.evaluate import digits as qc  # noqa: E402
+from pdscli.evaluate import moments as M  # noqa: E402
 from pdscli.evaluate.analytic import GaussianImageModel  # noqa: E402
-from pdscli.evaluate.measures import (  # noqa: E402
-    exact_second_moments,
-    kl_of_moments,
-    mixture_quality,
-)
+from pdscli.evaluate.measures import mixture_quality  # noqa: E402
 from pdscli.evaluate.mixture import MixtureImageModel  # noqa: E402
 from pdscli.noise import SampleNoise  # noqa: E402
 from pdscli.precondition import alpha as AL  # noqa: E402
@@ -87,18 +84,18 @@ def measure_gaussian(log) -> dict:
                 n = steps_for_nfe(name, nfe)
                 steps = make_steps(grid, model.settings, n)
                 row = {"sampler": name, "grid": grid, "nfe": nfe, "spent": info.nfe(n), "steps": n,
-                       "kl": kl_of_moments(model, exact_second_moments(model, info.fn, steps,
+                       "kl": M.kl_of_moments(model, M.exact_second_moments(model, info.fn, steps,
                                                                         max_draws=1 if info.deterministic else None))}
                 if info.deterministic:
                     row["ode_rms"] = ode_distance(model, name, steps, z)
                 rows.append(row)
             log(f"gaussian {name} {grid}: " + " ".join(f"{r['kl']:.2e}" for r in rows[-len(BUDGETS):]))
-    stat = AL.expected_freq_statistic(model)
+    stat = M.expected_freq_statistic(model)
     for label, alpha in (("pc", None), ("pds", 5.0), ("pds", "auto")):
         for nfe in BUDGETS:
             n = steps_for_nfe(label, nfe)
             a = alpha if alpha != "auto" else AL.resolve_alpha("auto", model.settings, n)
-            kl = AL.pc_spectral_kl(model, n, a, statistic=stat)
+            kl = M.pc_spectral_kl(model, n, a, statistic=stat)
             rows.append({"sampler": label, "grid": "pc", "nfe": nfe, "spent": nfe_count(label, n), "steps": n,
                          "alpha": None if alpha is None else (alpha if alpha != "auto" else f"auto ({a:.3g})"),
                          "kl": kl if math.isfinite(kl) else None})
@@ -128,17 +125,9 @@ def measure_mixture(log, n_samples: int) -> dict:
     return {"model": model.describe(), "num_samples": n_samples, "exact_samples": mixture_quality(model, ref), "rows": rows}
 
 
-def _quality_check():
-    spec = importlib.util.spec_from_file_location("quality_check", REPO / "scripts" / "quality_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def measure_builtin(log, n_samples: int) -> dict:
     from pdscli.models import builtin
 
-    qc = _quality_check()
     clf, _ = qc.digit_classifier(heldout=False)
     model = builtin.default_score_model("cpu")
     rows = []
@@ -237,7 +226,7 @@ def render(data: dict) -> str:
         out.append("")
     if bi:
         out += ["### Built-in digits model: the classifier check", "",
-                (f"scripts/quality_check.py's check (docs/builtin-model.md) on {bi['num_samples']} samples; "
+                (f"pdscli.evaluate.digits' check (docs/builtin-model.md) on {bi['num_samples']} samples; "
                 "`+ filters` = the model's own PDS filters at alpha 5."), "",
                 "| NFE | sampler | grid | steps (NFE spent) | confident | high-freq energy / data | max class share | check |",
                 "|---|---|---|---|---|---|---|---|"]

@@ -231,36 +231,3 @@ def test_accel_sde_beats_ddpm_at_few_steps(model):
             out = get_sampler(name)(model.score, lambda: torch.randn(256, 1, 16, 16, generator=g), geometric(model.settings, n))
             kl[name] = model.spectral_kl(out)
         assert kl["accel-sde"] < 0.25 * kl["ddpm"], kl
-
-
-def _exactness_accel():
-    """scripts/exactness_accel.py as a module (it holds the stochastic second-moment recursion)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "exactness_accel.py"
-    spec = importlib.util.spec_from_file_location("exactness_accel_for_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("name", ["ddpm", "accel-sde"])
-@pytest.mark.parametrize("alpha", [None, 5.0])
-def test_stochastic_recursion_matches_the_samplers(model, name, alpha):
-    """The yardstick of docs/exactness.md's stochastic figures agrees with the real samplers,
-    with and without the preconditioner."""
-    from pdscli.precondition import alpha as AL
-    from pdscli.precondition import Filters
-
-    E = _exactness_accel()
-    stat = AL.expected_freq_statistic(model)
-    pre = None if alpha is None else Preconditioner.from_filters(Filters(freq=stat, space=None, size=16, channels=1), alpha)
-    p = None if alpha is None else AL.squared_filter(stat, alpha)
-    steps = geometric(model.settings, 10)
-    g = torch.Generator().manual_seed(21)
-    batch = 256
-    x = get_sampler(name)(model.score, lambda: torch.randn(batch, 1, 16, 16, generator=g), steps, precond=pre)
-    mc = model.spectral_kl(x)
-    exact = AL.spectral_kl_of_moments(model, E.stochastic_second_moments(model, steps, name, p))
-    assert abs(mc - exact) < 0.15 * exact + 2.5 / (4 * batch), (mc, exact)

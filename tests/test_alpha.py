@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pdscli.errors import PdsError
+from pdscli.evaluate import moments as M
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.precondition import Filters, Preconditioner, compute_statistics
 from pdscli.precondition import alpha as AL
@@ -30,7 +31,7 @@ EXACT_MODELS = {
 @pytest.fixture(scope="module", params=list(EXACT_MODELS))
 def exact(request):
     model = EXACT_MODELS[request.param]()
-    return AL.reduce_model(model), model
+    return M.reduce_model(model), model
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def auto(m, n, sampler="pds"):
 
 
 def kl(m, sampler, n, alpha):
-    return AL.exact_spectral_kl(m, sampler, n, None if alpha >= AL.ALPHA_MAX else alpha)
+    return M.recursion_spectral_kl(m, sampler, n, None if alpha >= AL.ALPHA_MAX else alpha)
 
 
 # -- never worse than vanilla, with a margin from the cliff -------------------------------------
@@ -57,39 +58,39 @@ def test_auto_never_worse_than_vanilla_exactly(exact, sampler):
     1 / (alpha - 1) doubled: the margin from the divergence cliff."""
     reduced, _ = exact
     for n in ISSUE_STEPS:
-        van = AL.exact_spectral_kl(reduced, sampler, n, None)
+        van = M.recursion_spectral_kl(reduced, sampler, n, None)
         a = auto(reduced, n, sampler)
         assert kl(reduced, sampler, n, a) <= van * (1 + 1e-3), (sampler, n, a)
         if a < AL.ALPHA_MAX:
             stronger = 1 + (a - 1) / 2  # twice the excess
-            assert AL.exact_spectral_kl(reduced, sampler, n, stronger) <= van * (1 + 1e-3), (sampler, n, a)
+            assert M.recursion_spectral_kl(reduced, sampler, n, stronger) <= van * (1 + 1e-3), (sampler, n, a)
 
 
 def test_auto_gains_where_the_filter_can(exact):
     """Not just 'off everywhere': on the exact models PDS with auto clearly beats vanilla at 3-30 steps."""
     reduced, _ = exact
     for n in (3, 10, 17, 20, 30):
-        assert kl(reduced, "pds", n, auto(reduced, n)) < 0.8 * AL.exact_spectral_kl(reduced, "pds", n, None), n
+        assert kl(reduced, "pds", n, auto(reduced, n)) < 0.8 * M.recursion_spectral_kl(reduced, "pds", n, None), n
 
 
 def test_the_fixed_reference_alpha_loses_where_auto_does_not():
     """Why auto exists (the samplers issue's figures): on its exact model alpha = 5 diverges at 5
     steps (KL ~1.8e3 against vanilla's ~21) and loses from ~100 steps; auto never loses."""
-    reduced = AL.reduce_model(GaussianImageModel(32, 3))
-    van5 = AL.pc_spectral_kl(reduced, 5, None)
-    assert AL.pc_spectral_kl(reduced, 5, AL.ALPHA_REFERENCE) > 50 * van5
-    assert AL.pc_spectral_kl(reduced, 5, auto(reduced, 5)) < van5
+    reduced = M.reduce_model(GaussianImageModel(32, 3))
+    van5 = M.pc_spectral_kl(reduced, 5, None)
+    assert M.pc_spectral_kl(reduced, 5, AL.ALPHA_REFERENCE) > 50 * van5
+    assert M.pc_spectral_kl(reduced, 5, auto(reduced, 5)) < van5
     for n in (100, 200):
-        van = AL.pc_spectral_kl(reduced, n, None)
-        assert AL.pc_spectral_kl(reduced, n, AL.ALPHA_REFERENCE) > 2 * van
+        van = M.pc_spectral_kl(reduced, n, None)
+        assert M.pc_spectral_kl(reduced, n, AL.ALPHA_REFERENCE) > 2 * van
         assert kl(reduced, "pds", n, auto(reduced, n)) <= van
 
 
 def test_every_step_count_up_to_2000():
     """Calibrated for every step count from 2 to 2000: a dense sweep on the issue's model."""
-    reduced = AL.reduce_model(GaussianImageModel(32, 3))
+    reduced = M.reduce_model(GaussianImageModel(32, 3))
     for n in list(range(2, 41)) + [45, 60, 75, 90, 120, 150, 250, 300, 400, 600, 2000]:
-        assert kl(reduced, "pds", n, auto(reduced, n)) <= AL.pc_spectral_kl(reduced, n, None) * (1 + 1e-3), n
+        assert kl(reduced, "pds", n, auto(reduced, n)) <= M.pc_spectral_kl(reduced, n, None) * (1 + 1e-3), n
 
 
 # -- the rule and the choice a run makes ---------------------------------------------------------
@@ -173,11 +174,11 @@ def test_one_default_alpha_everywhere():
 
 
 def test_reduced_model_gives_the_same_numbers(model):
-    reduced = AL.reduce_model(model)
+    reduced = M.reduce_model(model)
     assert reduced.lam.numel() < model.lam.numel() / 3
     for sampler in ("pds", "ddpm", "accel-sde"):
         for alpha in (None, 5.0, 30.0):
-            full, red = AL.exact_spectral_kl(model, sampler, 12, alpha), AL.exact_spectral_kl(reduced, sampler, 12, alpha)
+            full, red = M.recursion_spectral_kl(model, sampler, 12, alpha), M.recursion_spectral_kl(reduced, sampler, 12, alpha)
             assert red == pytest.approx(full, rel=1e-10), (sampler, alpha)
 
 
@@ -187,15 +188,16 @@ def _mc_kl(model, fn, steps, precond, batch=384, seed=11):
     return model.spectral_kl(x)
 
 
-@pytest.mark.parametrize("sampler,alpha", [("pds", None), ("pds", 5.0), ("ddpm", 10.0), ("accel-sde", 30.0)])
+@pytest.mark.parametrize("sampler,alpha", [("pds", None), ("pds", 5.0), ("ddpm", None), ("ddpm", 10.0),
+                                           ("accel-sde", None), ("accel-sde", 30.0)])
 def test_recursion_matches_the_sampler(model, sampler, alpha):
     """The exact recursion (no sampling) against the spectral KL of real samples at 20 steps."""
-    stat = AL.expected_freq_statistic(model)
+    stat = M.expected_freq_statistic(model)
     pre = None if alpha is None else Preconditioner.from_filters(Filters(freq=stat, space=None, size=16, channels=1), alpha)
     fn, grid = {"pds": (pds, pc_steps), "ddpm": (ddpm, geometric), "accel-sde": (accel_sde, geometric)}[sampler]
     batch = 384
     mc = _mc_kl(model, fn, grid(model.settings, 20), pre, batch)
-    exact = AL.exact_spectral_kl(model, sampler, 20, alpha)
+    exact = M.recursion_spectral_kl(model, sampler, 20, alpha)
     # MC adds its own positive floor of about 1/(4 batch) and some scatter.
     assert abs(mc - exact) < 0.15 * exact + 2.5 / (4 * batch), (mc, exact)
 

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pdscli.evaluate import digits as qc
 from pdscli.models import builtin
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def quality_check():
-    """scripts/quality_check.py as a module (the same code makes the figures in docs/builtin-model.md)."""
-    spec = importlib.util.spec_from_file_location("quality_check", REPO / "scripts" / "quality_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_package_ships_weights_config_and_filters_in_a_few_mb():
@@ -63,7 +55,6 @@ def test_the_shipped_filters_are_the_statistics_of_the_training_digits():
 
 
 def test_the_check_fails_on_noise_and_passes_real_digits():
-    qc = quality_check()
     clf, _ = qc.digit_classifier(heldout=False)
     from pdscli.train.datasets import load_digits
 
@@ -77,7 +68,6 @@ def test_the_check_fails_on_noise_and_passes_real_digits():
 
 def test_pds_at_the_default_steps_passes_and_vanilla_at_the_same_steps_does_worse():
     """The quick quality check (64 samples, about 10 s alone on a CPU core); figures in docs/builtin-model.md."""
-    qc = quality_check()
     clf, _ = qc.digit_classifier(heldout=False)
     model = builtin.default_score_model("cpu")
     n, steps = 64, builtin.DEFAULT_STEPS

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from pdscli.errors import PdsError
+from pdscli.evaluate import digits as qc
 from pdscli.evaluate.analytic import GaussianImageModel
-from pdscli.evaluate.measures import exact_spectral_kl, mixture_quality
+from pdscli.evaluate.measures import mixture_quality
+from pdscli.evaluate.moments import exact_spectral_kl
 from pdscli.evaluate.mixture import MixtureImageModel
 from pdscli.noise import SampleNoise
 from pdscli.samplers import REGISTRY, nfe_count
@@ -26,7 +26,6 @@ from pdscli.samplers.recommend import (
     recommend,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 BUDGETS = [10, 20, 35, 50]
 BASELINE = ("dpm++2m", "geometric")  # DPM-Solver++(2M) on the log-uniform grid
 
@@ -98,18 +97,10 @@ def test_default_is_at_least_as_exact_as_dpm2m_on_the_mixture(mixture_runs, budg
     assert mine["mean_mode_kl"] <= base["mean_mode_kl"] * (1 + 1e-6), (mine, base)
 
 
-def _quality_check():
-    spec = importlib.util.spec_from_file_location("quality_check", REPO / "scripts" / "quality_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_builtin_default_at_20_nfe_passes_the_classifier_check():
     """What vanilla PC at 30 steps (60 NFE) fails (tests/test_builtin.py), the default at 20 NFE passes."""
     from pdscli.models import builtin
 
-    qc = _quality_check()
     clf, _ = qc.digit_classifier(heldout=False)
     plan = plan_budget(20, filters=True, analytic=False)  # the built-in model comes with its filters
     assert plan.nfe <= 20

@@ -635,19 +635,19 @@ def test_pc_steps_any_positive_speed_up(speed_up):
 
 def test_corrector_stall_warning_matches_the_exact_model():
     """The warning fires exactly where the exact model says the corrector alone stays near the prior."""
+    from pdscli.evaluate import moments as M
     from pdscli.evaluate.analytic import GaussianImageModel
-    from pdscli.precondition import alpha as AL
     from pdscli.samplers.pc import corrector_stalls
 
     models = (GaussianImageModel(16, 1), GaussianImageModel(16, 1, sigma_max=50.0, snr=0.16, num_scales=1000),
               GaussianImageModel(16, 1, sigma_max=8.6), GaussianImageModel(16, 1, sigma_max=8.6, snr=0.16, num_scales=1000),
               GaussianImageModel(16, 1, sigma_max=1348.0, snr=0.15))
     for model in models:
-        reduced = AL.reduce_model(model)
+        reduced = M.reduce_model(model)
         p = torch.ones_like(reduced.lam)
         for n in (20, 200, 400, 600, 1000, 1500, 2000, 3000):
             steps = pc_steps(model.settings, n)
-            kl = AL.spectral_kl_of_moments(reduced, AL.pc_second_moments(reduced, steps, p, model.settings.snr,
+            kl = M.spectral_kl_of_moments(reduced, M.pc_second_moments(reduced, steps, p, model.settings.snr,
                                                                           predictor=False))
             stalls = corrector_stalls(steps, model.settings.snr)
             assert (stalls is not None) == (kl > 1.0), (model.settings.snr, n, kl)
@@ -667,12 +667,12 @@ def _run_json(out):
 
 
 def _gauss_filters(path):
+    from pdscli.evaluate import moments as M
     from pdscli.evaluate.analytic import GaussianImageModel
     from pdscli.precondition import Filters
-    from pdscli.precondition import alpha as AL
 
     model = GaussianImageModel(8, 1)
-    Filters(freq=AL.expected_freq_statistic(model), space=None, size=8, channels=1, count=1).save(path)
+    Filters(freq=M.expected_freq_statistic(model), space=None, size=8, channels=1, count=1).save(path)
     return path
 
 

@@ -8,7 +8,7 @@ import torch
 
 from pdscli.errors import PdsError
 from pdscli.evaluate.analytic import GaussianImageModel
-from pdscli.evaluate.measures import exact_spectral_kl
+from pdscli.evaluate.moments import exact_spectral_kl
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
 from pdscli.samplers import REGISTRY, nfe_count, pc_steps

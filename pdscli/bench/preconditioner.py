@@ -11,7 +11,8 @@ from pdscli.bench.config import ANALYTIC, BenchConfig
 from pdscli.bench.model import BenchModel
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.precondition import Filters, Preconditioner, compute_statistics
-from pdscli.precondition.alpha import expected_freq_statistic, resolve_alpha
+from pdscli.evaluate.moments import expected_freq_statistic
+from pdscli.precondition.alpha import resolve_alpha
 from pdscli.sample.model import check_filters_fit, open_filters
 from pdscli.settings import SamplingSettings
 

@@ -12,6 +12,7 @@ from pdscli.bench.config import ANALYTIC, BenchConfig, error_line
 from pdscli.bench.model import BenchModel
 from pdscli.errors import PdsError
 from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.evaluate.divergence import gaussian_kl
 from pdscli.evaluate.measures import mixture_quality, mode_tv
 from pdscli.evaluate.mixture import MixtureImageModel
 from pdscli.images import image_files, load_image
@@ -83,7 +84,7 @@ class ReferenceQuality:
 
     def _kl(self, power: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
         r = power / ref
-        return float((0.5 * (r - 1 - torch.log(r))).mean()), float(r[:, -1].mean())
+        return float(gaussian_kl(r).mean()), float(r[:, -1].mean())
 
     def measure(self, x: torch.Tensor) -> dict:
         # Clipped to [0, 1] as saved images are: the reference images live there too.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from pdscli.errors import PdsError
+from pdscli.evaluate.divergence import mean_gaussian_kl
 from pdscli.score import ScoreModel
 from pdscli.settings import SamplingSettings
 
@@ -189,8 +190,7 @@ class GaussianImageModel:
         1/2 (r - 1 - ln r), r = v_hat / lam: how far each coefficient's empirical variance
         v_hat (see `empirical_variance`) is from the data's exact lam. 0 for a perfect
         sampler; with n exact samples the estimate's own floor is about 1/(4n)."""
-        r = self.empirical_variance(samples) / self.lam
-        return float((0.5 * (r - 1 - torch.log(r))).mean())
+        return mean_gaussian_kl(self.empirical_variance(samples), self.lam)
 
     def band_index(self, n_bands: int = 4) -> torch.Tensor:
         """Radial band of each DFT coefficient, [H, W] long: band b holds radii
