@@ -105,87 +105,132 @@ def _ok(part) -> bool:
     return isinstance(part, dict) and part.get("status", "ok") == "ok"
 
 
+GOAL_NAMES = {"best_backend_vs_eager_fp32_256_b8": "best backend vs eager fp32 per NFE, 256², batch 8",
+              "pds_overhead_share_of_nfe": "PDS overhead per NFE, share of the fastest call (256², batch 8)",
+              "pds66_vs_vanilla2000_speedup": "PDS@66 vs vanilla PC@2000, end to end (1024², batch 1)",
+              "mfu_bf16_b32": "MFU of bf16 eager at batch 32 (listed bf16 peak)"}
+
+
 def render_gpu(report: dict, name: str) -> str:
     """The GPU block from scripts/gpu_bench.py's JSON: goals, latency and MFU, overhead, end to end,
-    samplers, step graphs, noise. A --tiny or CPU report is refused (CPU smoke numbers)."""
+    samplers, whole steps (CUDA graphs, torch.compile), noise. A --tiny or CPU report is refused
+    (CPU smoke numbers)."""
     if report.get("tiny") or not str(report.get("device", "")).startswith("cuda"):
         raise ValueError(f"{name}: a --tiny or CPU run of scripts/gpu_bench.py; not GPU figures")
-    m, gpu = report["machine"], report["machine"]["gpu"]
-    parts = [f"Command: `{report['command']}`  \nMeasured {report['created']} on {gpu['name']} ({gpu['memory_gib']} GiB, "
-             f"driver {gpu['driver']}, CUDA {gpu['cuda']}, cuDNN {gpu['cudnn']}), host {m['cpu']}; torch "
-             f"{m['libraries']['torch']}, pds {report['pds_version']}; "
-             + (f"the run took {report['elapsed_s']:.0f} s. " if report.get("complete") else
-                "**the run was cut short: parts missing below were not measured.** ")
-             + f"Full report: `docs/bench/{name}.json`."]
-    peaks = report["peaks"]
-    parts.append("Matmul peaks (one {n}³ GEMM, measured / data sheet dense): ".format(n=peaks["matmul_n"]) + ", ".join(
-        f"{k} {_f((v or 0) / 1e12, '.0f')} / {_f(((peaks['listed'].get(k) or {}).get('flops_per_s') or 0) / 1e12, '.0f')} TFLOP/s"
-        for k, v in peaks["flops_per_s"].items()) + ".")
-    names = {"best_backend_vs_eager_fp32_256_b8": "best backend vs eager fp32 per NFE, 256², batch 8",
-             "pds_overhead_share_of_nfe": "PDS overhead per NFE, share of the fastest call (256², batch 8)",
-             "pds66_vs_vanilla2000_speedup": "PDS@66 vs vanilla PC@2000, end to end (1024², batch 1)",
-             "mfu_bf16_b32": "MFU of bf16 eager at batch 32 (listed bf16 peak)"}
-    rows = [[names.get(k, k), _f(g["goal"]), _f(g["value"]), "met" if g["met"] else "not met"]
-            for k, g in report.get("goals", {}).items()]
-    parts.append("Goals, as measured:\n\n" + markdown_table(["goal", "target", "measured", ""], rows))
+    parts = [_gpu_provenance(report, name), _gpu_peaks(report["peaks"]), _gpu_goals(report)]
     for arch, lat in report.get("latency", {}).items():
-        if not _ok(lat):
-            parts.append(f"Latency {arch}: failed ({lat.get('reason')}).")
-            continue
-        base = {r["batch"]: r["median_s"] for e in lat["backends"] if e["name"] == "fp32" and e["status"] == "ok" for r in e["batches"]}
-        rows = []
-        for e in lat["backends"]:
-            if e["status"] != "ok":
-                rows.append([e["name"], e.get("precision") or "?", "—", "—", "—", "—", "—", "—", f"failed: {e.get('reason')}"])
-                continue
-            for r in e["batches"]:
-                rows.append([e["name"], e["compute_precision"] or e["precision"], str(r["batch"]), ms(r["median_s"]),
-                             rate(r["images_per_s"]), _f(base[r["batch"]] / r["median_s"] if r["batch"] in base else None, ".2f", "×"),
-                             _pc(r.get("mfu")), _pc(r.get("mfu_of_measured_peak")), _f(r.get("max_rel_err_vs_fp32"), ".1e")])
-        skipped = "".join(f" Not measured: `{s['name']}` ({s['reason']})." for s in lat["skipped"])
-        parts.append(f"Per network call, {arch} architecture (random weights, {lat['params']:,} parameters, "
-                     f"{_f((lat['flops_per_call'].get('1') or 0) / 1e9, '.4g')} GFLOP per image):{skipped}\n\n"
-                     + markdown_table(["backend", "computes in", "batch", "median ms", "images/s", "vs fp32", "MFU (data sheet)",
-                            "MFU (measured peak)", "rel. error vs fp32"], rows))
-    ov = report.get("pds_overhead")
-    if _ok(ov):
-        rows = [[str(r["batch"]), ms(r["m_z_s"]), ms(r["m_mt_g_s"]), ms(r["per_nfe_s"]), ms(r["noise_draw_s"]),
-                 f"{_pc(r['share_of_fastest_nfe'])} ({r['fastest_backend']})"] for r in ov["rows"]]
-        parts.append("PDS overhead per NFE on the 256 architecture (one M z and one M Mᵀ g; synthetic filters):\n\n"
-                     + markdown_table(["batch", "M z ms", "M Mᵀ g ms", "per NFE ms", "one noise draw ms", "share of the fastest NFE"], rows))
-    e2e = report.get("e2e")
-    if _ok(e2e):
-        rows = [[r["label"], str(r["steps"]), str(r.get("nfe", "—")), _f(r.get("wall_s"), ".4g") if r["status"] == "ok" else r["status"]]
-                for r in e2e["runs"]]
-        parts.append(f"End to end, ffhq-1024 architecture, batch 1, backend `{e2e['backend']}`: speedup "
-                     f"**{_f(e2e['speedup'], '.1f', '×')}** for an NFE ratio of {e2e['nfe_ratio']:.1f}×.\n\n"
-                     + markdown_table(["run", "steps", "NFE", "wall s"], rows))
-    sm = report.get("samplers")
-    if _ok(sm):
-        rows = [[r["sampler"], str(r.get("steps", "—")), str(r.get("nfe", "—")), ms(r.get("per_step_s")),
-                 ms(r.get("overhead_per_step_s")), _pc(r.get("overhead_share"))] if r["status"] == "ok"
-                else [r["sampler"], "—", "—", "—", "—", r["status"]] for r in sm["rows"]]
-        parts.append(f"Samplers at {report['plan']['sampler_nfe']} NFE, 256 architecture, batch {sm['batch']}, backend "
-                     f"`{sm['backend']}` (one call {ms(sm['nfe_per_call_s'])} ms):\n\n"
-                     + markdown_table(["sampler", "steps", "NFE", "ms per step", "ms per step beyond the calls", "share of the time"], rows))
-    sg = report.get("step_graphs")
-    if _ok(sg):
-        rows = [[r["sampler"], r.get("path", "—"), "yes" if r.get("bit_equal") else _f(r.get("max_rel_diff_vs_eager"), ".1e"),
-                 ms(r.get("eager_per_step_s")), ms(r.get("graph_per_step_s")),
-                 (r.get("reason") or "")[:80] if r.get("path") == "eager" else ""]
-                if r["status"] == "ok" else [r["sampler"], "—", "—", "—", "—", r["status"]] for r in sg["rows"]]
-        parts.append(f"Whole steps from CUDA graphs against the eager step ({sg['architecture']}, batch "
-                     f"{report['plan']['graph_batch']}, {report['plan']['graph_steps']} steps):\n\n"
-                     + markdown_table(["sampler", "path", "bit-identical (else max rel. diff)", "eager ms/step", "graph ms/step", "why eager"], rows))
-    nz = report.get("noise")
-    if _ok(nz):
-        t = nz["draw_time"]
-        g = [f"{k.replace('_', ' ')}: max |diff| {v['max_abs_diff']:.2g}, {100 * v['bit_equal_share']:.4g} % bit-equal"
-             for k, v in nz.items() if k.startswith("gpu_") and isinstance(v, dict)]
-        parts.append(f"Noise (version {nz['noise_version']}), {nz['batch']} × {'×'.join(map(str, nz['shape']))}: "
-                     + "; ".join(g) + f"; batch-independent on the GPU: {nz.get('gpu_batch_independent')}. One draw: "
-                     + ", ".join(f"{k.replace('_', ' ')} {ms(v['median_s'])} ms" for k, v in t.items() if isinstance(v, dict)) + ".")
+        parts.append(_gpu_latency(arch, lat) if _ok(lat) else _not_run(f"Per network call, {arch} architecture", lat))
+    for key, label, fn in (("pds_overhead", "PDS overhead", _gpu_overhead), ("e2e", "End to end", _gpu_e2e),
+                           ("samplers", "Samplers", _gpu_samplers),
+                           ("step_graphs", "Whole steps from CUDA graphs", _gpu_whole_steps),
+                           ("compiled_steps", "Whole steps through torch.compile", _gpu_whole_steps),
+                           ("noise", "Noise", _gpu_noise)):
+        part = report.get(key)
+        if part is not None:
+            parts.append(fn(report, key) if _ok(part) else _not_run(label, part))
     return "\n\n".join(parts)
+
+
+def _not_run(label: str, part: dict) -> str:
+    return f"{label}: {part.get('status', 'not measured')} ({part.get('reason') or 'no reason recorded'})."
+
+
+def _gpu_provenance(report: dict, name: str) -> str:
+    m, gpu = report["machine"], report["machine"]["gpu"]
+    return (f"Command: `{report['command']}`  \nMeasured {report['created']} on {gpu['name']} ({gpu['memory_gib']} GiB, "
+            f"driver {gpu['driver']}, CUDA {gpu['cuda']}, cuDNN {gpu['cudnn']}), host {m['cpu']}; torch "
+            f"{m['libraries']['torch']}, onnxruntime {m['libraries'].get('onnxruntime')}, pds {report['pds_version']}; "
+            + (f"the run took {report['elapsed_s']:.0f} s. " if report.get("complete") else
+               "**the run was cut short: parts missing below were not measured.** ")
+            + f"Full report: `docs/bench/{name}.json`.")
+
+
+def _gpu_peaks(peaks: dict) -> str:
+    return "Matmul peaks (one {n}³ GEMM, measured / data sheet dense): ".format(n=peaks["matmul_n"]) + ", ".join(
+        f"{k} {_f((v or 0) / 1e12, '.0f')} / {_f(((peaks['listed'].get(k) or {}).get('flops_per_s') or 0) / 1e12, '.0f')} TFLOP/s"
+        for k, v in peaks["flops_per_s"].items()) + "."
+
+
+def _gpu_goals(report: dict) -> str:
+    rows = []
+    for key, g in report.get("goals", {}).items():
+        verdict = "not measured" if g.get("met") is None else ("met" if g["met"] else "not met")
+        how = g.get("backend") or g.get("architecture") or g.get("reason") or ""
+        rows.append([GOAL_NAMES.get(key, key), _f(g["goal"]), _f(g.get("value")), verdict, how])
+    return "Goals, as measured:\n\n" + markdown_table(["goal", "target", "measured", "", "backend / note"], rows)
+
+
+def _gpu_latency(arch: str, lat: dict) -> str:
+    base = {r["batch"]: r["median_s"] for e in lat["backends"] if e["name"] == "fp32" and e["status"] == "ok"
+            for r in e["batches"]}
+    rows = []
+    for e in lat["backends"]:
+        if e["status"] != "ok":
+            rows.append([e["name"], e.get("precision") or "?", "—", "—", "—", "—", "—", "—", f"failed: {e.get('reason')}"])
+            continue
+        for r in e["batches"]:
+            rows.append([e["name"], e.get("compute_precision") or e["precision"], str(r["batch"]), ms(r["median_s"]),
+                         rate(r["images_per_s"]), _f(base[r["batch"]] / r["median_s"] if r["batch"] in base else None, ".2f", "×"),
+                         _pc(r.get("mfu")), _pc(r.get("mfu_of_measured_peak")), _f(r.get("max_rel_err_vs_eager_fp32"), ".1e")])
+    skipped = "".join(f" Not measured: `{s['name']}` ({s['reason']})." for s in lat["skipped"])
+    return (f"Per network call, {arch} architecture (random weights, {lat['params']:,} parameters, "
+            f"{_f((lat['flops_per_call'].get('1') or 0) / 1e9, '.4g')} GFLOP per image):{skipped}\n\n"
+            + markdown_table(["backend", "computes in", "batch", "median ms", "images/s", "vs fp32", "MFU (data sheet)",
+                              "MFU (measured peak)", "rel. error vs fp32"], rows))
+
+
+def _gpu_overhead(report: dict, key: str) -> str:
+    rows = [[str(r["batch"]), ms(r["noise"]["median_s"]), ms(r["grad"]["median_s"]), ms(r["per_nfe_s"]),
+             ms(r["noise_draw"]["median_s"]), f"{_pc(r['fraction_of_fastest_nfe'])} ({r['fastest_backend']})"]
+            for r in report[key]["batches"]]
+    return ("PDS overhead per NFE on the 256 architecture (one M z and one M Mᵀ g; synthetic filters):\n\n"
+            + markdown_table(["batch", "M z ms", "M Mᵀ g ms", "per NFE ms", "one noise draw ms", "share of the fastest NFE"], rows))
+
+
+def _gpu_e2e(report: dict, key: str) -> str:
+    e2e = report[key]
+    rows = [[r["label"], str(r["steps"]), str(r["nfe"]), _f(r["wall_s"], ".4g")] for r in e2e["runs"]]
+    return (f"End to end, ffhq-1024 architecture, batch 1, backend `{e2e['backend']}`: speedup "
+            f"**{_f(e2e['speedup'], '.1f', '×')}** for an NFE ratio of {e2e['nfe_ratio']:.1f}×.\n\n"
+            + markdown_table(["run", "steps", "NFE", "wall s"], rows))
+
+
+def _gpu_samplers(report: dict, key: str) -> str:
+    sm = report[key]
+    rows = [[r["sampler"], str(r["steps"]), str(r["nfe"]), ms(r["per_step_s"]), ms(r["overhead_per_step_s"]),
+             _pc(r["overhead_share"])] if r["status"] == "ok" else [r["sampler"], "—", "—", "—", "—", r["status"]]
+            for r in sm["rows"]]
+    return (f"Samplers at {report['plan']['sampler_nfe']} NFE, 256 architecture, batch {sm['batch']}, backend "
+            f"`{sm['backend']}` (one call {ms(sm['nfe_per_call_s'])} ms):\n\n"
+            + markdown_table(["sampler", "steps", "NFE", "ms per step", "ms per step beyond the calls", "share of the time"], rows))
+
+
+def _gpu_whole_steps(report: dict, key: str) -> str:
+    part, compiled = report[key], key == "compiled_steps"
+    rows = []
+    for r in part["rows"]:
+        if r["status"] != "ok":
+            rows.append([r["sampler"], "—", "—", "—", "—", "—", r["status"] + (f": {r['reason']}" if r.get("reason") else "")])
+            continue
+        rows.append([r["sampler"], r["path"], "yes" if r["bit_equal"] else _f(r["max_rel_diff_vs_eager"], ".1e"),
+                     ms(r["eager_per_step_s"]), ms(r["graph_per_step_s"]),
+                     _f(r.get("compile_s"), ".3g") if compiled else "—",
+                     (r.get("reason") or "")[:100] if r["path"] == "eager" else ""])
+    what = (f"through {part.get('compile', 'torch.compile')}" if compiled else "from CUDA graphs")
+    return (f"Whole steps {what} against the eager step ({part['architecture']}, batch {report['plan']['graph_batch']}, "
+            f"{report['plan']['graph_steps']} steps):\n\n"
+            + markdown_table(["sampler", "path", "bit-identical (else max rel. diff)", "eager ms/step", "wrapped ms/step",
+                              "first batch s (compile)", "why eager"], rows))
+
+
+def _gpu_noise(report: dict, key: str) -> str:
+    nz = report[key]
+    t = nz["draw_time"]
+    g = [f"{k.replace('_', ' ')}: max |diff| {v['max_abs_diff']:.2g}, {100 * v['bit_equal_share']:.4g} % bit-equal"
+         for k, v in nz.items() if k.startswith("gpu_") and isinstance(v, dict)]
+    return (f"Noise (version {nz['noise_version']}), {nz['batch']} × {'×'.join(map(str, nz['shape']))}: "
+            + "; ".join(g) + f"; batch-independent on the GPU: {nz.get('gpu_batch_independent')}. One draw: "
+            + ", ".join(f"{k.replace('_', ' ')} {ms(v['median_s'])} ms" for k, v in t.items() if isinstance(v, dict)) + ".")
 
 
 def update_doc() -> None:

@@ -1,9 +1,11 @@
 """scripts/gpu_bench.py and its rendering (scripts/bench_docs.py render_gpu), on CPU: the guards
-against passing CPU smoke numbers off as GPU figures, the goal arithmetic, the noise part."""
+against passing CPU smoke numbers off as GPU figures, the goal arithmetic, the noise part, and
+(slow) a whole --tiny run whose report the GPU renderer reads."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -45,9 +47,9 @@ def _report(tiny=False, device="cuda:0"):
            "skipped": [{"name": "compile-bf16", "reason": "not measured: over this part's time budget"}],
            "backends": [
                {"name": "fp32", "status": "ok", "precision": "fp32", "compute_precision": "fp32",
-                "batches": [_row(8, 0.030, mfu=0.1, max_rel_err_vs_fp32=0.0)]},
+                "batches": [_row(8, 0.030, mfu=0.1, max_rel_err_vs_eager_fp32=0.0)]},
                {"name": "bf16", "status": "ok", "precision": "bf16", "compute_precision": "bf16",
-                "batches": [_row(8, 0.008, mfu=0.3, max_rel_err_vs_fp32=1e-2), _row(32, 0.030, mfu=0.45)]},
+                "batches": [_row(8, 0.008, mfu=0.3, max_rel_err_vs_eager_fp32=1e-2), _row(32, 0.030, mfu=0.45)]},
                {"name": "fp16", "status": "failed", "precision": "fp16", "reason": "RuntimeError: boom"}]}
     return {
         "format": "pds-gpu-bench/1", "tiny": tiny, "device": device, "created": "2026-01-01T00:00:00+0000",
@@ -57,12 +59,14 @@ def _report(tiny=False, device="cuda:0"):
                                                                         "driver": "1", "cuda": "13", "cudnn": 9}},
         "peaks": {"matmul_n": 8192, "flops_per_s": {"bf16": 7.0e14}, "listed": {"bf16": {"flops_per_s": 9.894e14}}},
         "latency": {"ffhq-256": lat},
-        "pds_overhead": {"rows": [{"batch": 8, "m_z_s": 1e-4, "m_mt_g_s": 1e-4, "per_nfe_s": 2e-4, "noise_draw_s": 1e-5,
-                                   "fastest_backend": "bf16", "fastest_nfe_s": 0.008, "share_of_fastest_nfe": 0.025}]},
-        "e2e": {"backend": "bf16", "batch": 1, "nfe_ratio": 2000 / 66, "speedup": 25.0,
-                "runs": [{"label": "PDS", "steps": 66, "nfe": 132, "status": "ok", "wall_s": 2.0},
-                         {"label": "vanilla PC", "steps": 2000, "nfe": 4000, "status": "ok", "wall_s": 50.0}]},
+        "pds_overhead": {"status": "ok", "batches": [
+            {"batch": 8, "noise": {"median_s": 1e-4}, "grad": {"median_s": 1e-4}, "per_nfe_s": 2e-4,
+             "noise_draw": {"median_s": 1e-5}, "fastest_backend": "bf16", "fraction_of_fastest_nfe": 0.025}]},
+        "e2e": {"status": "ok", "backend": "bf16", "batch": 1, "nfe_ratio": 4000 / 132, "speedup": 25.0,
+                "runs": [{"label": "vanilla", "steps": 2000, "nfe": 4000, "wall_s": 50.0},
+                         {"label": "pds", "steps": 66, "nfe": 132, "wall_s": 2.0}]},
         "samplers": {"status": "failed", "reason": "x"}, "step_graphs": {"status": "failed", "reason": "x"},
+        "compiled_steps": {"status": "not measured", "reason": "the run was stopped at --hard-stop-s"},
         "noise": {"status": "failed", "reason": "x"},
     }
 
@@ -76,6 +80,13 @@ def test_goals_compare_the_measured_figures_with_the_targets(gpu_bench):
     assert goals["pds_overhead_share_of_nfe"]["met"] is False  # 2.5 % > 2 %
     assert goals["pds66_vs_vanilla2000_speedup"]["met"] is False  # 25 < 29
     assert goals["mfu_bf16_b32"]["value"] == pytest.approx(0.45) and goals["mfu_bf16_b32"]["met"] is True
+
+
+def test_a_goal_without_its_figure_is_not_measured_rather_than_missing(gpu_bench):
+    report = _report()
+    report["e2e"] = {"status": "not measured", "reason": "would not fit the time budget"}
+    goal = gpu_bench.goals(report)["pds66_vs_vanilla2000_speedup"]
+    assert goal["value"] is None and goal["met"] is None and goal["goal"] == 29.0
 
 
 def test_render_refuses_cpu_and_tiny_reports(bench_docs):
@@ -93,6 +104,42 @@ def test_render_shows_the_goals_and_the_ratios(gpu_bench, bench_docs):
     assert "not met" in text and "| met |" in text
     assert "failed: RuntimeError: boom" in text and "compile-bf16" in text
     assert "speedup **25.0×**" in text
+    assert "Whole steps through torch.compile: not measured (the run was stopped at --hard-stop-s)." in text
+    assert "Samplers: failed (x)." in text
+
+
+def test_missing_gpu_runtimes_are_skipped_with_their_reason(gpu_bench):
+    """A CPU-only onnxruntime and no TensorRT (the GPU machine's set-up) are listed, not failures."""
+    nets = gpu_bench.Nets(gpu_bench.architectures(tiny=True), torch.device("cpu"), [1], None)
+    for name, why in (("onnx-cuda", "runs on the GPU"), ("trt-fp16", "TensorRT engines need --device cuda")):
+        assert why in gpu_bench.backend_reason(name, nets, "ffhq-256", tiny=True)
+
+
+@pytest.mark.slow
+def test_a_tiny_run_makes_a_report_the_gpu_renderer_reads(gpu_bench, bench_docs, tmp_path):
+    """The whole script on a CPU at --tiny sizes; its report, relabelled as a GPU one, renders
+    (the renderer reads the fields the script writes, not a hand-made copy of them)."""
+    out = tmp_path / "gpu-tiny.json"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        gpu_bench.main(["--tiny", "--cpu", "--out", str(out), "--budget-s", "300"])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    assert report["complete"] and set(report["goals"]) == set(gpu_bench.GOALS)
+    assert {s["name"] for s in report["latency"]["ffhq-256"]["skipped"]} >= {"onnx-cuda", "trt-fp16", "cuda-graph-bf16"}
+    assert all(r["status"] == "ok" and r["bit_equal"] for r in report["step_graphs"]["rows"])
+    assert [r["path"] for r in report["compiled_steps"]["rows"]] == ["compile"]
+    assert report["e2e"]["runs"][0]["nfe"] == 2 * report["plan"]["e2e_full"]
+    with pytest.raises(ValueError, match="not GPU figures"):
+        bench_docs.render_gpu(report, "gpu-tiny")
+    report.update(tiny=False, device="cuda:0")
+    report["machine"]["gpu"] = {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 80, "driver": "?", "cuda": "?", "cudnn": "?"}
+    text = bench_docs.render_gpu(report, "gpu-tiny")
+    for heading in ("Goals, as measured", "Per network call, ffhq-1024", "PDS overhead per NFE", "End to end, ffhq-1024",
+                    "Samplers at 4 NFE", "Whole steps from CUDA graphs", "Whole steps through dynamo only", "Noise (version"):
+        assert heading in text
 
 
 def test_noise_part_on_cpu_times_both_generators(gpu_bench):

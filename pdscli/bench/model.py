@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -82,10 +83,17 @@ def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) 
 
 
 def _open_random(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    network = open_network(config=cfg.config, preset=cfg.preset, random_weights=True, seed=cfg.seed, device=device)
+    return random_network_model(device, config=cfg.config, preset=cfg.preset, seed=cfg.seed)
+
+
+def random_network_model(device: torch.device, *, config: Path | dict | None = None, preset: str | None = None,
+                         seed: int = 0) -> BenchModel:
+    """An architecture (a config file, a config dict or a preset) with seeded random weights: what
+    --random-weights benches, and scripts/gpu_bench.py's networks."""
+    network = open_network(config=config, preset=preset, random_weights=True, seed=seed, device=device)
     return _network_model(network, device, f"random:{network.stem.removesuffix('-random')}",
-                          {"preset": cfg.preset, "config": str(cfg.config) if cfg.config else None,
-                           "weights": f"random (seed {cfg.seed}): an architecture benchmark, not a trained model"})
+                          {"preset": preset, "config": str(config) if isinstance(config, (str, Path)) else None,
+                           "weights": f"random (seed {seed}): an architecture benchmark, not a trained model"})
 
 
 def _network_model(network: Network, device: torch.device, name: str, info: dict) -> BenchModel:
