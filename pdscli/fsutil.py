@@ -17,6 +17,7 @@ import io
 import json
 import os
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -213,7 +214,7 @@ class FolderLock:
 
     def __init__(self, folder, *, what: str = "run"):
         self.path = Path(folder) / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        self.fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, what="lock file")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -227,7 +228,7 @@ class FolderLock:
     def check_free(folder, *, what: str = "run") -> None:
         """Fail early (before slow work) if a lock on `folder` is held; creates nothing."""
         path = Path(folder) / LOCK_NAME
-        if not path.is_file():
+        if not os.path.lexists(path):
             return
         FolderLock(folder, what=what).release()
 
@@ -242,6 +243,40 @@ class FolderLock:
     def __exit__(self, *exc) -> bool:
         self.release()
         return False
+
+
+def open_regular(path, flags: int, *, what: str = "file") -> int:
+    """os.open that never follows a symbolic link and opens only a regular file (not a folder, a
+    FIFO or a device): a link planted in an output folder must not redirect a write outside it."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666 & ~_umask())
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise NotRegular(path, what) from None
+        if is_disk_full(e):
+            raise DiskFull(path) from None
+        raise PdsError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegular(path, what)
+    return fd
+
+
+class NotRegular(PdsError):
+    """A path pds writes to is a symbolic link, a folder or another non-regular file."""
+
+    def __init__(self, path, what: str = "file"):
+        self.path = Path(path)
+        kind = "a symbolic link" if self.path.is_symlink() else "not a regular file"
+        super().__init__(f"{self.path} is {kind}; pds writes its {what} there and follows no link or "
+                         f"special file: remove it, or use another output path")
+
+
+def refuse_odd(path, what: str = "file") -> None:
+    """Refuse (NotRegular) a path pds owns that exists as a symbolic link or as other than a regular file."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise NotRegular(path, what)
 
 
 def check_writable(folder) -> None:

@@ -42,6 +42,7 @@ import torch
 NOISE_VERSION = 2
 
 MASK32 = 0xFFFFFFFF
+SEED_MAX = 2**64 - 1  # the seed is the 64-bit Philox key: a larger one would repeat a smaller seed's noise
 # Philox4x32's round multipliers and Weyl key increments (the paper's constants).
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)

@@ -137,7 +137,7 @@ def sample(
     try:
         with Progress(enabled=not quiet and dist.is_main) as bars:
             if dist.active:
-                record = run_distributed(lambda: build_job(spec, flags), dist, progress=SampleBars(bars))
+                record = run_distributed(lambda: build_job(spec, flags, lock=dist.is_main), dist, progress=SampleBars(bars))
             else:
                 record = run(build_job(spec, flags), progress=SampleBars(bars))
     except RunInterrupted as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdscli.devices import tf32_state
 from pdscli.errors import PdsError
 from pdscli.noise import NOISE_VERSION
 from pdscli.precondition import Preconditioner
@@ -66,6 +67,8 @@ class SampleJob:
     sampler_options: dict = field(default_factory=dict)
     filter_off: str | None = None  # why --alpha auto switched the filters off
     warnings: tuple[str, ...] = ()  # shown on stderr when the run starts, kept in run.json
+    # The output folder's FolderLock, taken before the model load (pdscli.sample.setup); the run releases it.
+    lock: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -94,6 +97,10 @@ class SampleJob:
             "alpha": self.alpha if preconditioned else None,
             "filters": self.filters.sha256 if preconditioned and self.filters else None,
             "noise_version": NOISE_VERSION,
+            # The arithmetic: another precision, device type or TF32 policy makes other images.
+            "precision": self.precision,
+            "device": self.model.device.type,
+            "tf32": tf32_state(self.model.device)["policy"] if self.model.device.type == "cuda" else None,
         }
         if self.coupled_batches:
             record["batch_size"] = self.batch_size

@@ -35,10 +35,12 @@ from pdscli.devices import tf32_state
 from pdscli.errors import PdsError
 from pdscli.fsutil import (
     DiskFull,
+    NotRegular,
     atomic_group,
     atomic_write_bytes,
     atomic_write_json,
     is_disk_full,
+    refuse_odd,
     remove_stale_temporaries,
 )
 from pdscli.images import load_png, make_grid, save_png, to_pil
@@ -96,10 +98,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 # Before a run (main rank): the folder's state.
 
 
+def _run_files(out: Path) -> list[Path]:
+    """The entries of `out` named as a run's files (whatever they are: --force and --resume check that)."""
+    return [p for p in out.iterdir() if _SAMPLE_PNG.match(p.name) or p.name in (*FINAL_FILES, PARTIAL)]
+
+
 def clear_previous_run(out: Path) -> None:
-    """--force: remove what an earlier run wrote here (and nothing else the user keeps in the folder)."""
-    for p in out.iterdir():
-        if _SAMPLE_PNG.match(p.name) or p.name in FINAL_FILES:
+    """--force: remove what an earlier run wrote here (and nothing else the user keeps in the folder).
+    A folder under one of the run's names is the user's: refused, not removed."""
+    for p in _run_files(out):
+        if p.is_dir() and not p.is_symlink() and p.name != PARTIAL:
+            raise NotRegular(p, "outputs")
+    for p in _run_files(out):
+        if p.name != PARTIAL:
             p.unlink()
     _remove_partial(out)
     remove_stale_temporaries(out)
@@ -113,24 +124,36 @@ def _remove_partial(out: Path) -> None:
         path.unlink()
 
 
-def repair(out: Path, shape: tuple[int, ...], warn: Warn) -> None:
+def repair(out: Path, shape: tuple[int, ...], warn: Warn) -> bool:
     """--resume: what a crash, a full disk or a hand edit can leave, treated as missing (so it is
-    remade) with a warning: a .partial that is not a folder, a damaged PNG, a damaged float record."""
+    remade) with a warning: a .partial that is not a folder, a damaged PNG, a damaged float record.
+    Returns whether the run's record went with a damaged .partial (check_resume then cannot compare)."""
     remove_stale_temporaries(out)
+    for p in _run_files(out):  # a link could carry a write outside the folder; a folder is not ours
+        if p.name != PARTIAL:
+            refuse_odd(p, "outputs")
+        elif p.is_symlink():
+            raise NotRegular(p, "float records")
     partial = out / PARTIAL
     if partial.exists() and not partial.is_dir():
-        warn(f"{partial} is not a folder; removed (float records of finished samples come from samples.npz or the PNGs)")
+        warn(f"{partial} is not a folder; removed (float records of finished samples come from samples.npz or the PNGs, "
+             "and the run's settings cannot be compared with the earlier ones)")
         partial.unlink()
+        record_lost = True
+    else:
+        record_lost = False
     pngs = {int(m.group(1)): p for p in sorted(out.iterdir()) if (m := _SAMPLE_PNG.match(p.name))}
     for p in pngs.values():
         if not _whole_png(p):
             warn(f"{p} is damaged; it will be made again")
             p.unlink()
     if not partial.is_dir():
-        return
+        return record_lost
     remove_stale_temporaries(partial)
     for p in sorted(partial.iterdir()):
         m = _SAMPLE_NPY.match(p.name)
+        if m or p.name == RUN_CONFIG:
+            refuse_odd(p, "float records")
         if m and not _whole_npy(p, shape):
             warn(f"{p} is damaged; sample {m.group(1)} will be made again")
             p.unlink()
@@ -138,6 +161,7 @@ def repair(out: Path, shape: tuple[int, ...], warn: Warn) -> None:
             png = pngs.get(int(m.group(1)))
             if png is not None:
                 png.unlink(missing_ok=True)
+    return record_lost
 
 
 def _whole_png(path: Path) -> bool:
@@ -166,9 +190,11 @@ def _whole_npy(path: Path, shape: tuple[int, ...]) -> bool:
         return False
 
 
-def check_resume(job: SampleJob) -> None:
+def check_resume(job: SampleJob, *, record_lost: bool = False) -> None:
     """--resume must continue the same run: refuse different settings rather than mix two runs'
-    images, and refuse a smaller --num-samples that would drop saved float data."""
+    images, refuse images with no record of the run that made them (unless `record_lost`: its
+    record went with a damaged .partial, which repair warned about), and refuse a smaller
+    --num-samples that would drop saved float data."""
     before = None
     for path, key in ((job.out / PARTIAL / RUN_CONFIG, None), (job.out / "run.json", "fingerprint")):
         with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -176,12 +202,15 @@ def check_resume(job: SampleJob) -> None:
             before = data.get(key) if key else data
             if before:
                 break
+    if not before and not record_lost and _run_files(job.out):
+        raise PdsError(f"--resume: {job.out} holds images but no run record ({PARTIAL}/{RUN_CONFIG} or run.json), so "
+                       "nothing says they are this run's; use --force to start over, or another --out")
     if before:
         _check_noise_version(job.out, before)
         now = json.loads(json.dumps(job.fingerprint()))  # the same JSON round trip as the stored copy
         changed = [k for k in now if k in before and before[k] != now[k]]
         if changed:
-            diffs = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed)
+            diffs = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}{_flag_of(k)}" for k in changed)
             why = (" (the default batch-mean corrector step makes a batch's images depend on each other)"
                    if changed == ["batch_size"] else "")
             raise PdsError(f"--resume would mix two different runs ({diffs}){why}; use the same flags, or --force to start over")
@@ -191,6 +220,17 @@ def check_resume(job: SampleJob) -> None:
             f"--resume with --num-samples {job.num_samples} would drop the saved samples {job.num_samples}.."
             f"{beyond - 1} from samples.npz; pass --num-samples {beyond} (or more), or --force to start over"
         )
+
+
+# The flag that sets each fingerprint key, where its name differs (named in --resume's refusal).
+_FLAGS = {"num_scales": "--num-scales", "sigma_max": "--sigma-max", "schedule": "--schedule", "precision": "--precision",
+          "device": "--device", "tf32": "--tf32", "per_sample_step": "--per-sample-step", "alpha": "--alpha",
+          "filters": "--masks", "seed": "--seed", "sampler": "--sampler", "steps": "--steps", "snr": "--snr",
+          "batch_size": "--batch-size", "model": "the model", "model_sha256": "the model's weights"}
+
+
+def _flag_of(key: str) -> str:
+    return f" ({_FLAGS[key]})" if key in _FLAGS else ""
 
 
 def _check_noise_version(out: Path, before: dict) -> None:

@@ -37,13 +37,13 @@ def begin(job: SampleJob, warn: Callable[[str], None] = warn_on_stderr) -> Folde
     """Prepare the folder for this run (main rank); returns the lock held for the run. The folder
     rules (--force / --resume for a non-empty one) were checked by pdscli.sample.setup."""
     job.out.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(job.out, what="pds sample run")
+    lock = job.lock or FolderLock(job.out, what="pds sample run")
     try:
         if job.force:
             outputs.clear_previous_run(job.out)
         if job.resume:
-            outputs.repair(job.out, job.shape, warn)
-            outputs.check_resume(job)
+            record_lost = outputs.repair(job.out, job.shape, warn)
+            outputs.check_resume(job, record_lost=record_lost)
         outputs.start_partial(job)
     except BaseException:
         lock.release()

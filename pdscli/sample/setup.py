@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from pdscli.errors import PdsError
-from pdscli.fsutil import FolderLock, prepare_out_dir
+from pdscli.fsutil import LOCK_NAME, FolderLock, prepare_out_dir
 from pdscli.models import builtin
+from pdscli.noise import SEED_MAX
 from pdscli.precondition import Preconditioner
 from pdscli.precondition.alpha import AlphaChoice, check_alpha, choose_alpha
 from pdscli.sample.job import SampleJob
@@ -145,13 +146,15 @@ def _device_memory(device: torch.device) -> int:
 
 @contextlib.contextmanager
 def _removed_if_left_empty(out: Path):
-    """The output folder is made early (to fail fast); a set-up error must not leave it behind, empty."""
+    """The output folder is made early (to fail fast); a set-up error must not leave it behind,
+    holding nothing but the lock this run made."""
     existed = out.exists()
     try:
         yield
     except BaseException:
         if not existed:
             with contextlib.suppress(OSError):
+                (out / LOCK_NAME).unlink(missing_ok=True)
                 out.rmdir()  # only succeeds when empty
         raise
 
@@ -176,6 +179,8 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
     `has_filters`: filters were given (default: filter files among the flags)."""
     has_filters = flags.has_filter_files if has_filters is None else has_filters
     check_alpha(flags.alpha)  # a bad number fails before the slow model load
+    if not 0 <= flags.seed <= SEED_MAX:
+        raise PdsError(f"--seed must be between 0 and 2^64-1 = {SEED_MAX} (the noise generator's key), got {flags.seed}")
     if flags.steps is not None and flags.speed_up is not None:
         raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
     if flags.speed_up is not None and not (math.isfinite(flags.speed_up) and flags.speed_up > 0):
@@ -219,14 +224,20 @@ def sampling_parts_for(model, choice: SamplerChoice, filters) -> SamplingParts:
     return SamplingParts(steps=grid, precond=precond, alpha=alpha, options=options, warnings=tuple(warnings))
 
 
-def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
-    """Check every flag (cheap checks before the slow model load), open the model and filters, make the job."""
+def build_job(spec: ModelSpec, flags: SampleFlags, *, lock: bool = True) -> SampleJob:
+    """Check every flag (cheap checks before the slow model load), open the model and filters, make the job.
+
+    With `lock` (one process, or torchrun's rank 0) the output folder's lock is taken before the
+    model load and travels in the job to the run, which releases it after its last write: a
+    second run started meanwhile is refused instead of merging its files with this one's."""
     out = Path(flags.out)
     choice = choose_sampler(spec, flags)
     files = (flags.masks, flags.freq_mask, flags.space_mask) if choice.given_filters else (None, None, None)
-    with _removed_if_left_empty(out):
+    with _removed_if_left_empty(out), contextlib.ExitStack() as on_error:
         prepare_out_dir(out, force=flags.force, resume=flags.resume)
-        FolderLock.check_free(out, what="pds sample run")
+        held = FolderLock(out, what="pds sample run") if lock else None
+        if held is not None:
+            on_error.callback(held.release)
         t0 = time.perf_counter()
         model = open_model(spec)
         load_s = time.perf_counter() - t0
@@ -236,6 +247,7 @@ def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
         check_fits_in_memory(min(flags.batch_size, flags.num_samples), settings.shape, model.device)
         filters, filters_info = open_filters(*files, settings=settings, use_builtin=choice.builtin_filters)
         parts = sampling_parts_for(model, choice, filters)
+        on_error.pop_all()  # set up: the run holds the lock from here and releases it
     alpha, budget = parts.alpha, choice.budget
     return SampleJob(
         model=model, sampler=choice.sampler, steps=parts.steps, out=out, num_samples=flags.num_samples,
@@ -248,7 +260,7 @@ def build_job(spec: ModelSpec, flags: SampleFlags) -> SampleJob:
         steps_flag=choice.steps, speed_up_flag=choice.speed_up, model_load_s=load_s,
         nfe_budget=None if budget is None else {"budget": flags.nfe, "planned": budget.nfe, "reason": budget.reason},
         sampler_options=parts.options, filter_off=alpha.note if alpha is not None and alpha.off else None,
-        warnings=parts.warnings,
+        warnings=parts.warnings, lock=held,
     )
 
 
