@@ -17,6 +17,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,10 @@ import torch
 
 from pdscli.engines import ONNX_SUFFIXES, TRT_SUFFIXES
 from pdscli.errors import PdsError
+from pdscli.fsutil import prepare_out_file
 from pdscli.evaluate.compare import compare, open_side
 from pdscli.evaluate.features import open_features
+from pdscli.evaluate.fid import KID_SUBSETS
 from pdscli.evaluate.imagesets import ArraySet
 from pdscli.devices import resolve_device
 from pdscli.models import builtin
@@ -212,15 +215,18 @@ def _run(job: SampleJob, progress: SampleProgress) -> torch.Tensor:
     return out
 
 
-def filters(images_or_folder, size: int | None = None, *, channels: int | None = None, limit: int | None = None) -> Filters:
+def filters(images_or_folder, size: int | None = None, *, channels: int | None = None, limit: int | None = None,
+            workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> Filters:
     """PDS filter statistics, as `pds filters` makes them: of the images in a folder (resized and
-    centre-cropped to `size`, `channels` 1 or 3, default 3), or of images [N, C, H, W] in [0, 1]
-    (a tensor or array, taken at their own size: `size` and `channels`, if given, must match)."""
+    centre-cropped to `size`, `channels` 1 or 3, default 3; `limit`: the first N by path;
+    `progress(done, total)` after each chunk), or of images [N, C, H, W] in [0, 1] (a tensor or
+    array, taken at their own size: `size` and `channels`, if given, must match)."""
     if isinstance(images_or_folder, (str, Path)):
         if size is None:
             raise PdsError("give the image size: filters(folder, size)")
         return folder_statistics(Path(images_or_folder).expanduser(), size=int(size),
-                                 channels=3 if channels is None else int(channels), limit=limit)
+                                 channels=3 if channels is None else int(channels), limit=limit, workers=workers,
+                                 progress=progress)
     x = torch.as_tensor(np.asarray(images_or_folder) if not isinstance(images_or_folder, torch.Tensor)
                         else images_or_folder)
     if x.ndim != 4:
@@ -232,16 +238,25 @@ def filters(images_or_folder, size: int | None = None, *, channels: int | None =
     return compute_statistics(x.split(64), source="images")
 
 
-def fid(samples, reference, *, features: str | Path | None = None, device: str | None = None,
-        batch_size: int = 64, save_stats: str | Path | None = None) -> dict:
+def fid(samples, reference, *, features: str | Path | None = None, device: str | None = None, batch_size: int = 64,
+        workers: int | None = None, kid_subsets: int = KID_SUBSETS, kid_subset_size: int | None = None,
+        save_stats: str | Path | None = None, force: bool = False,
+        progress: Callable[[str, int, int], None] | None = None) -> dict:
     """FID and KID of `samples` against `reference`, as `pds fid --json` prints them: each a folder
     of images, a samples.npz, a statistics .npz, or images [N, C, H, W] in [0, 1] (tensor or
     array). `features`: None for torch-fidelity's Inception (pip install "pds[eval]"), or a
-    feature network file (docs/evaluation.md)."""
-    net = open_features(Path(features) if features is not None else None, resolve_device(device or "auto"))
+    feature network file (docs/evaluation.md). `save_stats`: write the reference's statistics
+    there (an .npz; `force` replaces one). `progress(label, done, total)` per batch."""
+    if save_stats is not None:
+        save_stats = Path(save_stats)
+        if save_stats.suffix.lower() != ".npz":
+            raise PdsError(f"--save-stats writes an .npz file, not {save_stats.name}")
+        prepare_out_file(save_stats, force=force)  # before the work, not after
+    # The inputs first: a missing folder is said before a missing feature network.
     sides = [_image_side(side, name) for side, name in ((samples, "samples"), (reference, "reference"))]
-    result = compare(*sides, net, batch_size=_check_count("batch_size", batch_size),
-                     save_stats=Path(save_stats) if save_stats is not None else None)
+    net = open_features(Path(features) if features is not None else None, resolve_device(device or "auto"))
+    result = compare(*sides, net, batch_size=_check_count("batch_size", batch_size), workers=workers,
+                     kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, save_stats=save_stats, progress=progress)
     result["device"] = str(net.device)
     return result
 

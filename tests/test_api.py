@@ -163,3 +163,19 @@ def test_one_version_everywhere(run_pds):
     assert r.exit_code == 0 and r.stdout.strip() == f"pds {pdscli.__version__}"
     # The changelog has a section for the version the package says it is.
     assert f"## {pdscli.__version__}" in (root / "CHANGELOG.md").read_text()
+
+
+def test_fid_says_a_missing_input_before_a_missing_feature_network(tmp_path, run_pds):
+    # Without --features the Inception network needs torch-fidelity: the missing folder is said first.
+    with pytest.raises(PdsError, match="no such file or folder"):
+        pdscli.fid(tmp_path / "missing", tmp_path / "missing")
+    r = run_pds("fid", tmp_path / "missing", tmp_path / "missing")
+    assert r.exit_code == 2 and "no such file or folder" in r.stderr
+
+
+def test_progress_line_on_stderr(models, capsys):
+    quiet = pdscli.sample(models["gaussian"], N, sampler="ddim", steps=3, batch_size=BATCH)
+    shown = pdscli.sample(models["gaussian"], N, sampler="ddim", steps=3, batch_size=BATCH, progress=True)
+    err = capsys.readouterr().err
+    assert torch.equal(quiet, shown)
+    assert f"{N}/{N} images" in err and "step 3/3" in err and err.endswith("\n")

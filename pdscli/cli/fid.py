@@ -48,29 +48,20 @@ def fid(
     quiet: options.Quiet = False,
     as_json: options.Json = False,
 ):
+    from pdscli.api import fid as measure
     from pdscli.cli.progress import Progress
-    from pdscli.devices import resolve_device
-    from pdscli.errors import PdsError
-    from pdscli.evaluate import compare as lib
-    from pdscli.evaluate.features import open_features
-    from pdscli.fsutil import prepare_out_file
 
-    if save_stats is not None:
-        if save_stats.suffix.lower() != ".npz":
-            raise PdsError(f"--save-stats writes an .npz file, not {save_stats.name}")
-        prepare_out_file(save_stats, force=force)  # before the work, not after
-    net = open_features(features, resolve_device(device))
     with Progress(enabled=not quiet) as bars:
-        lanes = {}  # one bar per image set: compare calls progress(label, done, total)
+        lanes = {}  # one bar per image set: the measurement calls progress(label, done, total)
 
         def progress(label: str, done: int, total: int) -> None:
             if label not in lanes:
                 lanes[label] = bars.counter(label)
             lanes[label](done, total)
 
-        result = lib.compare(samples, reference, net, batch_size=batch_size, workers=workers, kid_subsets=kid_subsets,
-                             kid_subset_size=kid_subset_size, save_stats=save_stats, progress=progress)
-    result["device"] = str(net.device)
+        result = measure(samples, reference, features=features, device=device, batch_size=batch_size, workers=workers,
+                         kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, save_stats=save_stats, force=force,
+                         progress=progress)
     if as_json:
         print_json(result)
         return

@@ -44,6 +44,7 @@ def filters(
     quiet: options.Quiet = False,
     as_json: options.Json = False,
 ):
+    from pdscli.api import filters as statistics
     from pdscli.cli.progress import Progress
     from pdscli.precondition import filters as lib
 
@@ -51,8 +52,8 @@ def filters(
     out = out or lib.default_out_path(image_dir, size)
     lib.check_outputs(out, npy=npy, force=force)  # before reading a large folder, not after
     with interruptible(), Progress(enabled=not quiet) as bars:
-        stats = lib.folder_statistics(image_dir, size=size, channels=channels, limit=limit, workers=workers,
-                                      progress=bars.counter("images"))
+        stats = statistics(image_dir, size, channels=channels, limit=limit, workers=workers,
+                           progress=bars.counter("images"))
     with interruptible():  # the set is renamed into place whole, or not at all
         paths = lib.write_filters(stats, out, npy=npy, force=force)
     if as_json:
