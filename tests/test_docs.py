@@ -26,14 +26,17 @@ DOTTED = re.compile(r"(?<![\w/.])pdscli(?:\.\w+)+")
 
 
 def resolves(dotted: str) -> bool:
-    """`pdscli.a.b.C`: the longest importable module prefix, then attributes for the rest."""
+    """`pdscli.a.b.C` as a user's code reaches it: import the longest importable module prefix,
+    then walk attributes from the top package (so a module shadowed by a name in its package's
+    namespace does not resolve)."""
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
+            importlib.import_module(".".join(parts[:cut]))
         except ModuleNotFoundError:
             continue
-        for name in parts[cut:]:
+        obj = importlib.import_module(parts[0])
+        for name in parts[1:]:
             if not hasattr(obj, name):
                 return False
             obj = getattr(obj, name)
@@ -175,3 +178,22 @@ def test_every_test_the_reliability_catalogue_names_exists():
     # `test_the_folder_lock_*` names a family of tests by its prefix.
     missing = [n for n in named if n not in defined and not (n.endswith("_") and any(d.startswith(n) for d in defined))]
     assert sorted(missing) == []
+
+
+# -- the sampler contract's callback --------------------------------------------------------------
+
+
+def test_every_sampler_reports_the_callback_keys_design_md_lists():
+    from pdscli.evaluate.analytic import GaussianImageModel
+    from pdscli.noise import SampleNoise
+    from pdscli.samplers import REGISTRY
+    from pdscli.samplers.grids import make_steps, pc_steps
+
+    design = (REPO / "docs" / "design.md").read_text()
+    listed = set(re.findall(r'"(\w+)"', re.search(r"`info = \{([^}]*)\}`", design).group(1)))
+    model = GaussianImageModel(4, 1)
+    for name, info in REGISTRY.items():
+        steps = pc_steps(model.settings, 4) if info.grid == "pc" else make_steps(info.grid, model.settings, 4)
+        seen = []
+        info.fn(model.score, SampleNoise(0, range(2), model.shape), steps, callback=lambda i: seen.append(set(i)))
+        assert seen and all(keys == listed for keys in seen), (name, seen[:1], listed)
