@@ -197,3 +197,19 @@ def test_every_sampler_reports_the_callback_keys_design_md_lists():
         seen = []
         info.fn(model.score, SampleNoise(0, range(2), model.shape), steps, callback=lambda i: seen.append(set(i)))
         assert seen and all(keys == listed for keys in seen), (name, seen[:1], listed)
+
+
+# -- README's sampler table -----------------------------------------------------------------------
+
+
+def test_readme_sampler_table_is_the_registry():
+    """scripts/readme_samplers.py writes it; a sampler added without regenerating fails here."""
+    import subprocess
+    import sys
+
+    from pdscli.samplers import REGISTRY
+
+    assert all(info.summary for info in REGISTRY.values()), [n for n, i in REGISTRY.items() if not i.summary]
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "readme_samplers.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

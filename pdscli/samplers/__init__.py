@@ -34,6 +34,7 @@ class SamplerInfo:
     nfe_per_step: score calls per step; nfe_offset: added once per grid (accel-ode2 saves the
     second call on its last step). deterministic: a probability-flow ODE solver (the noise is
     only the prior). pc_grid: walks score_sde's PC grid (`pc_steps`) rather than the sampler grids.
+    grid: the grid it walks when --schedule is not given. summary: what it is, in one line.
     """
 
     name: str
@@ -43,6 +44,7 @@ class SamplerInfo:
     pc_grid: bool
     nfe_offset: int = 0
     grid: str = "geometric"
+    summary: str = ""  # one line for README's table and the help texts (scripts/readme_samplers.py)
 
     def nfe(self, n_steps: int) -> int:
         return self.nfe_per_step * int(n_steps) + self.nfe_offset
@@ -51,26 +53,46 @@ class SamplerInfo:
 REGISTRY: dict[str, SamplerInfo] = {
     info.name: info
     for info in (
-        SamplerInfo("pc", pc.pc, 2, False, True, grid="pc"),
-        SamplerInfo("pds", pc.pds, 2, False, True, grid="pc"),
-        SamplerInfo("predictor", pc.predictor, 1, False, True, grid="pc"),
-        SamplerInfo("corrector", pc.corrector, 1, False, True, grid="pc"),
-        SamplerInfo("ddim", accelerated.ddim, 1, True, False),
-        SamplerInfo("accel-ode", accelerated.accel_ode, 1, True, False),
-        SamplerInfo("accel-ode2", accelerated.accel_ode2, 2, True, False, nfe_offset=-1),
-        SamplerInfo("ddpm", accelerated.ddpm, 1, False, False),
-        SamplerInfo("accel-sde", accelerated.accel_sde, 1, False, False),
-        SamplerInfo("dpm++2m", dpm.dpmpp_2m, 1, True, False),
-        SamplerInfo("dpm++3m", dpm.dpmpp_3m, 1, True, False),
-        SamplerInfo("dpm++2m-sde", dpm.dpmpp_2m_sde, 1, False, False),
-        SamplerInfo("dpm++2m-sde-mid", dpm.dpmpp_2m_sde_midpoint, 1, False, False),
-        SamplerInfo("dpm++3m-sde", dpm.dpmpp_3m_sde, 1, False, False),
-        SamplerInfo("heun", edm.heun, 2, True, False, nfe_offset=-1),
-        SamplerInfo("edm-sde", edm.edm_sde, 2, False, False, nfe_offset=-1),
-        SamplerInfo("euler-a", edm.euler_ancestral, 1, False, False),
-        SamplerInfo("ipndm", sigma_multistep.ipndm, 1, True, False),
-        SamplerInfo("ipndm-v", sigma_multistep.ipndm_v, 1, True, False),
-        SamplerInfo("gradient-estimation", sigma_multistep.gradient_estimation, 1, True, False),
+        SamplerInfo("pc", pc.pc, 2, False, True, grid="pc",
+                    summary="score_sde's predictor-corrector (reverse diffusion + Langevin), the baseline"),
+        SamplerInfo("pds", pc.pds, 2, False, True, grid="pc",
+                    summary="the same loop preconditioned with filters (`--masks`, or the reference's `.npy` files)"),
+        SamplerInfo("predictor", pc.predictor, 1, False, True, grid="pc",
+                    summary="the PC loop's predictor alone (reverse diffusion unless the config names another)"),
+        SamplerInfo("corrector", pc.corrector, 1, False, True, grid="pc",
+                    summary="the PC loop's annealed Langevin corrector alone"),
+        SamplerInfo("ddim", accelerated.ddim, 1, True, False,
+                    summary="Euler in sigma on the probability-flow ODE; 1st order"),
+        SamplerInfo("accel-ode", accelerated.accel_ode, 1, True, False,
+                    summary="Li et al.'s accelerated DDIM: two-step multistep, 2nd order"),
+        SamplerInfo("accel-ode2", accelerated.accel_ode2, 2, True, False, nfe_offset=-1,
+                    summary="Li et al.'s accelerated DDIM with two calls per step: single-step, 2nd order"),
+        SamplerInfo("ddpm", accelerated.ddpm, 1, False, False,
+                    summary="reverse diffusion only (score_sde's predictor)"),
+        SamplerInfo("accel-sde", accelerated.accel_sde, 1, False, False,
+                    summary="Li et al.'s accelerated DDPM"),
+        SamplerInfo("dpm++2m", dpm.dpmpp_2m, 1, True, False,
+                    summary="DPM-Solver++(2M): data prediction, two-step multistep, 2nd order"),
+        SamplerInfo("dpm++3m", dpm.dpmpp_3m, 1, True, False,
+                    summary="DPM-Solver++(3M): three-step multistep, 3rd order"),
+        SamplerInfo("dpm++2m-sde", dpm.dpmpp_2m_sde, 1, False, False,
+                    summary="DPM-Solver++(2M) SDE (eta 1): the reverse SDE, exponential integrator"),
+        SamplerInfo("dpm++2m-sde-mid", dpm.dpmpp_2m_sde_midpoint, 1, False, False,
+                    summary="DPM-Solver++(2M) SDE (eta 1) with the midpoint correction"),
+        SamplerInfo("dpm++3m-sde", dpm.dpmpp_3m_sde, 1, False, False,
+                    summary="DPM-Solver++(3M) SDE (eta 1)"),
+        SamplerInfo("heun", edm.heun, 2, True, False, nfe_offset=-1,
+                    summary="EDM Algorithm 1: Heun in sigma, 2nd order"),
+        SamplerInfo("edm-sde", edm.edm_sde, 2, False, False, nfe_offset=-1,
+                    summary="EDM Algorithm 2: churn, then Heun"),
+        SamplerInfo("euler-a", edm.euler_ancestral, 1, False, False,
+                    summary="Euler ancestral (the DDPM posterior's split of each step's noise)"),
+        SamplerInfo("ipndm", sigma_multistep.ipndm, 1, True, False,
+                    summary="iPNDM: Adams-Bashforth in sigma with equal-step weights, up to 4 slopes"),
+        SamplerInfo("ipndm-v", sigma_multistep.ipndm_v, 1, True, False,
+                    summary="iPNDM-v: Adams-Bashforth in sigma with the actual steps' weights, up to 4 slopes"),
+        SamplerInfo("gradient-estimation", sigma_multistep.gradient_estimation, 1, True, False,
+                    summary="Permenter & Yuan's gradient-estimation sampler (gamma 2)"),
     )
 }
 
