@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluate": {"samplers", "precondition", "models", "train"},  # the digits check: the built-in model, the digits data
     "sample": {"samplers", "precondition", "models", "engines", "evaluate"},
     "bench": {"samplers", "precondition", "models", "engines", "evaluate", "train", "sample"},
-    "cli": {"samplers", "precondition", "models", "engines", "evaluate", "train", "sample", "bench"},
+    "cli": {"samplers", "precondition", "models", "engines", "evaluate", "train", "sample", "bench", "api"},  # pds filters, pds fid: the API
     "api": {"samplers", "precondition", "models", "engines", "evaluate", "sample"},  # pdscli.api: the Python API
     "diffusers": {"samplers", "precondition", "sample", "api"},  # pdscli.diffusers: PDS for diffusers pipelines
     "top": {"precondition", "models", "cli", "api", "diffusers"},
