@@ -34,6 +34,9 @@ SMALL_N_NOTE = ("FID is biased upward at small sample counts (more so below the 
                 "only at equal counts; papers (score_sde, PDS) report 50,000 samples against the training set's statistics")
 
 
+BATCH_BYTES = 1 << 30  # decoded pixels held per feature batch
+
+
 def open_side(path) -> ImageSet | Statistics:
     """SAMPLES or REFERENCE: a statistics .npz (mu, sigma), else a folder of images or a samples.npz;
     a set or statistics already open (images in memory: `ArraySet`) is taken as it is."""
@@ -69,6 +72,13 @@ def check_pair(samples: ImageSet | Statistics, reference: ImageSet | Statistics,
                        "compare images of one size (resize the reference to the model's size first)")
 
 
+def batch_that_fits(side: ImageSet, batch_size: int) -> int:
+    """At most `batch_size` images, and no more than BATCH_BYTES of decoded pixels: one legal
+    10000x10000 RGB float image is 1.2 GB, and 64 of them would not fit anywhere."""
+    per_image = side.size[0] * side.size[1] * (side.channels * 4 + 3)  # float decode + the uint8 batch
+    return max(1, min(batch_size, BATCH_BYTES // per_image))
+
+
 def statistics(side: ImageSet | Statistics, net: FeatureNet, *, batch_size: int = 64, workers: int | None = None,
                label: str = "images", progress: Progress | None = None) -> Statistics:
     """The statistics of an image set through `net` (a Statistics is returned as it is)."""
@@ -76,7 +86,7 @@ def statistics(side: ImageSet | Statistics, net: FeatureNet, *, batch_size: int 
         return side
     features = np.empty((side.count, net.dim), np.float32)
     done = 0
-    for batch in side.batches(batch_size, workers=workers):
+    for batch in side.batches(batch_that_fits(side, batch_size), workers=workers):
         out = net(torch.from_numpy(batch)).cpu().numpy()
         features[done : done + len(out)] = out
         done += len(out)
@@ -102,7 +112,7 @@ def compare(samples_path, reference_path, net: FeatureNet, *, batch_size: int = 
     samples, reference = open_side(samples_path), open_side(reference_path)
     check_pair(samples, reference, net)
     if save_stats is not None and isinstance(reference, Statistics):
-        raise PdsError(f"--save-stats: the reference {reference_path} is already a statistics file")
+        raise PdsError(f"--save-stats: the reference {reference.source} is already a statistics file")
     if kid_subset_size is not None:
         # The file of a statistics side keeps only some features for KID: say so before the work, not after.
         room = min(s.kid_features.shape[0] if isinstance(s, Statistics) else s.count for s in (samples, reference))

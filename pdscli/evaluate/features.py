@@ -19,6 +19,8 @@ A feature network takes uint8 images [B, 3, H, W] on its device and returns floa
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdscli.errors import PdsError
+from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import atomic_path, sha256_file
 
 TINY_FORMAT = "pds-tiny-features/1"
@@ -160,8 +162,14 @@ def open_features(path: Path | None, device: torch.device) -> FeatureNet:
         raise PdsError(f"no such feature network file: {path}; for the Inception weights " + _how_to_get_weights())
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own text advises weights_only=False, which pds fid never does: name the object instead.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        held = f" ({found.group(1)})" if found else ""
+        raise PdsError(f"{path} holds a Python object{held}, not only tensors; pds fid loads feature networks as "
+                       "plain weights (torch.load(weights_only=True)) and never unpickles code") from None
     except Exception as e:
-        raise PdsError(f"cannot read {path} as a torch file of weights: {str(e).splitlines()[0]}") from None
+        raise PdsError(f"cannot read {path} as a torch file of weights: {first_line(e)}") from None
     if isinstance(blob, dict) and blob.get("format") == TINY_FORMAT:
         return _load_tiny(path, blob, device)
     if isinstance(blob, dict) and any(str(k).startswith("Conv2d_1a_3x3.") for k in blob):

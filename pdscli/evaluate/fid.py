@@ -170,10 +170,39 @@ def load_statistics(path) -> Statistics:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             stats = Statistics(mu, sigma, int(f["count"]), str(f["feature"]), tuple(int(s) for s in f["image_size"]),
                                f["kid_features"].astype(np.float32), str(f["source"]))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise PdsError(f"cannot read statistics file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    d = stats.dim
-    if mu.ndim != 1 or sigma.shape != (d, d) or stats.kid_features.ndim != 2 or stats.kid_features.shape[1] != d:
+    d = stats.dim if mu.ndim == 1 else -1
+    if d < 1 or sigma.shape != (d, d) or stats.kid_features.ndim != 2 or stats.kid_features.shape[1] != d:
         raise PdsError(f"statistics file {path} is inconsistent: mu {mu.shape}, sigma {sigma.shape}, "
                        f"kid_features {stats.kid_features.shape}")
+    fault = _damage(stats)
+    if fault:
+        raise PdsError(f"statistics file {path} is damaged: {fault}; write it again with `pds fid ... --save-stats`")
     return stats
+
+
+SYMMETRY_TOL = 1e-6  # relative to the covariance's largest entry (float64 sums of float32 features)
+PSD_TOL = 1e-6  # a negative eigenvalue beyond this fraction of the largest is not rounding
+
+
+def _damage(stats: Statistics) -> str:
+    """What makes statistics unusable for FID or KID, or "" (a covariance must be finite, symmetric
+    and positive semi-definite up to rounding; a mean of D finite values; at least 2 images)."""
+    mu, sigma, keep = stats.mu, stats.sigma, stats.kid_features
+    if stats.count < 2:
+        return f"count {stats.count} (FID needs at least 2 images)"
+    if len(stats.image_size) != 2 or min(stats.image_size) < 1:
+        return f"image_size {list(stats.image_size)}"
+    if keep.shape[0] < 2:
+        return f"{keep.shape[0]} features kept for KID (it needs at least 2)"
+    for name, a in (("mu", mu), ("sigma", sigma), ("kid_features", keep)):
+        if not np.isfinite(a).all():
+            return f"{name} holds NaN or infinite values"
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    if float(np.abs(sigma - sigma.T).max()) > SYMMETRY_TOL * scale:
+        return "sigma is not symmetric"
+    eig = np.linalg.eigvalsh(sigma)
+    if eig[0] < -PSD_TOL * max(float(eig[-1]), scale):
+        return f"sigma is not positive semi-definite (eigenvalue {eig[0]:.3g})"
+    return ""

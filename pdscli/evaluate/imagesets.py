@@ -10,6 +10,7 @@ feature network resizes, each in its own defined way).
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -166,6 +167,20 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(f)
 
 
+def _check_member_size(path: Path, member: str, shape, dtype: np.dtype) -> None:
+    """The header's shape against the bytes the archive holds: a header may claim 10^12 samples."""
+    with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+        _read_header(f)
+        header = f.tell()
+        stored = zf.getinfo(member).file_size
+    claimed = math.prod(int(s) for s in shape) * dtype.itemsize
+    if stored - header != claimed:
+        per_sample = claimed // shape[0]
+        raise PdsError(f"{path}: its header says {shape[0]} samples of {list(shape[1:])} ({claimed} bytes) but it "
+                       f"holds {max(stored - header, 0)} bytes (about {max(stored - header, 0) // per_sample} samples): "
+                       "it is damaged or truncated")
+
+
 @dataclass
 class NpzSet(ImageSet):
     dtype: np.dtype = np.dtype(np.float32)
@@ -180,6 +195,7 @@ class NpzSet(ImageSet):
                            f"got {dtype} {list(shape)}")
         if shape[0] == 0:
             raise PdsError(f"{path} holds no samples")
+        _check_member_size(path, member, shape, dtype)
         return cls(path, "samples.npz", shape[0], (shape[2], shape[3]), shape[1], dtype)
 
     def batches(self, batch_size, *, workers=None):
