@@ -214,13 +214,21 @@ def _gpu_whole_steps(report: dict, key: str) -> str:
             continue
         rows.append([r["sampler"], r["path"], "yes" if r["bit_equal"] else _f(r["max_rel_diff_vs_eager"], ".1e"),
                      ms(r["eager_per_step_s"]), ms(r["graph_per_step_s"]),
-                     _f(r.get("compile_s"), ".3g") if compiled else "—",
-                     (r.get("reason") or "")[:100] if r["path"] == "eager" else ""])
+                     _f(r.get("compile_s"), ".3g") if compiled else "—", _whole_step_note(r)])
     what = (f"through {part.get('compile', 'torch.compile')}" if compiled else "from CUDA graphs")
     return (f"Whole steps {what} against the eager step ({part['architecture']}, batch {report['plan']['graph_batch']}, "
             f"{report['plan']['graph_steps']} steps):\n\n"
             + markdown_table(["sampler", "path", "bit-identical (else max rel. diff)", "eager ms/step", "wrapped ms/step",
-                              "first batch s (compile)", "why eager"], rows))
+                              "first batch s (compile)", "note"], rows))
+
+
+def _whole_step_note(row: dict) -> str:
+    """Why a sampler ran eagerly, or what Dynamo made of it (graphs, breaks, graphs without replay)."""
+    if row["path"] == "eager":
+        return (row.get("reason") or "")[:100]
+    g = row.get("graphs")
+    return (f"{g['graphs']} graphs, {g['graph_breaks']} breaks, {g.get('cudagraph_skips', 0)} without CUDA-graph replay"
+            if g else "")
 
 
 def _gpu_noise(report: dict, key: str) -> str:

@@ -288,9 +288,12 @@ def _innermost(e: BaseException) -> str:
 
 
 def _dynamo_counts() -> dict:
-    """Dynamo's running totals: graphs compiled and graph breaks (process-wide, so read as differences)."""
+    """Dynamo's running totals (process-wide, so read as differences): graphs compiled, graph
+    breaks, and the graphs Inductor left without CUDA-graph replay (an input mutated in place, a
+    CPU tensor: reduce-overhead then gains nothing there)."""
     counters = torch._dynamo.utils.counters
-    return {"graphs": int(counters["stats"].get("unique_graphs", 0)), "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {"graphs": int(counters["stats"].get("unique_graphs", 0)), "graph_breaks": int(sum(counters["graph_break"].values())),
+            "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
 
 
 def step_sampler(sampler_fn, device, path: str = "off"):
