@@ -40,10 +40,13 @@ def steps_for(name: str) -> int:
 @pytest.mark.parametrize("sampler", sorted(REGISTRY))
 def test_sample_equals_the_cli_bit_for_bit(models, run_pds, tmp_path, model, sampler):
     steps = steps_for(sampler)
-    if sampler == "pds" and model == "gaussian":
-        pytest.skip("the gaussian model has no filters of its own (covered with a filters file below)")
-    expected = cli_samples(run_pds, tmp_path / "out", model, "--sampler", sampler, "--steps", steps, "--seed", 5)
-    got = pdscli.sample(models[model], N, sampler=sampler, steps=steps, seed=5, batch_size=BATCH)
+    flags, kwargs = [], {}
+    if sampler == "pds" and model == "gaussian":  # a model without filters of its own: pds needs some
+        filters_file = tmp_path / "f.npz"
+        pdscli.filters(torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))).save(filters_file)
+        flags, kwargs = ["--masks", filters_file], {"filters": filters_file}
+    expected = cli_samples(run_pds, tmp_path / "out", model, "--sampler", sampler, "--steps", steps, "--seed", 5, *flags)
+    got = pdscli.sample(models[model], N, sampler=sampler, steps=steps, seed=5, batch_size=BATCH, **kwargs)
     assert got.dtype == torch.float32 and tuple(got.shape) == expected.shape
     assert np.array_equal(got.numpy(), expected)
 
@@ -179,3 +182,17 @@ def test_progress_line_on_stderr(models, capsys):
     err = capsys.readouterr().err
     assert torch.equal(quiet, shown)
     assert f"{N}/{N} images" in err and "step 3/3" in err and err.endswith("\n")
+
+
+def test_load_reads_a_name_as_the_cli_flags_would(tmp_path):
+    from pdscli.api import model_spec
+
+    assert model_spec("gaussian").model == "gaussian" and model_spec("builtin").uses_builtin
+    assert model_spec("hf:google/ncsnpp-ffhq-256@abc").checkpoint == "hf:google/ncsnpp-ffhq-256@abc"
+    assert model_spec(tmp_path / "m.onnx").engine == tmp_path / "m.onnx"
+    assert model_spec(tmp_path / "m.plan").engine == tmp_path / "m.plan"
+    spec = model_spec(tmp_path / "ckpt.pth", preset="cifar10", device="cpu", precision="fp16")
+    assert (spec.checkpoint, spec.preset, spec.device, spec.precision) == (tmp_path / "ckpt.pth", "cifar10", "cpu", "fp16")
+    assert model_spec(tmp_path / "pipeline").checkpoint == tmp_path / "pipeline"  # a diffusers folder
+    with pytest.raises(PdsError, match="describe a checkpoint"):
+        model_spec(tmp_path / "m.onnx", preset="cifar10")

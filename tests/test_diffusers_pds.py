@@ -169,3 +169,21 @@ def test_api_doc_examples_run(folder, tmp_path, monkeypatch):
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/api.md block {i + 1}", "exec"), namespace)
     assert namespace["images"].shape == (4, 1, 16, 16)
+
+
+def test_load_opens_folders_and_hub_names(folder, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):  # nothing here reaches the network
+        calls.append(repo_id)
+        return str(folder)
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    hub = pdscli.load("hf:google/ncsnpp-ffhq-1024", device="cpu")
+    local = pdscli.load(folder, device="cpu")
+    assert calls == ["google/ncsnpp-ffhq-1024"] and hub.filters is None and hub.shape == local.shape == (3, SIZE, SIZE)
+    x = torch.rand(1, 3, SIZE, SIZE)
+    assert torch.equal(hub.score(x, 0.5), local.score(x, 0.5))
