@@ -53,7 +53,7 @@ from pdscli.bench.backends import Backend, make_backend, unavailable_reason
 from pdscli.bench.config import BenchConfig, error_line
 from pdscli.bench.export_cache import ExportCache
 from pdscli.bench.latency import fastest_nfe, measure_backend, reference_outputs, release
-from pdscli.bench.mfu import add_mfu, device_peak, measure_matmul_peak
+from pdscli.bench.mfu import add_mfu, device_peak, measure_peaks
 from pdscli.bench.model import count_flops, nfe_inputs, random_network_model
 from pdscli.bench.overhead import measure_overhead
 from pdscli.bench.preconditioner import PreconditionerCache, spectrum_filters
@@ -309,21 +309,10 @@ def measure_one(name, precision, nets, arch, cfg, flops, refs, deadline) -> dict
 MEASURED_PEAKS: dict = {}
 
 
-def measure_peaks(device: torch.device, tiny: bool) -> dict:
-    """The sustained matmul rate per precision on this device (one large GEMM each)."""
+def part_peaks(device: torch.device, tiny: bool) -> dict:
+    """The sustained matmul rate per precision on this device (one large GEMM each), and the listed ones."""
     n = 256 if tiny or device.type != "cuda" else 8192
-    peaks = {}
-    for label, dtype, tf32 in (("fp32", torch.float32, "off"), ("tf32", torch.float32, "on"), ("bf16", torch.bfloat16, "off"),
-                               ("fp16", torch.float16, "off")):
-        if device.type != "cuda" and label in ("tf32", "fp16"):
-            continue
-        set_tf32(tf32)
-        try:
-            peaks[label] = measure_matmul_peak(device, dtype, n=n, repeats=3 if tiny else 20)
-        except Exception as e:
-            peaks[label] = None
-            print(f"peak {label}: {error_line(e)}", file=sys.stderr)
-    set_tf32("off")
+    peaks = measure_peaks(device, n=n, repeats=3 if tiny else 20)
     MEASURED_PEAKS.update({k: v for k, v in peaks.items() if v})
     return {"matmul_n": n, "flops_per_s": peaks,
             "listed": {prec: (device_peak(torch.cuda.get_device_name(device), prec) if device.type == "cuda" else None)
@@ -575,7 +564,7 @@ def run(args) -> dict:
             return {"status": "failed", "reason": error_line(e)}
 
     try:
-        report["peaks"] = measure_peaks(device, tiny)
+        report["peaks"] = part_peaks(device, tiny)
         report["noise"] = guarded("noise", lambda: part_noise(device, p, tiny, budget))
         report["latency"] = {}
         budget.begin("latency")

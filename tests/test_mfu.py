@@ -114,3 +114,11 @@ def test_without_a_listed_peak_there_is_no_mfu_column():
     table = nfe_table(_nfe_report(None))  # a CPU, or a GPU not in the table
     assert "MFU" not in table.columns and not any("MFU" in n for n in table.notes)
     assert all(len(r) == len(table.columns) for r in table.rows)
+
+
+def test_peaks_are_measured_per_precision_the_device_has():
+    from pdscli.devices import tf32_state
+
+    peaks = M.measure_peaks(torch.device("cpu"), n=64, repeats=2)
+    assert set(peaks) == {"fp32", "bf16"} and all(v > 0 for v in peaks.values())  # no TF32 or fp16 GEMM on a CPU
+    assert tf32_state("cpu")["matmul"] is False

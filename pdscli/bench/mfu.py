@@ -18,6 +18,8 @@ import re
 
 import torch
 
+from pdscli.devices import set_tf32
+
 # Dense peak TFLOP/s per precision, from the vendors' data sheets (SXM / the named form factor).
 # Keys: a regular expression matched against torch.cuda.get_device_name(); the first match wins,
 # so more specific names come first.
@@ -133,3 +135,25 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 81
     end.record()
     torch.cuda.synchronize(device)
     return 2.0 * n**3 * repeats / (start.elapsed_time(end) / 1e3)
+
+
+# The precisions a GEMM peak is measured at: (label, dtype, TF32 policy). A CPU has no TF32 and
+# no fast fp16 matmul.
+PEAK_GEMMS = (("fp32", torch.float32, "off"), ("tf32", torch.float32, "on"), ("bf16", torch.bfloat16, "off"),
+              ("fp16", torch.float16, "off"))
+
+
+def measure_peaks(device: torch.device, *, n: int = 8192, repeats: int = 20) -> dict[str, float | None]:
+    """{precision: FLOP/s of one n x n x n GEMM} on `device` (None where it failed), the TF32
+    flags restored to "off" after: the measured peaks `add_mfu` reads MFU against."""
+    peaks = {}
+    for label, dtype, tf32 in PEAK_GEMMS:
+        if device.type != "cuda" and label in ("tf32", "fp16"):
+            continue
+        set_tf32(tf32)
+        try:
+            peaks[label] = measure_matmul_peak(device, dtype, n=n, repeats=repeats)
+        except (RuntimeError, MemoryError):  # a dtype this device has no matmul for; out of memory
+            peaks[label] = None
+    set_tf32("off")
+    return peaks
