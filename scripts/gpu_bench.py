@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import shlex
 import signal
@@ -57,7 +58,6 @@ from pdscli.bench.mfu import add_mfu, device_peak, measure_peaks
 from pdscli.bench.model import count_flops, nfe_inputs, random_network_model
 from pdscli.bench.overhead import measure_overhead
 from pdscli.bench.preconditioner import PreconditionerCache, spectrum_filters
-from pdscli.bench.report import to_json
 from pdscli.bench.runs import run_end_to_end, run_samplers
 from pdscli.bench.timing import sync, time_calls
 from pdscli.devices import set_tf32, tf32_state
@@ -532,9 +532,10 @@ def log(msg: str) -> None:
 
 
 def save(report: dict) -> None:
-    """Write the report as it stands (atomically): called between parts and at the end."""
+    """Write the report as it stands (atomically): called between parts and at the end. NaN is
+    written as NaN (a network overflowing at fp16 is a finding, not a reason to lose the report)."""
     if OUT:
-        atomic_write_text(OUT[0], to_json(report))
+        atomic_write_text(OUT[0], json.dumps(report, indent=1, default=str) + "\n")
 
 
 def run(args) -> dict:
@@ -578,6 +579,8 @@ def run(args) -> dict:
         report["samplers"] = guarded("samplers", lambda: part_samplers(nets, p, lat256))
         report["step_graphs"] = guarded("step_graphs", lambda: part_step_graphs(nets, p, budget))
         report["compiled_steps"] = guarded("compiled_steps", lambda: part_compiled_steps(nets, p, budget, tiny))
+    except HardStop:  # fired between parts (while saving, say): the report is finished with what it has
+        log("stopped at --hard-stop-s")
     finally:
         cache.close()
     report["goals"] = goals(report)

@@ -147,3 +147,13 @@ def test_noise_part_on_cpu_times_both_generators(gpu_bench):
     out = gpu_bench.part_noise(torch.device("cpu"), p, True, gpu_bench.Budget(60))
     assert out["noise_version"] >= 2 and out["gpu_vs_cpu"].startswith("not measured")
     assert out["draw_time"]["eager_ops"]["median_s"] > 0 and out["draw_time"]["per_sample_generators_v1"]["median_s"] > 0
+
+
+def test_a_report_with_nan_is_still_written(gpu_bench, tmp_path):
+    out = tmp_path / "r.json"
+    gpu_bench.OUT[:] = [out]
+    try:
+        gpu_bench.save({"latency": {"max_rel_err_vs_eager_fp32": float("nan")}, "path": tmp_path})
+    finally:
+        gpu_bench.OUT[:] = []
+    assert json.loads(out.read_text())["path"] == str(tmp_path)
