@@ -117,7 +117,7 @@ def render_gpu(report: dict, name: str) -> str:
     (CPU smoke numbers)."""
     if report.get("tiny") or not str(report.get("device", "")).startswith("cuda"):
         raise ValueError(f"{name}: a --tiny or CPU run of scripts/gpu_bench.py; not GPU figures")
-    parts = [_gpu_provenance(report, name), _gpu_peaks(report["peaks"]), _gpu_goals(report)]
+    parts = [_gpu_provenance(report, name), _gpu_peaks(report["peaks"]) if "peaks" in report else "", _gpu_goals(report)]
     for arch, lat in report.get("latency", {}).items():
         parts.append(_gpu_latency(arch, lat) if _ok(lat) else _not_run(f"Per network call, {arch} architecture", lat))
     for key, label, fn in (("pds_overhead", "PDS overhead", _gpu_overhead), ("e2e", "End to end", _gpu_e2e),
@@ -128,7 +128,7 @@ def render_gpu(report: dict, name: str) -> str:
         part = report.get(key)
         if part is not None:
             parts.append(fn(report, key) if _ok(part) else _not_run(label, part))
-    return "\n\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 
 
 def _not_run(label: str, part: dict) -> str:

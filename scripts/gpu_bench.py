@@ -483,7 +483,8 @@ def part_compiled_steps(nets: Nets, p: dict, budget: Budget, tiny: bool) -> dict
 def goals(report: dict) -> dict:
     """Each goal of the GPU issue, as measured: value, target, met (a goal with no figure is listed
     as not measured, with why)."""
-    lat256 = report["latency"].get("ffhq-256", {})
+    latency = report.get("latency", {})
+    lat256 = latency.get("ffhq-256", {})
     rows = {e["name"]: {r["batch"]: r for r in e["batches"]} for e in lat256.get("backends", []) if e.get("status") == "ok"}
     b8, b32 = (2, 2) if report["tiny"] else (8, 32)
     out = {}
@@ -496,7 +497,7 @@ def goals(report: dict) -> dict:
         out["pds_overhead_share_of_nfe"] = {"value": ov[0]["fraction_of_fastest_nfe"], "backend": ov[0]["fastest_backend"]}
     if report.get("e2e", {}).get("speedup"):
         out["pds66_vs_vanilla2000_speedup"] = {"value": report["e2e"]["speedup"], "backend": report["e2e"]["backend"]}
-    mfus = [(arch, r.get("mfu")) for arch, lat in report["latency"].items() for e in lat.get("backends", [])
+    mfus = [(arch, r.get("mfu")) for arch, lat in latency.items() for e in lat.get("backends", [])
             if e.get("name") == "bf16" and e.get("status") == "ok" for r in e["batches"] if r["batch"] == b32]
     if any(m for _, m in mfus):
         arch, m = max(((a, m) for a, m in mfus if m), key=lambda t: t[1])

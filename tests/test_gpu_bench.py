@@ -157,3 +157,11 @@ def test_a_report_with_nan_is_still_written(gpu_bench, tmp_path):
     finally:
         gpu_bench.OUT[:] = []
     assert json.loads(out.read_text())["path"] == str(tmp_path)
+
+
+def test_a_run_stopped_before_any_part_renders_its_goals_as_not_measured(gpu_bench, bench_docs):
+    report = {k: v for k, v in _report().items() if k not in ("latency", "peaks", "pds_overhead", "e2e", "samplers",
+                                                               "step_graphs", "compiled_steps", "noise")}
+    report.update(complete=False, goals=gpu_bench.goals(report))
+    text = bench_docs.render_gpu(report, "gpu-h100")
+    assert "the run was cut short" in text and text.count("| not measured |") == len(gpu_bench.GOALS)
