@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import time
+from typing import Callable
 
 import torch
 
@@ -206,7 +207,7 @@ class CompiledStepSampler:
     """
 
     def __init__(self, sampler_fn, device, *, enabled: bool = True, mode: str | None = "reduce-overhead",
-                 backend: str = "inductor"):
+                 backend: str | Callable = "inductor"):
         self.fn = sampler_fn
         self.device = torch.device(device)
         self.enabled, self.mode, self.backend = enabled, mode, backend
