@@ -30,6 +30,14 @@ class _SamplePackage(types.ModuleType):
 
         return sample(*args, **kwargs)
 
+    @property
+    def __signature__(self):  # inspect.signature / help in notebooks: the function's, not (*args, **kwargs)
+        import inspect
+
+        from pdscli.api import sample
+
+        return inspect.signature(sample)
+
 
 class _Package(types.ModuleType):
     def __setattr__(self, name, value):

@@ -58,6 +58,9 @@ class PreconditionedSigma(float):
         value.precond = precond
         return value
 
+    def __getnewargs__(self):  # copy.deepcopy and pickle rebuild it with its preconditioner
+        return float(self), self.precond
+
     def _prior(self, other):
         if isinstance(other, torch.Tensor):
             return float(self) * self.precond.noise(other)

@@ -152,6 +152,9 @@ def test_sample_is_the_package_and_the_function():
     from pdscli import sample
 
     assert sample is pdscli.sample
+    import inspect
+
+    assert list(inspect.signature(pdscli.sample).parameters)[:3] == ["model", "n", "nfe"]
 
 
 def test_one_version_everywhere(run_pds):

@@ -137,6 +137,12 @@ def test_scheduler_config_and_save_round_trip(folder, filters_file, tmp_path):
     # A Filters object works too, and stays out of the saved config (it is not JSON).
     from_object = pds_diffusers.PdsScoreSdeVeScheduler.from_config(theirs, filters=again.filters)
     assert from_object.precond is not None and from_object.config["filters"] is None
+    # Copies (diffusers deep-copies schedulers) keep the preconditioned prior.
+    import copy
+
+    z = torch.randn(1, 3, SIZE, SIZE)
+    assert torch.equal(z * copy.deepcopy(ours).init_noise_sigma, z * ours.init_noise_sigma)
+    assert not torch.equal(z * ours.init_noise_sigma, z * float(ours.init_noise_sigma))
     with pytest.raises(PdsError, match="alpha"):
         pds_diffusers.PdsScoreSdeVeScheduler.from_config(theirs, filters=filters_file, alpha="auto")
     with pytest.raises(PdsError, match="not found"):
