@@ -140,7 +140,10 @@ def test_import_pdscli_stays_light():
     code = ("import sys, pdscli\n"
             "heavy = [m for m in ('diffusers', 'torch', 'pdscli.api') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
-            "assert pdscli.__version__\n")
+            "assert pdscli.__version__\n"
+            # Using the API does not import diffusers either: only pdscli.diffusers does.
+            "pdscli.sample(pdscli.load('gaussian', image_size=4, device='cpu'), 1, sampler='ddim', steps=2)\n"
+            "assert 'diffusers' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
