@@ -102,7 +102,7 @@ def test_2m_sde_midpoint_differs_from_the_exact_form_only_by_the_correction(mode
 
 
 def test_2m_sde_midpoint_converges_in_distribution(model):
-    from pdscli.evaluate.measures import exact_spectral_kl
+    from pdscli.evaluate.moments import exact_spectral_kl
 
     fn = REGISTRY["dpm++2m-sde-mid"].fn
     kl = [exact_spectral_kl(model, fn, geometric(model.settings, n)) for n in (5, 20, 80)]

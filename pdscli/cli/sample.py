@@ -84,7 +84,8 @@ def sample(
         "recommended sampler and grid for the budget (docs/samplers.md); run.json says which and why."))] = None,
     schedule: Annotated[Optional[str], _opt("--schedule", help=(
         "Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (log-uniform; the "
-        "default for the others) or edm (Karras rho 7)."))] = None,
+        "default for the others), edm (Karras rho 7) or stats (fitted to the filters' statistics for this sampler "
+        "and step count, cached; the filters then only make the grid)."))] = None,
     speed_up: Annotated[Optional[float], _opt("--speed-up", help=(
         "Run int(num_scales / k) steps for any k > 0, e.g. 2.5 (the reference's speed-up, eps times k too)."))] = None,
     snr: Annotated[Optional[float], _opt("--snr", help="Corrector signal-to-noise ratio (default: the model's).")] = None,

@@ -26,6 +26,7 @@ from pdscli.precondition.alpha import AlphaChoice, check_alpha, choose_alpha
 from pdscli.sample.job import SampleJob
 from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, open_filters, open_model
 from pdscli.samplers import Steps, pc_steps, sampler_info
+from pdscli.samplers import fitted
 from pdscli.samplers.grids import SCHEDULES, make_steps
 from pdscli.samplers.recommend import BudgetPlan, plan_budget
 from pdscli.samplers.pc import PCOptions, corrector_stalls
@@ -78,8 +79,11 @@ def resolve_schedule(schedule: str | None, sampler: str) -> str:
     """The step grid's name: the sampler's default (`SamplerInfo.grid`: `pc`, the reference's, for
     the PC family; the measured-best grid for the others) unless --schedule names one."""
     chosen = schedule or sampler_info(sampler).grid
-    if chosen != REFERENCE_GRID and chosen not in SCHEDULES:
-        raise PdsError(f"unknown schedule {chosen!r}; choose one of: {', '.join((REFERENCE_GRID, *SCHEDULES))}")
+    if chosen != REFERENCE_GRID and chosen != fitted.STATS_GRID and chosen not in SCHEDULES:
+        names = (REFERENCE_GRID, *SCHEDULES, fitted.STATS_GRID)
+        raise PdsError(f"unknown schedule {chosen!r}; choose one of: {', '.join(names)}")
+    if chosen == fitted.STATS_GRID and sampler_info(sampler).pc_grid:
+        raise PdsError(f"--schedule {fitted.STATS_GRID} fits grids for the samplers outside the PC family, not {sampler}")
     return chosen
 
 
@@ -194,7 +198,14 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
     builtin_filters = spec.uses_builtin and not has_filters and flags.sampler in (None, "pds")
     if budget is not None and budget.chosen:
         builtin_filters = spec.uses_builtin and not has_filters and budget.filters
-    sampler = resolve_sampler_name(flags.sampler, has_filters=has_filters or builtin_filters)
+    if flags.schedule == fitted.STATS_GRID:
+        # The grid is fitted to the filters' statistics; they are not a preconditioner then.
+        if not (has_filters or spec.uses_builtin):
+            raise PdsError(f"--schedule {fitted.STATS_GRID} fits the grid to the data's statistics: pass --masks FILE "
+                           "(from `pds filters` on the model's data or samples)")
+        builtin_filters = spec.uses_builtin and not has_filters
+    sampler = resolve_sampler_name(flags.sampler, has_filters=(has_filters or builtin_filters)
+                                   and flags.schedule != fitted.STATS_GRID)
     schedule = resolve_schedule(flags.schedule, sampler)
     steps = flags.steps
     if spec.uses_builtin and flags.steps is None and flags.speed_up is None:
@@ -216,7 +227,12 @@ class SamplingParts:
 
 def sampling_parts_for(model, choice: SamplerChoice, filters) -> SamplingParts:
     """The grid, the preconditioner (--alpha for this sampler and step count) and the PC parts."""
-    grid = build_steps(model.settings, steps=choice.steps, speed_up=choice.speed_up, schedule=choice.schedule)
+    if choice.schedule == fitted.STATS_GRID:
+        n = len(build_steps(model.settings, steps=choice.steps, speed_up=choice.speed_up, schedule="geometric"))
+        grid = fitted.grid_for_filters(choice.sampler, filters, model.settings, n)
+        filters = None  # they made the grid
+    else:
+        grid = build_steps(model.settings, steps=choice.steps, speed_up=choice.speed_up, schedule=choice.schedule)
     precond, alpha = preconditioner_for(filters, choice.alpha, model, choice.sampler, len(grid))
     options, warnings = sampler_parts(model.settings, choice.sampler, grid)
     if alpha is not None and alpha.off:

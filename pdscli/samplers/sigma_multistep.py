@@ -40,7 +40,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from pdscli.samplers.common import eval_score, levels, no_precond, report
+from pdscli.samplers.common import eval_score, levels, no_precond, report, tweedie
 from pdscli.samplers.grids import Steps
 
 MAX_ORDER = 4  # iPNDM's and ComfyUI's default
@@ -78,7 +78,7 @@ def _adams(name: str, score, noise, steps: Steps, precond, callback, *, variable
     for i in range(n):
         sigma, _, lo = levels(steps, i)
         s = eval_score(score, x, sigma)
-        denoised = x + sigma**2 * s
+        denoised = tweedie(x, sigma, s)
         if lo == 0:
             x = denoised
         else:
@@ -120,7 +120,7 @@ def gradient_estimation(score, noise, steps: Steps, *, precond=None, snr=0.16, p
     for i in range(n):
         sigma, _, lo = levels(steps, i)
         s = eval_score(score, x, sigma)
-        denoised = x + sigma**2 * s
+        denoised = tweedie(x, sigma, s)
         if lo == 0:
             x = denoised
         else:

@@ -1,0 +1,359 @@
+#!/usr/bin/env python
+"""k-diffusion's and ComfyUI's samplers, run from their own code, beside pds's on the exact models.
+
+    python scripts/peers.py --k-diffusion PATH --comfyui PATH [--only gaussian,mixture] [--samples 256]
+
+PATH is a checkout (a folder holding `k_diffusion/` or `comfy/`; its commit is read with git) or
+the word `installed` (the package on sys.path; its version from the package metadata). Their code
+is imported, never copied: the sampling modules are loaded as they are, and only the imports
+their sampling functions never call are stubbed while they load (torchsde and torchdiffeq,
+torchvision's image helpers, ComfyUI's model patcher and model-sampling classes); stochastic
+samplers get their noise through `noise_sampler`, so torchsde is never needed.
+
+Each peer sees the model as the EDM denoiser D(x, sigma) = x + sigma^2 s(x, sigma) of pds's score
+s, starts from the same x_T = sigma_max z, and (stochastic ones) draws its later noise from the same
+counter-based stream (`pdscli.noise.SampleNoise`) as pds's samplers. Budget N: the most levels
+whose counted score calls are <= N (a dry run counts them), on the peer's own grid functions
+(k-diffusion's `get_sigmas_exponential`, log-uniform, and `get_sigmas_karras`, rho 7), which end
+with 0 as pds's grids end with the Tweedie denoise.
+
+Writes docs/data/peers-gaussian.json and docs/data/peers-mixture.json (scripts/samplers_doc.py
+renders them into docs/samplers.md):
+  * gaussian: the exact Gaussian model (3x32x32), the exact spectral KL of each sampler's output
+    (pdscli.evaluate.measures.exact_second_moments: no samples, no sampling floor), and the
+    floor every sampler shares: the exact ODE to sigma_min followed by the Tweedie denoise.
+  * mixture: the mixture model (3x32x32), N samples from the same noise for every sampler: mode
+    TV and the weight-averaged per-mode spectral KL; N exact draws give the sampling floor.
+pds itself is measured in the same harness: its samplers on the geometric and edm grids, and
+the grids fitted to the data statistics (`--schedule stats`, pdscli.samplers.fitted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import inspect
+import json
+import platform
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pdscli.evaluate.analytic import GaussianImageModel  # noqa: E402
+from pdscli.evaluate.measures import mixture_quality  # noqa: E402
+from pdscli.evaluate.moments import exact_second_moments, kl_of_moments  # noqa: E402
+from pdscli.evaluate.mixture import MixtureImageModel  # noqa: E402
+from pdscli.noise import SampleNoise  # noqa: E402
+from pdscli.samplers import REGISTRY, fitted  # noqa: E402
+from pdscli.samplers.grids import Steps, make_steps, steps_from_levels  # noqa: E402
+from pdscli.samplers.plan import steps_for_nfe  # noqa: E402
+
+DATA = REPO / "docs" / "data"
+BUDGETS = [5, 8, 10, 15, 20, 35, 50]
+PDS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "ipndm-v", "gradient-estimation", "heun", "dpm++2m-sde",
+                "dpm++2m-sde-mid", "euler-a"]
+PDS_GRIDS = ["geometric", "edm"]
+STATS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "ipndm-v", "gradient-estimation"]  # fitted grids: deterministic ones
+
+# (library, function name, keyword arguments, stochastic). Samplers that need ComfyUI's
+# model-sampling objects (its SDE and ancestral variants) are left out: the denoiser alone cannot feed them.
+K_DIFFUSION = [
+    ("sample_euler", {}, False), ("sample_heun", {}, False), ("sample_lms", {}, False),
+    ("sample_dpmpp_2m", {}, False), ("sample_dpmpp_3m_sde", {"eta": 0.0}, False),
+    ("sample_dpmpp_2m_sde", {}, True), ("sample_dpmpp_2m_sde", {"solver_type": "heun"}, True),
+    ("sample_dpmpp_3m_sde", {}, True), ("sample_euler_ancestral", {}, True),
+]
+COMFYUI = [
+    ("sample_ipndm", {}, False), ("sample_ipndm_v", {}, False), ("sample_deis", {}, False),
+    ("sample_gradient_estimation", {}, False), ("sample_res_multistep", {}, True),
+    ("sample_unipc", {}, False), ("sample_unipc_bh2", {}, False),
+]
+
+
+# ---------------------------------------------------------------------------- loading the peers
+
+
+def _stub(name: str, **attrs) -> None:
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+        return
+    except ImportError:
+        pass
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+
+
+def _never_called(*_, **__):
+    raise RuntimeError("a stubbed dependency was called: pass noise_sampler / use another sampler")
+
+
+def _stub_unused_imports() -> None:
+    _stub("torchsde", BrownianInterval=_never_called, BrownianTree=_never_called)
+    _stub("torchdiffeq", odeint=_never_called)
+    _stub("torchvision")
+    _stub("torchvision.transforms")
+    _stub("torchvision.transforms.functional", to_tensor=_never_called, to_pil_image=_never_called)
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+
+
+def _namespace(name: str, folder: Path) -> None:
+    """A package whose __init__ is not run: its submodules load from `folder`."""
+    module = types.ModuleType(name)
+    module.__path__ = [str(folder)]
+    sys.modules[name] = module
+
+
+def _git_commit(folder: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def load_k_diffusion(where: str) -> tuple[types.ModuleType, str]:
+    _stub_unused_imports()
+    if where == "installed":
+        return importlib.import_module("k_diffusion.sampling"), "k-diffusion " + importlib.metadata.version("k-diffusion")
+    root = Path(where).resolve()
+    _namespace("k_diffusion", root / "k_diffusion")
+    return importlib.import_module("k_diffusion.sampling"), _git_commit(root)
+
+
+def load_comfyui(where: str) -> tuple[dict[str, Callable], str]:
+    _stub_unused_imports()
+    if where == "installed":
+        raise SystemExit("ComfyUI is not an installable package: give its checkout")
+    root = Path(where).resolve()
+    _namespace("comfy", root / "comfy")
+    _namespace("comfy.k_diffusion", root / "comfy" / "k_diffusion")
+    _namespace("comfy.extra_samplers", root / "comfy" / "extra_samplers")
+    _stub("comfy.model_patcher", set_model_options_post_cfg_function=_never_called)
+    _stub("comfy.model_sampling", CONST=type("CONST", (), {}))
+    sampling = importlib.import_module("comfy.k_diffusion.sampling")
+    uni_pc = importlib.import_module("comfy.extra_samplers.uni_pc")
+    fns = {name: getattr(sampling, name) for name, _, _ in COMFYUI if hasattr(sampling, name)}
+    fns["sample_unipc"], fns["sample_unipc_bh2"] = uni_pc.sample_unipc, uni_pc.sample_unipc_bh2
+    return fns, _git_commit(root)
+
+
+# ---------------------------------------------------------------------------- one contract
+
+
+@dataclass
+class Peer:
+    library: str
+    name: str  # the function, with its non-default keywords
+    fn: Callable
+    kwargs: dict
+    stochastic: bool
+
+    def sampler(self) -> Callable:
+        """The peer as a pds sampler: (score, noise, steps, *, precond=None, ...) -> x."""
+
+        def run(score, noise, steps: Steps, *, precond=None, **_):
+            def denoiser(x, sigma, **__):
+                return x + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2 * score(x, sigma)
+
+            sigmas = torch.cat([steps.sigma, steps.sigma.new_zeros(1)]).to(torch.float32)
+            x = steps.sigma_max * noise()
+            # Every function that takes a noise_sampler gets one (3M SDE at eta 0 builds a torchsde
+            # tree otherwise, and never draws from it).
+            takes_noise = "noise_sampler" in inspect.signature(self.fn).parameters
+            extra = {"noise_sampler": lambda *_: noise()} if takes_noise else {}
+            with torch.no_grad():
+                return self.fn(denoiser, x, sigmas, extra_args={}, disable=True, **extra, **self.kwargs)
+
+        return run
+
+
+def peers(k_diffusion: str | None, comfyui: str | None) -> tuple[list[Peer], dict]:
+    out, sources = [], {}
+    if k_diffusion:
+        sampling, version = load_k_diffusion(k_diffusion)
+        sources["k-diffusion"] = {"source": "crowsonkb/k-diffusion, k_diffusion/sampling.py", "version": version}
+        for name, kwargs, stochastic in K_DIFFUSION:
+            label = name + "".join(f" {k}={v}" for k, v in kwargs.items())
+            out.append(Peer("k-diffusion", label, getattr(sampling, name), kwargs, stochastic))
+        sources["k-diffusion"]["grids"] = {"geometric": sampling.get_sigmas_exponential, "edm": sampling.get_sigmas_karras}
+    if comfyui:
+        fns, version = load_comfyui(comfyui)
+        sources["ComfyUI"] = {"source": "Comfy-Org/ComfyUI, comfy/k_diffusion/sampling.py and comfy/extra_samplers/uni_pc.py",
+                              "version": version}
+        for name, kwargs, stochastic in COMFYUI:
+            if name in fns:
+                out.append(Peer("ComfyUI", name, fns[name], kwargs, stochastic))
+    return out, sources
+
+
+def peer_grid(sources: dict, grid: str, settings, n: int) -> Steps:
+    """n levels of the peer library's own grid function (k-diffusion's), sigma_max ... sigma_min."""
+    build = sources["k-diffusion"]["grids"][grid] if "k-diffusion" in sources else None
+    if build is None:
+        return make_steps(grid, settings, n)
+    sigmas = build(n, settings.sigma_min, settings.sigma_max).to(torch.float64)
+    return steps_from_levels(sigmas[:-1], settings.sigma_max)
+
+
+def count_calls(run: Callable, model, steps: Steps) -> int:
+    calls = [0]
+
+    def score(x, sigma):
+        calls[0] += 1
+        return model.score(x, sigma)
+
+    try:
+        run(score, SampleNoise(0, [0], model.shape), steps)
+    except Exception:  # a grid this peer cannot run: never fits a budget
+        return 10**9
+    return calls[0]
+
+
+def fit_budget(run: Callable, model, grid: Callable[[int], Steps], nfe: int, cache: dict) -> tuple[int, int] | None:
+    """(levels, calls): the most levels whose counted calls are <= nfe; None if 2 levels cost more."""
+    best = None
+    for n in range(2, nfe + 2):
+        if n not in cache:
+            cache[n] = count_calls(run, model, grid(n))
+        if cache[n] > nfe:
+            break
+        best = (n, cache[n])
+    return best
+
+
+# ---------------------------------------------------------------------------- measures
+
+
+def gaussian_floor(model: GaussianImageModel) -> float:
+    """KL of the exact ODE's output at sigma_min after the Tweedie denoise: variance lam^2 / (lam + sigma_min^2)."""
+    lam = model.lam
+    return kl_of_moments(model, lam**2 / (lam + model.settings.sigma_min**2))
+
+
+def gaussian_measure(model, run, steps, stochastic: bool) -> dict:
+    moments = exact_second_moments(model, run, steps, max_draws=None if stochastic else 1)
+    kl = kl_of_moments(model, moments)
+    return {"kl": kl if kl == kl and kl != float("inf") else None}
+
+
+def mixture_measure(model, run, steps, stochastic: bool, n_samples: int) -> dict:
+    out = run(model.score, SampleNoise(0, range(n_samples), model.shape), steps)
+    if not torch.isfinite(out).all():
+        return {"mode_tv": None, "mean_mode_kl": None}
+    q = mixture_quality(model, out)
+    return {"mode_tv": q["mode_tv"], "mean_mode_kl": q["mean_mode_kl"], "mode_shares": q["mode_shares"]}
+
+
+def pds_steps(model, name: str, grid: str, n: int) -> Steps:
+    """pds's grid: a named schedule, or `stats`, fitted to the model's second-order statistics."""
+    if grid != "stats":
+        return make_steps(grid, model.settings, n)
+    return fitted.fitted_steps(name, REGISTRY[name].fn, fitted.spectrum_of_model(model), model.settings, n)
+
+
+def measure(model, measure_fn, peer_list, sources, grids, log) -> list[dict]:
+    rows = []
+    settings = model.settings
+    for grid in [*grids, "stats"]:
+        for peer in peer_list:
+            if grid == "stats":
+                break
+            run, cache = peer.sampler(), {}
+            for nfe in BUDGETS:
+                fit = fit_budget(run, model, lambda n: peer_grid(sources, grid, settings, n), nfe, cache)
+                if fit is None:
+                    continue
+                n, spent = fit
+                t0 = time.perf_counter()
+                try:
+                    m = measure_fn(model, run, peer_grid(sources, grid, settings, n), peer.stochastic)
+                except Exception as e:  # a peer that fails on this grid: recorded, not fatal
+                    m = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                rows.append({"library": peer.library, "sampler": peer.name, "grid": grid, "nfe": nfe, "spent": spent,
+                             "levels": n, **m, "seconds": round(time.perf_counter() - t0, 2)})
+            log(f"{peer.library} {peer.name} {grid}: " + " ".join(_short(r) for r in rows if r["sampler"] == peer.name
+                                                                   and r["grid"] == grid))
+        for name in STATS_SAMPLERS if grid == "stats" else PDS_SAMPLERS:
+            info = REGISTRY[name]
+            for nfe in BUDGETS:
+                try:
+                    n = steps_for_nfe(name, nfe)
+                except Exception:  # the budget is below the sampler's fewest steps
+                    continue
+                t0 = time.perf_counter()
+                m = measure_fn(model, info.fn, pds_steps(model, name, grid, n), not info.deterministic)
+                rows.append({"library": "pds", "sampler": name, "grid": grid, "nfe": nfe, "spent": info.nfe(n),
+                             "levels": n, **m, "seconds": round(time.perf_counter() - t0, 2)})
+            log(f"pds {name} {grid}: " + " ".join(_short(r) for r in rows if r["library"] == "pds" and r["sampler"] == name
+                                                  and r["grid"] == grid))
+    return rows
+
+
+def _short(row: dict) -> str:
+    value = row.get("kl", row.get("mode_tv"))
+    return "nan" if value is None else f"{value:.2e}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k-diffusion", help="a k-diffusion checkout, or 'installed'")
+    ap.add_argument("--comfyui", help="a ComfyUI checkout")
+    ap.add_argument("--only", default="gaussian,mixture", help="comma list of gaussian, mixture")
+    ap.add_argument("--samples", type=int, default=256, help="mixture samples per run")
+    ap.add_argument("--out", type=Path, default=DATA)
+    args = ap.parse_args(argv)
+    if not (args.k_diffusion or args.comfyui):
+        ap.error("name at least one peer: --k-diffusion PATH and/or --comfyui PATH")
+    torch.set_num_threads(1)
+    peer_list, sources = peers(args.k_diffusion, args.comfyui)
+    log = lambda msg: print(msg, flush=True)
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python scripts/peers.py " + " ".join(a if not Path(a).is_absolute() else Path(a).name for a in (argv or sys.argv[1:])),
+        "pds": _git_commit(REPO),
+        "sources": {lib: {k: v for k, v in s.items() if k != "grids"} for lib, s in sources.items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    for part in args.only.split(","):
+        if part == "gaussian":
+            model = GaussianImageModel()
+            rows = measure(model, gaussian_measure, peer_list, sources, ["geometric", "edm"], log)
+            result = {"model": model.describe() if hasattr(model, "describe") else "gaussian 3x32x32",
+                      "settings": model.settings.to_dict(), "floor": {"kl": gaussian_floor(model)}, "rows": rows}
+        elif part == "mixture":
+            model = MixtureImageModel()
+            ref, _ = model.sample(args.samples, generator=torch.Generator().manual_seed(0))
+            floor = mixture_quality(model, ref)
+            fn = lambda m, run, steps, stochastic: mixture_measure(m, run, steps, stochastic, args.samples)
+            rows = measure(model, fn, peer_list, sources, ["geometric"], log)
+            result = {"model": model.describe(), "num_samples": args.samples,
+                      "floor": {"mode_tv": floor["mode_tv"], "mean_mode_kl": floor["mean_mode_kl"]}, "rows": rows}
+        else:
+            raise SystemExit(f"--only: unknown part {part!r}")
+        path = args.out / f"peers-{part}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**result, "meta": meta}, indent=1) + "\n")
+        tmp.replace(path)
+        log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
