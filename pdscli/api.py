@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pdscli.devices import resolve_device
 from pdscli.engines import ONNX_SUFFIXES, TRT_SUFFIXES
 from pdscli.errors import PdsError
-from pdscli.fsutil import prepare_out_file
 from pdscli.evaluate.compare import compare, open_side
 from pdscli.evaluate.features import open_features
 from pdscli.evaluate.fid import KID_SUBSETS
 from pdscli.evaluate.imagesets import ArraySet
-from pdscli.devices import resolve_device
+from pdscli.fsutil import prepare_out_file
 from pdscli.models import builtin
 from pdscli.precondition import Filters, compute_statistics, load_filters
 from pdscli.precondition.filters import folder_statistics
@@ -127,10 +127,17 @@ def _as_filters(value: Filters | str | Path | None, settings: SamplingSettings) 
     return value
 
 
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise PdsError(f"{name} must be a whole number of at least 1, got {value!r}")
+def _whole(name: str, value, low: int) -> int:
+    """A whole number of at least `low` (an int, or a float without a fraction), else a one-line PdsError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and int(value) == value and value >= low
+    if not ok:
+        raise PdsError(f"{name} must be a whole number of at least {low}, got {value!r}")
     return int(value)
+
+
+def _check_count(name: str, value) -> int:
+    return _whole(name, value, 1)
 
 
 def sample(model: Model, n: int, *, nfe: int | None = None, sampler: str | None = None, steps: int | None = None,
@@ -145,24 +152,23 @@ def sample(model: Model, n: int, *, nfe: int | None = None, sampler: str | None 
     the pds sampler as `pds sample` does). `progress`: True for a bar on stderr, or a
     pdscli.sample.loop.SampleProgress."""
     n, batch_size = _check_count("n", n), _check_count("batch_size", batch_size)
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise PdsError(f"seed must be a whole number of 0 or more, got {seed!r}")
+    seed = _whole("seed", seed, 0)
     if nfe is not None:
         nfe = _check_count("nfe", nfe)
     if steps is not None:
         steps = _check_count("steps", steps)
-    if speed_up is not None and not math.isfinite(float(speed_up)):
+    if speed_up is not None and not (isinstance(speed_up, (int, float)) and math.isfinite(speed_up) and speed_up > 0):
         raise PdsError(f"speed_up must be a positive number, got {speed_up!r}")
     given = _as_filters(filters, model.settings)
     flags = SampleFlags(out=Path(), alpha=None if alpha is None else str(alpha), sampler=sampler, steps=steps,
                         speed_up=None if speed_up is None else float(speed_up), schedule=schedule, nfe=nfe,
-                        per_sample_step=per_sample_step, num_samples=n, batch_size=batch_size, seed=int(seed))
+                        per_sample_step=per_sample_step, num_samples=n, batch_size=batch_size, seed=seed)
     choice = choose_sampler(model.spec, flags, has_filters=given is not None)
     used = given if choice.given_filters else (model.filters if choice.builtin_filters else None)
     check_fits_in_memory(min(batch_size, n), model.shape, model.device)
     parts = sampling_parts_for(model.opened, choice, used)
     job = SampleJob(model=model.opened, sampler=choice.sampler, steps=parts.steps, out=None, num_samples=n,
-                    batch_size=batch_size, seed=int(seed), snr=model.settings.snr, precond=parts.precond,
+                    batch_size=batch_size, seed=seed, snr=model.settings.snr, precond=parts.precond,
                     per_sample_step=per_sample_step, sampler_options=parts.options, warnings=parts.warnings)
     return _run(job, _progress(progress))
 

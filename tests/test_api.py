@@ -82,6 +82,11 @@ def test_sample_i_of_a_seed_does_not_depend_on_the_count(models):
 def test_bad_input_is_a_one_line_pds_error(models, tmp_path):
     cases = [
         lambda: pdscli.sample(models["gaussian"], 0),
+        lambda: pdscli.sample(models["gaussian"], "3"),
+        lambda: pdscli.sample(models["gaussian"], 2, seed=-1),
+        lambda: pdscli.sample(models["gaussian"], 2, seed=2**64),
+        lambda: pdscli.sample(models["gaussian"], 2, steps=2.5),
+        lambda: pdscli.sample(models["gaussian"], 2, speed_up=float("nan")),
         lambda: pdscli.sample(models["gaussian"], 2, sampler="nope"),
         lambda: pdscli.sample(models["gaussian"], 2, steps=3, nfe=4),
         lambda: pdscli.sample(models["gaussian"], 2, sampler="pds"),  # no filters
