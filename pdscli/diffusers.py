@@ -173,8 +173,10 @@ class PdsScoreSdeVeScheduler(SchedulerMixin, ConfigMixin):
                                 precond=self.precond)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor | None, timesteps: torch.Tensor) -> torch.Tensor:
+        """x + sigma_j z at the ladder's levels j = `timesteps` (unpreconditioned: the forward process)."""
         sigmas = self.discrete_sigmas.to(original_samples.device)[timesteps.to(original_samples.device)]
+        noise = torch.randn_like(original_samples) if noise is None else noise
         return original_samples + noise * sigmas[:, None, None, None]
 
     def __len__(self) -> int:

@@ -137,6 +137,8 @@ def test_scheduler_config_and_save_round_trip(folder, filters_file, tmp_path):
     # A Filters object works too, and stays out of the saved config (it is not JSON).
     from_object = pds_diffusers.PdsScoreSdeVeScheduler.from_config(theirs, filters=again.filters)
     assert from_object.precond is not None and from_object.config["filters"] is None
+    x, z, j = torch.rand(2, 3, SIZE, SIZE), torch.randn(2, 3, SIZE, SIZE), torch.tensor([0, 5])
+    assert torch.allclose(ours.add_noise(x, z, j), diffusers.ScoreSdeVeScheduler.from_config(theirs).add_noise(x, z, j))
     # Copies (diffusers deep-copies schedulers) keep the preconditioned prior.
     import copy
 
