@@ -11,7 +11,7 @@ import struct
 import pytest
 import torch
 
-from pdscli.bench import backends, latency, quality, report as bench_report, runs, timing
+from pdscli.bench import backends, latency, quality, report as bench_report, timing
 from pdscli.bench.config import NETWORK_BACKENDS, BenchConfig
 from pdscli.bench.model import BenchModel
 from pdscli.errors import PdsError
@@ -326,12 +326,6 @@ def test_summarize_and_time_calls():
     calls = []
     t = timing.time_calls(lambda: calls.append(1), warmup=2, repeats=5, device=torch.device("cpu"))
     assert len(calls) == 7 and t["count"] == 5 and t["clock"] == "perf_counter" and t["first_call_s"] >= 0
-
-
-@pytest.mark.parametrize("sampler, budget, steps", [("pc", 20, 10), ("pc", 21, 10), ("ddim", 20, 20),
-                                                     ("accel-ode2", 20, 10), ("predictor", 7, 7)])
-def test_steps_for_budget(sampler, budget, steps):
-    assert runs.steps_for_budget(sampler, budget) == steps
 
 
 def test_reference_statistic_is_zero_on_itself_and_sees_leftover_noise():

@@ -17,15 +17,17 @@ from pdscli.noise import SampleNoise
 from pdscli.samplers import REGISTRY, nfe_count
 from pdscli.samplers.grids import SCHEDULES, make_steps
 from pdscli.samplers.plan import steps_for_nfe
+from pdscli.settings import SamplingSettings
 from pdscli.samplers.recommend import (
     EXACT,
     FILTERS,
     NETWORK,
     TABLE,
-    plan_budget,
+    choose_for_budget,
     recommend,
 )
 
+SETTINGS = SamplingSettings(sigma_min=0.01, sigma_max=50.0, num_scales=1000, snr=0.16, image_size=8, num_channels=1)
 BUDGETS = [10, 20, 35, 50]
 BASELINE = ("dpm++2m", "geometric")  # DPM-Solver++(2M) on the log-uniform grid
 
@@ -41,18 +43,19 @@ def test_every_table_entry_is_a_registered_sampler_on_a_known_grid():
 @pytest.mark.parametrize("budget", [3, 10, 20, 35, 50, 99, 200, 1000])
 @pytest.mark.parametrize("filters,analytic", [(False, True), (False, False), (True, False)])
 def test_plan_spends_at_most_the_budget(budget, filters, analytic):
-    plan = plan_budget(budget, filters=filters, analytic=analytic)
-    assert plan.nfe == nfe_count(plan.sampler, plan.steps) <= budget
-    assert plan.sampler == recommend(budget, filters=filters, analytic=analytic).sampler
-    assert str(budget) in plan.reason and plan.sampler in plan.reason
+    run = choose_for_budget(budget, filters=filters, analytic=analytic).plan(SETTINGS)
+    assert run.nfe == nfe_count(run.sampler, len(run.steps)) <= budget
+    assert run.sampler == recommend(budget, filters=filters, analytic=analytic).sampler
+    assert str(budget) in run.reason and run.sampler in run.reason and f"{len(run.steps)} steps" in run.reason
 
 
 def test_a_given_sampler_takes_the_most_steps_that_fit():
-    plan = plan_budget(20, sampler="heun")
-    assert (plan.steps, plan.nfe, plan.grid) == (10, 19, REGISTRY["heun"].grid)
-    assert plan_budget(20, sampler="pds", schedule="pc").steps == 10
+    run = choose_for_budget(20, sampler="heun").plan(SETTINGS)
+    assert (len(run.steps), run.nfe, run.grid) == (10, 19, REGISTRY["heun"].grid)
+    assert run.reason == "--sampler heun: 10 steps fit in 20 network calls"
+    assert len(choose_for_budget(20, sampler="pds", schedule="pc").plan(SETTINGS).steps) == 10
     with pytest.raises(PdsError, match="at least 1"):
-        plan_budget(0)
+        choose_for_budget(0)
 
 
 # -- the requirement: the default is at least as exact as DPM-Solver++(2M), log-uniform ---------------
@@ -102,10 +105,11 @@ def test_builtin_default_at_20_nfe_passes_the_classifier_check():
     from pdscli.models import builtin
 
     clf, _ = qc.digit_classifier(heldout=False)
-    plan = plan_budget(20, filters=True, analytic=False)  # the built-in model comes with its filters
-    assert plan.nfe <= 20
-    x, _ = qc.sample(builtin.default_score_model("cpu"), sampler=plan.sampler, steps=plan.steps, n=64, grid=plan.grid,
-                     filters=plan.filters)
+    model = builtin.default_score_model("cpu")
+    choice = choose_for_budget(20, filters=True, analytic=False)  # the built-in model comes with its filters
+    run = choice.plan(model.settings)
+    assert run.nfe <= 20
+    x, _ = qc.sample(model, sampler=run.sampler, steps=len(run.steps), n=64, grid=run.grid, filters=choice.filters)
     m = qc.evaluate(clf, x)
     assert not qc.failures(m), m
 

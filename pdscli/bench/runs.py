@@ -23,8 +23,8 @@ from pdscli.errors import PdsError
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
 from pdscli.sample.loop import batch_count, batch_indices
-from pdscli.sample.setup import build_steps, resolve_schedule
-from pdscli.samplers import get_sampler, nfe_count, pc_steps
+from pdscli.samplers import get_sampler
+from pdscli.samplers.plan import Plan, plan
 from pdscli.score import CountingScore
 
 
@@ -33,9 +33,10 @@ class SamplingRun:
     configuration sees the same noise), each full batch timed (synchronised wall clock around
     the sampler call: network, sampler arithmetic and noise draws together)."""
 
-    def __init__(self, score: Callable, sampler: str, steps, precond: Preconditioner | None, *,
-                 cfg: BenchConfig, model: BenchModel):
-        self.fn, self.counting, self.steps, self.precond = get_sampler(sampler), CountingScore(score), steps, precond
+    def __init__(self, score: Callable, run: Plan, precond: Preconditioner | None, *, cfg: BenchConfig,
+                 model: BenchModel):
+        self.fn, self.counting, self.steps, self.precond = get_sampler(run.sampler), CountingScore(score), run.steps, precond
+        self.options = run.sampler_options()
         self.cfg, self.model = cfg, model
         self.times, self.outs, self.batches = [], [], 0
 
@@ -46,7 +47,7 @@ class SamplingRun:
         sync(model.device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = self.fn(self.counting, noise, self.steps, precond=self.precond, snr=model.settings.snr)
+            x = self.fn(self.counting, noise, self.steps, precond=self.precond, snr=model.settings.snr, **self.options)
         sync(model.device)
         if len(noise) == batch:
             self.times.append(time.perf_counter() - t0)
@@ -68,10 +69,10 @@ def run_interleaved(runs: list[SamplingRun], count: int, batch: int) -> list[dic
     return [run.result() for run in runs]
 
 
-def _run_record(label: str, sampler: str, steps, schedule: str, result: dict, cfg: BenchConfig, quality,
-                alpha: float | None, fid: FidQuality | None) -> dict:
+def _run_record(label: str, run: Plan, result: dict, cfg: BenchConfig, quality, alpha: float | None,
+                fid: FidQuality | None) -> dict:
     t = result["timing"]
-    return {"label": label, "sampler": sampler, "steps": len(steps), "schedule": schedule, "nfe": result["nfe"],
+    return {"label": label, "sampler": run.sampler, "steps": len(run.steps), "schedule": run.grid, "nfe": result["nfe"],
             "alpha": alpha, "batch": cfg.e2e_batch, "timing": t, "per_image_s": t["median_s"] / cfg.e2e_batch,
             "images_per_s": cfg.e2e_batch / t["median_s"], "finite": result["finite"],
             "quality": quality.measure(result["samples"]) if quality is not None else None,
@@ -97,51 +98,43 @@ def run_end_to_end(cfg: BenchConfig, model: BenchModel, score, preconds: Precond
     """Vanilla PC at the full step count and PDS at 1/k of it, same backend, batch and noise."""
     full, n_pds = full_and_pds_steps(cfg, model.settings)
     count = sample_count(cfg, quality, fid)
-    grids = {"vanilla": pc_steps(model.settings, full), "pds": pc_steps(model.settings, n_pds)}
-    runs = [SamplingRun(score, "pc", grids["vanilla"], None, cfg=cfg, model=model),
-            SamplingRun(score, "pds", grids["pds"], preconds.for_steps(n_pds), cfg=cfg, model=model)]
+    vanilla_run = plan("pc", settings=model.settings, steps=full)
+    pds_run = plan("pds", settings=model.settings, steps=n_pds)
+    runs = [SamplingRun(score, vanilla_run, None, cfg=cfg, model=model),
+            SamplingRun(score, pds_run, preconds.for_steps(n_pds), cfg=cfg, model=model)]
     log(f"end to end: vanilla pc at {full} steps and PDS at {n_pds}, {count} images each in batches of "
         f"{cfg.e2e_batch}, interleaved ...")
     results = run_interleaved(runs, count, cfg.e2e_batch)
     if fid is not None:
         log(f"FID / KID of {2 * count} images ...")
-    vanilla = _run_record("vanilla", "pc", grids["vanilla"], "pc", results[0], cfg, quality, None, fid)
-    pds = _run_record("pds", "pds", grids["pds"], "pc", results[1], cfg, quality, preconds.alpha(n_pds), fid)
+    vanilla = _run_record("vanilla", vanilla_run, results[0], cfg, quality, None, fid)
+    pds = _run_record("pds", pds_run, results[1], cfg, quality, preconds.alpha(n_pds), fid)
     return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "runs": [vanilla, pds],
             "speedup": vanilla["timing"]["median_s"] / pds["timing"]["median_s"],
             "nfe_ratio": vanilla["nfe"] / pds["nfe"], "full_steps": full, "pds_steps": n_pds}
 
 
-def steps_for_budget(sampler: str, budget: int) -> int:
-    """The most steps whose NFE count fits `budget` (1 NFE per step when the sampler does not say)."""
-    n = budget
-    while n > 1 and (nfe_count(sampler, n) or n) > budget:
-        n -= 1
-    return n
-
-
 def run_samplers(cfg: BenchConfig, model: BenchModel, score, preconds: PreconditionerCache, quality, log,
                  fid: FidQuality | None = None) -> dict:
-    """Each --samplers entry at each --nfe budget: steps = the most that fit the budget, on the
-    sampler's own default grid (pc for the PC family, geometric for the accelerated ones); all
-    configurations interleaved batch by batch."""
+    """Each --samplers entry at each --nfe budget, as pdscli.samplers.plan plans it: the most steps
+    that fit the budget (counted with the model's PC parts), on the sampler's own default grid;
+    all configurations interleaved batch by batch."""
     count, rows, planned = sample_count(cfg, quality, fid), [], []
     for name in cfg.samplers:
         for budget in cfg.nfe:
-            n = steps_for_budget(name, budget)
             try:
-                schedule = resolve_schedule(None, name)
-                steps = build_steps(model.settings, steps=n, speed_up=None, schedule=schedule)
-            except PdsError as e:
-                rows.append({"sampler": name, "nfe_budget": budget, "steps": n, "status": "skipped", "reason": str(e)})
+                run = plan(name, settings=model.settings, nfe=budget)
+            except PdsError as e:  # not even the sampler's fewest steps fit the budget
+                rows.append({"sampler": name, "nfe_budget": budget, "steps": 0, "status": "skipped", "reason": str(e)})
                 continue
+            n = len(run.steps)
             precond, alpha = (preconds.for_steps(n), preconds.alpha(n)) if name == "pds" else (None, None)
             rows.append({"sampler": name, "nfe_budget": budget, "status": "ok"})
-            planned.append((rows[-1], steps, schedule, alpha, SamplingRun(score, name, steps, precond, cfg=cfg, model=model)))
+            planned.append((rows[-1], run, alpha, SamplingRun(score, run, precond, cfg=cfg, model=model)))
     log(f"samplers: {len(planned)} configurations, {count} images each in batches of {cfg.e2e_batch}, interleaved ...")
     results = run_interleaved([p[-1] for p in planned], count, cfg.e2e_batch)
     if fid is not None:
         log(f"FID / KID of {len(planned) * count} images ...")
-    for (row, steps, schedule, alpha, _), result in zip(planned, results):
-        row.update(_run_record(row["sampler"], row["sampler"], steps, schedule, result, cfg, quality, alpha, fid))
+    for (row, run, alpha, _), result in zip(planned, results):
+        row.update(_run_record(row["sampler"], run, result, cfg, quality, alpha, fid))
     return {"status": "ok", "batch": cfg.e2e_batch, "samples": count, "rows": rows}

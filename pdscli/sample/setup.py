@@ -25,14 +25,11 @@ from pdscli.precondition import Preconditioner
 from pdscli.precondition.alpha import AlphaChoice, check_alpha, choose_alpha
 from pdscli.sample.job import SampleJob
 from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, open_filters, open_model
-from pdscli.samplers import Steps, pc_steps, sampler_info
-from pdscli.samplers import fitted
-from pdscli.samplers.grids import SCHEDULES, make_steps
-from pdscli.samplers.recommend import BudgetPlan, plan_budget
-from pdscli.samplers.pc import PCOptions, corrector_stalls
+from pdscli.samplers import Steps, fitted, sampler_info
+from pdscli.samplers.pc import corrector_stalls
+from pdscli.samplers.plan import Plan, check_counts, grid_name, plan
+from pdscli.samplers.recommend import BudgetChoice, choose_for_budget
 from pdscli.settings import SamplingSettings
-
-REFERENCE_GRID = "pc"  # --schedule pc: score_sde's own PC grid (pc_steps)
 PNG_CHANNELS = (1, 3)  # grey or RGB: what an 8-bit PNG of a sample can hold
 STATE_COPIES = 4  # a sampler holds at least x, the noise, the score and x_mean of a batch
 
@@ -75,29 +72,6 @@ def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
     return chosen
 
 
-def resolve_schedule(schedule: str | None, sampler: str) -> str:
-    """The step grid's name: the sampler's default (`SamplerInfo.grid`: `pc`, the reference's, for
-    the PC family; the measured-best grid for the others) unless --schedule names one."""
-    chosen = schedule or sampler_info(sampler).grid
-    if chosen != REFERENCE_GRID and chosen != fitted.STATS_GRID and chosen not in SCHEDULES:
-        names = (REFERENCE_GRID, *SCHEDULES, fitted.STATS_GRID)
-        raise PdsError(f"unknown schedule {chosen!r}; choose one of: {', '.join(names)}")
-    if chosen == fitted.STATS_GRID and sampler_info(sampler).pc_grid:
-        raise PdsError(f"--schedule {fitted.STATS_GRID} fits grids for the samplers outside the PC family, not {sampler}")
-    return chosen
-
-
-def build_steps(settings: SamplingSettings, *, steps: int | None, speed_up: float | None, schedule: str) -> Steps:
-    """The step grid: `pc` = the reference's (pc_steps), else a pdscli.samplers.grids grid of the
-    same length. `steps` / `speed_up` are checked (at least 1, not both) by the caller."""
-    if schedule == REFERENCE_GRID:
-        return pc_steps(settings, steps, speed_up=speed_up)
-    n = int(settings.num_scales / speed_up) if speed_up is not None else (steps or settings.num_scales)
-    if n < 1:
-        raise PdsError(f"--speed-up {speed_up} leaves no step of the model's {settings.num_scales}")
-    return make_steps(schedule, settings, n)
-
-
 def preconditioner_for(filters, alpha: str | None, model, sampler: str, n_steps: int):
     """(Preconditioner or None, AlphaChoice or None): --alpha for this sampler and step count; a
     calibrated auto may switch the filters off (the choice's note says why)."""
@@ -109,22 +83,14 @@ def preconditioner_for(filters, alpha: str | None, model, sampler: str, n_steps:
     return Preconditioner.from_filters(filters, choice.alpha, model.device), choice
 
 
-def sampler_parts(settings: SamplingSettings, sampler: str, grid: Steps) -> tuple[dict, list[str]]:
-    """The PC family's parts from the model's sampling section (passed only when they are not the
-    reference's default, so the default run is the plain call), and warnings about them."""
-    if not sampler_info(sampler).pc_grid:
-        return {}, []
-    options = PCOptions.from_settings(settings, sampler)
+def sampler_parts(run: Plan, snr: float) -> tuple[dict, list[str]]:
+    """The sampler's keywords for the run's PC parts (`Plan.sampler_options`) and warnings about them."""
     warnings = []
-    if options.predictor == "none":
-        stall = corrector_stalls(grid, settings.snr, options.n_steps_each)
+    if run.options is not None and run.options.predictor == "none":
+        stall = corrector_stalls(run.steps, snr, run.options.n_steps_each)
         if stall:
             warnings.append(stall)
-    if sampler in ("pc", "pds") and options.is_reference_default:
-        return {}, warnings
-    return {"options": options}, warnings
-
-
+    return run.sampler_options(), warnings
 
 
 def check_fits_in_memory(batch: int, shape: tuple[int, ...], device: torch.device) -> None:
@@ -175,7 +141,15 @@ class SamplerChoice:
     alpha: str | None
     given_filters: bool  # the filters the caller gave are used (an --nfe plan may leave them unused)
     builtin_filters: bool  # the built-in model's own filters are used
-    budget: BudgetPlan | None = None  # --nfe's plan
+    budget: BudgetChoice | None = None  # --nfe's sampler and grid (the steps come with the model's settings)
+
+    def plan(self, settings: SamplingSettings, filters=None) -> Plan:
+        """The grid, steps and score calls for a model's settings (pdscli.samplers.plan); `filters`
+        are the statistics a `stats` grid is fitted to."""
+        if self.budget is not None:
+            return self.budget.plan(settings, filters=filters)
+        return plan(self.sampler, settings=settings, steps=self.steps, speed_up=self.speed_up, schedule=self.schedule,
+                    filters=filters)
 
 
 def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | None = None) -> SamplerChoice:
@@ -185,8 +159,7 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
     check_alpha(flags.alpha)  # a bad number fails before the slow model load
     if not 0 <= flags.seed <= SEED_MAX:
         raise PdsError(f"--seed must be between 0 and 2^64-1 = {SEED_MAX} (the noise generator's key), got {flags.seed}")
-    if flags.steps is not None and flags.speed_up is not None:
-        raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")
+    check_counts(steps=flags.steps, nfe=flags.nfe, speed_up=flags.speed_up)
     if flags.speed_up is not None and not (math.isfinite(flags.speed_up) and flags.speed_up > 0):
         raise PdsError(f"--speed-up must be a positive number, got {flags.speed_up:g}")
     budget = None
@@ -206,7 +179,7 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
         builtin_filters = spec.uses_builtin and not has_filters
     sampler = resolve_sampler_name(flags.sampler, has_filters=(has_filters or builtin_filters)
                                    and flags.schedule != fitted.STATS_GRID)
-    schedule = resolve_schedule(flags.schedule, sampler)
+    schedule = grid_name(sampler, flags.schedule)
     steps = flags.steps
     if spec.uses_builtin and flags.steps is None and flags.speed_up is None:
         steps = builtin.DEFAULT_STEPS
@@ -223,21 +196,20 @@ class SamplingParts:
     alpha: AlphaChoice | None
     options: dict
     warnings: tuple[str, ...]
+    plan: Plan
 
 
 def sampling_parts_for(model, choice: SamplerChoice, filters) -> SamplingParts:
     """The grid, the preconditioner (--alpha for this sampler and step count) and the PC parts."""
-    if choice.schedule == fitted.STATS_GRID:
-        n = len(build_steps(model.settings, steps=choice.steps, speed_up=choice.speed_up, schedule="geometric"))
-        grid = fitted.grid_for_filters(choice.sampler, filters, model.settings, n)
+    run = choice.plan(model.settings, filters)
+    if run.grid == fitted.STATS_GRID:
         filters = None  # they made the grid
-    else:
-        grid = build_steps(model.settings, steps=choice.steps, speed_up=choice.speed_up, schedule=choice.schedule)
-    precond, alpha = preconditioner_for(filters, choice.alpha, model, choice.sampler, len(grid))
-    options, warnings = sampler_parts(model.settings, choice.sampler, grid)
+    precond, alpha = preconditioner_for(filters, choice.alpha, model, choice.sampler, len(run.steps))
+    options, warnings = sampler_parts(run, model.settings.snr)
     if alpha is not None and alpha.off:
         warnings.insert(0, alpha.note)
-    return SamplingParts(steps=grid, precond=precond, alpha=alpha, options=options, warnings=tuple(warnings))
+    return SamplingParts(steps=run.steps, precond=precond, alpha=alpha, options=options, warnings=tuple(warnings),
+                         plan=run)
 
 
 def build_job(spec: ModelSpec, flags: SampleFlags, *, lock: bool = True) -> SampleJob:
@@ -274,17 +246,17 @@ def build_job(spec: ModelSpec, flags: SampleFlags, *, lock: bool = True) -> Samp
         alpha_given=alpha.given if alpha is not None else None, filters=filters_info,
         precision=model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
         steps_flag=choice.steps, speed_up_flag=choice.speed_up, model_load_s=load_s,
-        nfe_budget=None if budget is None else {"budget": flags.nfe, "planned": budget.nfe, "reason": budget.reason},
+        nfe_budget=None if budget is None else {"budget": flags.nfe, "planned": parts.plan.nfe,
+                                                "reason": parts.plan.reason},
         sampler_options=parts.options, filter_off=alpha.note if alpha is not None and alpha.off else None,
         warnings=parts.warnings, lock=held,
     )
 
 
 def _apply_budget(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool):
-    """--nfe: the flags with the planned sampler, step count and grid filled in, and the plan.
-    A recommended sampler that takes no filters runs without them (`plan.filters`; its reason says so)."""
-    if flags.steps is not None or flags.speed_up is not None:
-        raise PdsError("--nfe excludes --steps and --speed-up: give a budget of network calls or a number of steps")
-    plan = plan_budget(flags.nfe, sampler=flags.sampler, schedule=flags.schedule,
-                       filters=has_filters or spec.uses_builtin, analytic=spec.model in ANALYTIC_MODELS)
-    return dataclasses.replace(flags, sampler=plan.sampler, steps=plan.steps, schedule=plan.grid), plan
+    """--nfe: the flags with the chosen sampler and grid filled in, and the choice (the steps
+    come with the model's settings, `SamplerChoice.plan`). A recommended sampler that takes no
+    filters runs without them (`choice.filters`; its reason says so)."""
+    budget = choose_for_budget(flags.nfe, sampler=flags.sampler, schedule=flags.schedule,
+                               filters=has_filters or spec.uses_builtin, analytic=spec.model in ANALYTIC_MODELS)
+    return dataclasses.replace(flags, sampler=budget.sampler, schedule=budget.grid), budget

@@ -9,7 +9,8 @@ evaluations for the one-call samplers, the denoise included.
     geometric(settings, n)     log sigma uniform (the VE SDE's own spacing, as in score_sde)
     edm(settings, n, rho=7)    Karras et al. 2022: uniform in sigma^(1/rho), denser near sigma_min
 
-The CLI's `--schedule NAME` calls `make_steps(NAME, settings, n)`.
+The CLI's `--schedule NAME` calls `make_steps(NAME, settings, n)`; NAME is one of GRIDS, the PC
+grid (`pc`) or a SCHEDULES grid.
 """
 
 from __future__ import annotations
@@ -52,6 +53,27 @@ class Steps:
         return len(self.sigma)
 
 
+def count_steps(settings: SamplingSettings, n_steps: int | None = None, speed_up: float | None = None) -> int:
+    """How many steps a grid has: n_steps, or int(num_scales / speed_up) (the reference's
+    `--speed_up`), or num_scales; a PdsError if both are given or none remains."""
+    if n_steps is not None and speed_up is not None:
+        raise PdsError("give a number of steps or a speed-up, not both")
+    if speed_up is not None:
+        speed_up = float(speed_up)
+        if not (math.isfinite(speed_up) and speed_up > 0):
+            raise PdsError(f"the speed-up must be a positive number, got {speed_up:g}")
+        n = int(settings.num_scales / speed_up)  # the reference's int(config.model.num_scales / speed_up)
+        if n < 1:
+            raise PdsError(f"a speed-up of {speed_up:g} leaves no steps of the model's {settings.num_scales}")
+        return n
+    if n_steps is None:
+        return settings.num_scales
+    n = int(n_steps)
+    if n < 1:
+        raise PdsError(f"the number of steps must be at least 1, got {n_steps}")
+    return n
+
+
 def pc_steps(settings: SamplingSettings, n_steps: int | None = None, *, speed_up: float | None = None, eps: float | None = None) -> Steps:
     """The reference PC grid for a VE model, in float64.
 
@@ -68,23 +90,8 @@ def pc_steps(settings: SamplingSettings, n_steps: int | None = None, *, speed_up
     with these to ~1e-7 relative, and j agrees unless float32 rounding lands t_i (N - 1) on the
     other side of an integer (it does not for the official settings; see tests/test_sampling.py).
     """
-    if n_steps is not None and speed_up is not None:
-        raise PdsError("give a number of steps or a speed-up, not both")
-    if speed_up is not None:
-        speed_up = float(speed_up)
-        if not (math.isfinite(speed_up) and speed_up > 0):
-            raise PdsError(f"the speed-up must be a positive number, got {speed_up:g}")
-        n = int(settings.num_scales / speed_up)  # the reference's int(config.model.num_scales / speed_up)
-        if n < 1:
-            raise PdsError(f"a speed-up of {speed_up:g} leaves no steps of the model's {settings.num_scales}")
-        k = speed_up
-    elif n_steps is not None:
-        n = int(n_steps)
-        if n < 1:
-            raise PdsError(f"the number of steps must be at least 1, got {n_steps}")
-        k = settings.num_scales / n
-    else:
-        n, k = settings.num_scales, 1.0
+    n = count_steps(settings, n_steps, speed_up)
+    k = float(speed_up) if speed_up is not None else settings.num_scales / n
     eps = VE_EPS * k if eps is None else float(eps)
     if not (0 < eps <= 1):
         raise PdsError(f"eps (the last time step) must lie in (0, 1], got {eps:g}")
@@ -145,12 +152,26 @@ def edm(settings: SamplingSettings, n: int, rho: float = 7.0) -> Steps:
 
 
 SCHEDULES: dict[str, Callable[[SamplingSettings, int], Steps]] = {"geometric": geometric, "edm": edm}
+PC_GRID = "pc"  # score_sde's own PC grid (`pc_steps`), the PC family's default
+GRIDS = (PC_GRID, *SCHEDULES)  # every grid `--schedule` names
 
 
-def make_steps(name: str, settings: SamplingSettings, n: int) -> Steps:
-    """The grid called `name` (`--schedule`) with n steps; a PdsError listing the choices if unknown."""
-    try:
-        build = SCHEDULES[name]
-    except KeyError:
-        raise PdsError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}") from None
-    return build(settings, n)
+def check_grid(name: str) -> str:
+    """`name` if it names a grid, else a PdsError listing the choices."""
+    if name not in GRIDS:
+        raise PdsError(f"unknown schedule {name!r}; choose one of: {', '.join(GRIDS)}")
+    return name
+
+
+def min_steps(name: str) -> int:
+    """The fewest steps grid `name` has: 1 on the PC grid, 2 on the others (sigma_max ... sigma_min)."""
+    return 1 if check_grid(name) == PC_GRID else 2
+
+
+def make_steps(name: str, settings: SamplingSettings, n: int | None = None, *, speed_up: float | None = None) -> Steps:
+    """The grid called `name` (`--schedule`: pc, geometric, edm) with n steps, or
+    int(num_scales / speed_up), or num_scales (`count_steps`); a PdsError listing the choices if
+    unknown. The PC grid with a speed-up k is the reference's (its eps scales with k)."""
+    if check_grid(name) == PC_GRID:
+        return pc_steps(settings, n, speed_up=speed_up)
+    return SCHEDULES[name](settings, count_steps(settings, n, speed_up))

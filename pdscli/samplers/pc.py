@@ -21,6 +21,7 @@ parts run unpreconditioned.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -127,16 +128,21 @@ class PCOptions:
     def from_settings(cls, settings: SamplingSettings, sampler: str = "pc") -> "PCOptions":
         """The parts `settings` names, for the PC-family sampler `sampler` (`predictor` drops the
         corrector, `corrector` drops the predictor)."""
-        predictor, corrector = settings.predictor, settings.corrector
-        if sampler == "predictor":
-            corrector = "none"
-        elif sampler == "corrector":
-            predictor = "none"
-        if predictor == "none" and corrector == "none":
+        options = cls(settings.predictor, settings.corrector, settings.n_steps_each, settings.noise_removal,
+                      settings.probability_flow, math.log(settings.sigma_max / settings.sigma_min)).for_sampler(sampler)
+        if options.predictor == "none" and options.corrector == "none":
             part = "corrector" if sampler == "predictor" else "predictor"
             raise PdsError(f"--sampler {sampler} leaves no update: the config's sampling.{part} is 'none'")
-        return cls(predictor, corrector, settings.n_steps_each, settings.noise_removal, settings.probability_flow,
-                   math.log(settings.sigma_max / settings.sigma_min)).checked()
+        return options.checked()
+
+    def for_sampler(self, sampler: str) -> "PCOptions":
+        """These parts as the PC-family sampler `sampler` runs them: `predictor` drops the
+        corrector, `corrector` drops the predictor, `pc` and `pds` run them all."""
+        if sampler == "predictor":
+            return dataclasses.replace(self, corrector="none")
+        if sampler == "corrector":
+            return dataclasses.replace(self, predictor="none")
+        return self
 
     def checked(self) -> "PCOptions":
         if self.predictor not in PREDICTORS:
@@ -225,11 +231,6 @@ def _pc_loop(score, noise, steps: Steps, *, precond, snr, per_sample_step, callb
     return x_mean if opts.noise_removal else x
 
 
-def _with(options: PCOptions | None, **parts) -> PCOptions:
-    base = DEFAULT_OPTIONS if options is None else options
-    return PCOptions(**{**base.__dict__, **parts})
-
-
 def pc(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None,
        options: PCOptions | None = None) -> torch.Tensor:
     """Predictor-corrector sampling (2 score evaluations per step by default): Langevin corrector,
@@ -256,7 +257,7 @@ def predictor(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_
     """The predictor only (1 score evaluation per step; reverse diffusion unless `options` names
     another); snr and per_sample_step are unused. Its samples never depend on the batch."""
     return _pc_loop(score, noise, steps, precond=precond, snr=snr, per_sample_step=per_sample_step,
-                    callback=callback, options=_with(options, corrector="none"))
+                    callback=callback, options=(options or DEFAULT_OPTIONS).for_sampler("predictor"))
 
 
 def corrector(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None,
@@ -266,7 +267,7 @@ def corrector(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_
     NonePredictor returns that x with the noise, a difference of about 2 * snr * sigma_min per
     pixel. See `corrector_stalls`: at the official snrs it needs ~1000+ steps to leave the prior."""
     return _pc_loop(score, noise, steps, precond=precond, snr=snr, per_sample_step=per_sample_step,
-                    callback=callback, options=_with(options, predictor="none"))
+                    callback=callback, options=(options or DEFAULT_OPTIONS).for_sampler("corrector"))
 
 
 # -- a corrector alone ------------------------------------------------------------------------

@@ -11,16 +11,20 @@ answer depends on the score, not only on the budget:
     any budget), and putting noise back each step repairs them;
   * network + filters: the same, when PDS filters are at hand (given, or the built-in model's).
 
-`plan_budget` turns a budget into a sampler, its step count and grid, and a sentence saying why.
+`choose_for_budget` turns a budget into a sampler and grid, and a sentence saying why; its
+`plan(settings)` adds the step count (`pdscli.samplers.plan`), which can depend on the model's
+PC parts (a config's `n_steps_each`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pdscli.errors import PdsError
-from pdscli.samplers import sampler_info
-from pdscli.samplers.plan import steps_for_nfe
+from pdscli.samplers.pc import PCOptions
+from pdscli.samplers.plan import Plan, grid_name, plan
+from pdscli.settings import SamplingSettings
 
 EXACT, NETWORK, FILTERS = "exact", "network", "network+filters"
 
@@ -64,37 +68,46 @@ def recommend(nfe: int, *, filters: bool, analytic: bool) -> Choice:
 
 
 @dataclass(frozen=True)
-class BudgetPlan:
+class BudgetChoice:
+    """What a budget of `nfe` network calls runs, before the model's settings are known: the
+    sampler, its grid, whether the filters at hand are used, and why. `plan(settings)` adds the steps (`pdscli.samplers.plan`: the most that fit, counted
+    with the PC parts the settings name)."""
+
+    nfe: int
     sampler: str
-    steps: int
-    grid: str | None  # None: the caller's --schedule, or the sampler's default
+    grid: str
     filters: bool  # whether the run uses the filters at hand
-    nfe: int  # score calls the plan spends (<= the budget)
-    reason: str
+    why: str  # the sampler's reason, before the steps are known
     chosen: bool = False  # the sampler is the recommendation (no --sampler given)
+    note: str = ""  # said after the steps
+
+    def plan(self, settings: SamplingSettings, options: PCOptions | None = None, filters=None) -> Plan:
+        """The run: the most steps of `sampler` whose score calls fit the budget; its reason says
+        why. `filters`: the statistics a `stats` grid is fitted to."""
+        run = plan(self.sampler, settings=settings, nfe=self.nfe, schedule=self.grid, options=options, filters=filters)
+        n = len(run.steps)
+        if self.chosen:
+            reason = f"{self.why}, {n} steps{self.note}"
+        else:
+            reason = f"{self.why}: {n} steps fit in {self.nfe} network calls"
+        return dataclasses.replace(run, reason=reason)
 
 
-def plan_budget(nfe: int, *, sampler: str | None = None, schedule: str | None = None, filters: bool = False,
-                analytic: bool = False) -> BudgetPlan:
-    """A budget of `nfe` network calls -> the sampler, steps and grid to run.
+def choose_for_budget(nfe: int, *, sampler: str | None = None, schedule: str | None = None, filters: bool = False,
+                      analytic: bool = False) -> BudgetChoice:
+    """A budget of `nfe` network calls -> the sampler and grid to run (no model needed).
 
-    With `sampler`, that sampler takes the most steps that fit (on `schedule` or its default grid).
-    Without, the recommended one for the budget (`recommend`); `filters` says filters are at hand
-    (the choice may leave them unused), `analytic` that the score is exact."""
+    With `sampler`, that sampler (on `schedule` or its default grid). Without, the recommended
+    one for the budget (`recommend`); `filters` says filters are at hand (the choice may leave
+    them unused), `analytic` that the score is exact."""
     if nfe < 1:
         raise PdsError(f"--nfe must be at least 1, got {nfe}")
     if sampler is not None:
-        info = sampler_info(sampler)
-        n = steps_for_nfe(sampler, nfe)
-        grid = schedule or info.grid
-        return BudgetPlan(sampler, n, grid, filters, info.nfe(n), f"--sampler {sampler}: {n} steps fit in {nfe} network calls")
+        return BudgetChoice(nfe, sampler, grid_name(sampler, schedule), filters, f"--sampler {sampler}")
     key = column(filters=filters, analytic=analytic)
     choice = recommend(nfe, filters=filters, analytic=analytic)
-    n = steps_for_nfe(choice.sampler, nfe)
-    grid = schedule or choice.grid
     why = (f"recommended for {nfe} network calls ({key} column of docs/samplers.md): "
-           f"{choice.sampler} on the {choice.grid} grid, {n} steps")
-    if filters and not choice.filters:
-        why += "; the filters are not used (measured better without them at this budget)"
-    return BudgetPlan(choice.sampler, n, grid, filters and choice.filters, sampler_info(choice.sampler).nfe(n), why,
-                      chosen=True)
+           f"{choice.sampler} on the {choice.grid} grid")
+    note = "; the filters are not used (measured better without them at this budget)" if filters and not choice.filters else ""
+    return BudgetChoice(nfe, choice.sampler, grid_name(choice.sampler, schedule or choice.grid),
+                        filters and choice.filters, why, chosen=True, note=note)
