@@ -70,8 +70,8 @@ from pdscli.machine import describe_machine
 from pdscli.models import get_preset
 from pdscli.noise import NOISE_VERSION, SampleNoise, sample_seed
 from pdscli.precondition.alpha import ALPHA_REFERENCE
-from pdscli.sample.setup import build_steps, resolve_schedule
 from pdscli.samplers import REGISTRY, get_sampler
+from pdscli.samplers import plan as planner
 
 FORMAT = "pds-gpu-bench/1"
 GOALS = {
@@ -120,7 +120,7 @@ def bench_config(p: dict, **kw) -> BenchConfig:
 
 def sampler_steps(settings, name: str, n: int):
     """Sampler `name`'s own default grid at n steps, as `pds sample` plans it."""
-    return build_steps(settings, steps=n, speed_up=None, schedule=resolve_schedule(None, name))
+    return planner.plan(name, settings=settings, steps=n).steps
 
 
 class Budget:
