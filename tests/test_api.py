@@ -58,6 +58,7 @@ def test_nfe_default_equals_the_cli(models, run_pds, tmp_path, model):
     assert np.array_equal(got.numpy(), expected)
 
 
+@pytest.mark.slow  # the built-in model's default 30 PDS steps, twice
 def test_default_run_and_filters_file_equal_the_cli(models, run_pds, tmp_path):
     # No flag at all: the built-in model's own filters, PDS, its default steps.
     expected = cli_samples(run_pds, tmp_path / "a", "builtin")

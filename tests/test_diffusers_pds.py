@@ -161,6 +161,7 @@ def test_sample_runs_pds_samplers_on_the_pipeline(folder):
         assert (got - expected).abs().max().item() <= TOL
 
 
+@pytest.mark.slow  # every example of docs/api.md
 def test_api_doc_examples_run(folder, tmp_path, monkeypatch):
     """Every Python block of docs/api.md, in order, in one namespace, in an empty folder (with the
     small `pipeline/` the diffusers examples open)."""
