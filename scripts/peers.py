@@ -31,11 +31,13 @@ the grids fitted to the data statistics (`--schedule stats`, pdscli.samplers.fit
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
 import importlib.metadata
 import inspect
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +67,12 @@ BUDGETS = [5, 8, 10, 15, 20, 35, 50]
 PDS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "ipndm-v", "gradient-estimation", "heun", "dpm++2m-sde",
                 "dpm++2m-sde-mid", "euler-a"]
 PDS_GRIDS = ["geometric", "edm"]
-STATS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "ipndm-v", "gradient-estimation"]  # fitted grids: deterministic ones
+STATS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "gradient-estimation"]  # fitted grids: deterministic ones
+# The mixture runs take samples: there, the samplers that trail on the Gaussian at every budget are left out.
+MIXTURE_SKIP = {"sample_euler", "sample_heun", "sample_lms", "sample_dpmpp_2m_sde solver_type=heun", "sample_dpmpp_3m_sde",
+                "sample_euler_ancestral", "heun", "euler-a"}
+TABLE_BUDGETS = [5, 8, 10, 15, 20]
+MIXTURE_BUDGETS = [5, 8, 10, 15, 20]  # sampled runs cost samples x calls: the few-step range only  # the grid comparison (AYS, GITS, fitted): from 35 NFE all sit at the floor
 
 # (library, function name, keyword arguments, stochastic). Samplers that need ComfyUI's
 # model-sampling objects (its SDE and ancestral variants) are left out: the denoiser alone cannot feed them.
@@ -149,6 +157,7 @@ def load_comfyui(where: str) -> tuple[dict[str, Callable], str]:
     uni_pc = importlib.import_module("comfy.extra_samplers.uni_pc")
     fns = {name: getattr(sampling, name) for name, _, _ in COMFYUI if hasattr(sampling, name)}
     fns["sample_unipc"], fns["sample_unipc_bh2"] = uni_pc.sample_unipc, uni_pc.sample_unipc_bh2
+    read_tables(root)
     return fns, _git_commit(root)
 
 
@@ -259,22 +268,58 @@ def mixture_measure(model, run, steps, stochastic: bool, n_samples: int) -> dict
     return {"mode_tv": q["mode_tv"], "mean_mode_kl": q["mean_mode_kl"], "mode_shares": q["mode_shares"]}
 
 
+TABLES: dict[str, list] = {}  # ComfyUI's AYS (SD1) and GITS (coefficient 1.20) sigma tables, read from its files
+
+
+def read_tables(root: Path) -> None:
+    """The NOISE_LEVELS tables of ComfyUI's AYS and GITS scheduler nodes, read as data (ast), not run."""
+    for key, name, pick in (("ays", "nodes_align_your_steps.py", lambda t: t["SD1"]),
+                            ("gits", "nodes_gits.py", lambda t: t[1.20])):
+        tree = ast.parse((root / "comfy_extras" / name).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NOISE_LEVELS" for t in node.targets):
+                TABLES[key] = pick(ast.literal_eval(node.value))
+
+
+def _loglinear(levels: list[float], count: int) -> np.ndarray:
+    """Resample decreasing levels to `count`, linearly in log sigma (what both scheduler nodes do)."""
+    xs = np.linspace(0, 1, len(levels))
+    return np.exp(np.interp(np.linspace(0, 1, count), xs, np.log(levels[::-1])))[::-1]
+
+
+def table_grid(kind: str, settings, n: int) -> Steps:
+    """AYS / GITS for n levels as ComfyUI's nodes build them (steps + 1 values, the last set to 0),
+    with the table's sigma range mapped onto the model's, affinely in log sigma."""
+    table = TABLES[kind]
+    if kind == "ays":
+        values = np.asarray(table if n + 1 == len(table) else _loglinear(table, n + 1))
+    else:
+        values = np.asarray(table[n - 2] if n <= 20 else _loglinear(table[-1], n + 1))
+    lo, hi = math.log(values[-1]), math.log(values[0])
+    smin, smax = math.log(settings.sigma_min), math.log(settings.sigma_max)
+    mapped = np.exp(smin + (np.log(values) - lo) / (hi - lo) * (smax - smin))
+    return steps_from_levels(torch.as_tensor(mapped[:-1].copy()), settings.sigma_max)
+
+
 def pds_steps(model, name: str, grid: str, n: int) -> Steps:
-    """pds's grid: a named schedule, or `stats`, fitted to the model's second-order statistics."""
+    """pds's grid: a named schedule, AYS / GITS, or `stats`, fitted to the model's second-order statistics."""
+    if grid in ("ays", "gits"):
+        return table_grid(grid, model.settings, n)
     if grid != "stats":
         return make_steps(grid, model.settings, n)
     return fitted.fitted_steps(name, REGISTRY[name].fn, fitted.spectrum_of_model(model), model.settings, n)
 
 
-def measure(model, measure_fn, peer_list, sources, grids, log) -> list[dict]:
+def measure(model, measure_fn, peer_list, sources, grids, log, skip=frozenset(), budgets=BUDGETS) -> list[dict]:
     rows = []
     settings = model.settings
-    for grid in [*grids, "stats"]:
+    extra = [g for g in ("ays", "gits") if g in TABLES and len(grids) > 1]  # the grid comparison: Gaussian only
+    for grid in [*grids, *extra, "stats"]:
         for peer in peer_list:
-            if grid == "stats":
+            if grid in ("ays", "gits", "stats"):
                 break
             run, cache = peer.sampler(), {}
-            for nfe in BUDGETS:
+            for nfe in budgets:
                 fit = fit_budget(run, model, lambda n: peer_grid(sources, grid, settings, n), nfe, cache)
                 if fit is None:
                     continue
@@ -288,9 +333,9 @@ def measure(model, measure_fn, peer_list, sources, grids, log) -> list[dict]:
                              "levels": n, **m, "seconds": round(time.perf_counter() - t0, 2)})
             log(f"{peer.library} {peer.name} {grid}: " + " ".join(_short(r) for r in rows if r["sampler"] == peer.name
                                                                    and r["grid"] == grid))
-        for name in STATS_SAMPLERS if grid == "stats" else PDS_SAMPLERS:
+        for name in STATS_SAMPLERS if grid in ("ays", "gits", "stats") else [n for n in PDS_SAMPLERS if n not in skip]:
             info = REGISTRY[name]
-            for nfe in BUDGETS:
+            for nfe in [b for b in budgets if b in TABLE_BUDGETS] if grid in ("ays", "gits", "stats") else budgets:
                 try:
                     n = steps_for_nfe(name, nfe)
                 except Exception:  # the budget is below the sampler's fewest steps
@@ -314,7 +359,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k-diffusion", help="a k-diffusion checkout, or 'installed'")
     ap.add_argument("--comfyui", help="a ComfyUI checkout")
     ap.add_argument("--only", default="gaussian,mixture", help="comma list of gaussian, mixture")
-    ap.add_argument("--samples", type=int, default=256, help="mixture samples per run")
+    ap.add_argument("--samples", type=int, default=128, help="mixture samples per run")
     ap.add_argument("--out", type=Path, default=DATA)
     args = ap.parse_args(argv)
     if not (args.k_diffusion or args.comfyui):
@@ -341,7 +386,8 @@ def main(argv=None) -> int:
             ref, _ = model.sample(args.samples, generator=torch.Generator().manual_seed(0))
             floor = mixture_quality(model, ref)
             fn = lambda m, run, steps, stochastic: mixture_measure(m, run, steps, stochastic, args.samples)
-            rows = measure(model, fn, peer_list, sources, ["geometric"], log)
+            kept = [p for p in peer_list if p.name not in MIXTURE_SKIP]
+            rows = measure(model, fn, kept, sources, ["geometric"], log, skip=MIXTURE_SKIP, budgets=MIXTURE_BUDGETS)
             result = {"model": model.describe(), "num_samples": args.samples,
                       "floor": {"mode_tv": floor["mode_tv"], "mean_mode_kl": floor["mean_mode_kl"]}, "rows": rows}
         else:
