@@ -16,8 +16,7 @@ from pdscli.bench.config import NETWORK_BACKENDS, BenchConfig
 from pdscli.bench.model import BenchModel
 from pdscli.errors import PdsError
 
-QUICK = ["--quick", "--threads", "1", "--quiet"]
-
+from conftest import QUICK, tiny_network_config
 
 def _stats_ok(t: dict, repeats: int | None = None) -> None:
     """A timing summary: positive, ordered, and computed from the raw times it carries."""
@@ -158,6 +157,7 @@ def test_json_to_stdout_keeps_stdout_parseable(run_pds):
     assert report["machine"]["cpu"] in r.stderr  # the machine is named in the human report too
 
 
+@pytest.mark.slow  # `pds bench --quick`: minutes on a busy 2-core CPU
 def test_default_quick_run_is_the_smoke_test(run_pds):
     """`pds bench --quick` as the README shows it: the built-in network (with its training digits as
     the quality reference) where it is installed, else the analytic model."""
@@ -225,17 +225,8 @@ def test_fixture_network_quick(run_pds, fixture_dir, reference_dir):
         assert q["floor"] is None or q["floor"] >= 0
 
 
-def _tiny_config(fixture_dir, tmp_path):
-    cfg = json.loads((fixture_dir / "config.json").read_text())
-    cfg["data"]["image_size"] = 16
-    cfg["model"].update(nf=8, ch_mult=[1, 2], attn_resolutions=[8], num_scales=100)
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
 def test_random_weights_architecture(run_pds, fixture_dir, tmp_path):
-    config = _tiny_config(fixture_dir, tmp_path)
+    config = tiny_network_config(fixture_dir, tmp_path)
     r = run_pds("bench", "--config", config, "--random-weights", *QUICK, "--batch-sizes", "2",
                 "--samplers", "ddim", "--nfe", "4", "--plot", tmp_path / "p.svg")
     assert r.exit_code == 0, r.stderr
@@ -452,7 +443,7 @@ def tiny_network(fixture_dir, tmp_path):
     from pdscli.bench.model import open_bench_model
 
     def make(seed=0):
-        cfg = BenchConfig(config=_tiny_config(fixture_dir, tmp_path), random_weights=True, seed=seed).resolved()
+        cfg = BenchConfig(config=tiny_network_config(fixture_dir, tmp_path), random_weights=True, seed=seed).resolved()
         return open_bench_model(cfg, torch.device("cpu"))
 
     return make
@@ -527,7 +518,7 @@ def test_a_foreign_graph_in_the_cache_is_not_benchmarked(run_pds, fixture_dir, t
     """Issue 12, item 14: another graph put under the cached name was timed (and reported as far
     faster than eager); now it is exported again, the report warns, and onnx-cpu matches eager."""
     pytest.importorskip("onnxruntime")
-    config, cache = _tiny_config(fixture_dir, tmp_path), tmp_path / "cache"
+    config, cache = tiny_network_config(fixture_dir, tmp_path), tmp_path / "cache"
     args = ["bench", "--config", config, "--random-weights", *QUICK, "--backends", "eager,onnx-cpu",
             "--batch-sizes", "2", "--skip", "e2e,overhead", "--cache-dir", cache, "--json"]
     r = run_pds(*args)

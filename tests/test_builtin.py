@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pdscli.evaluate import digits as qc
@@ -66,6 +67,7 @@ def test_the_check_fails_on_noise_and_passes_real_digits():
     assert any("one class" in f for f in qc.failures(blank))
 
 
+@pytest.mark.slow  # 128 samples of the built-in network
 def test_pds_at_the_default_steps_passes_and_vanilla_at_the_same_steps_does_worse():
     """The quick quality check (64 samples, about 10 s alone on a CPU core); figures in docs/builtin-model.md."""
     clf, _ = qc.digit_classifier(heldout=False)

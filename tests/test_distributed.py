@@ -56,6 +56,7 @@ def _assert_same_run(a: Path, b: Path, n: int) -> None:
     assert np.array_equal(sa["samples"], sb["samples"])
 
 
+@pytest.mark.slow  # torchrun: two processes start torch
 @pytest.mark.parametrize("model_args", [
     ["--model", "gaussian", "--image-size", "16", "--steps", "8"],
     "fixture",

@@ -28,6 +28,8 @@ from pdscli.engines.cache import (
 )
 from pdscli.errors import PdsError
 
+from conftest import one_line_error
+
 SETTINGS_FLAGS = ["--sigma-min", "0.01", "--sigma-max", "1348", "--num-scales", "2000", "--snr", "0.15"]
 
 
@@ -39,14 +41,9 @@ def torch_net(fixture_dir):
 
 
 @pytest.fixture(scope="module")
-def onnx_file(torch_net, tmp_path_factory):
-    """The fixture checkpoint exported at fp32 once for this module (the export checks parity itself)."""
-    from pdscli.engines.onnx_export import export_metadata, export_onnx
-
-    path = tmp_path_factory.mktemp("engines") / "small-fp32.onnx"
-    meta = export_metadata(torch_net.settings, precision="fp32", checkpoint_sha256=torch_net.checkpoint_info["sha256"])
-    export_onnx(torch_net, torch_net.settings, precision="fp32", metadata=meta, out=path, batches=(2,), sigmas=2)
-    return path
+def onnx_file(fixture_onnx):
+    """The fixture checkpoint at fp32: the session's one export (conftest.fixture_onnx); read-only."""
+    return fixture_onnx.path
 
 
 def _rewrite(src, dst, edit):
@@ -375,23 +372,16 @@ def test_onnx_cuda_io_binding_matches_cpu(onnx_file):
 # --- bad engine files through the CLI ----------------------------------------------------------
 
 
-def _one_line_error(r):
-    assert r.exit_code == 2, r.stderr + r.stdout
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
-
-
 def test_cli_corrupt_onnx_engine(run_pds, onnx_file, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(onnx_file.read_bytes()[: 5000])  # truncated mid-weights
-    line = _one_line_error(run_pds("sample", "--engine", bad, "--steps", "1", "-n", "1", "--out", tmp_path / "out", "--device", "cpu"))
+    line = one_line_error(run_pds("sample", "--engine", bad, "--steps", "1", "-n", "1", "--out", tmp_path / "out", "--device", "cpu"))
     assert "bad.onnx" in line and "ONNX" in line
 
 
 def test_cli_onnx_without_metadata_needs_flags(run_pds, onnx_file, tmp_path):
     bare = _rewrite(onnx_file, tmp_path / "bare.onnx", lambda p: p.ClearField("metadata_props"))
-    line = _one_line_error(run_pds("sample", "--engine", bare, "--steps", "1", "-n", "1", "--out", tmp_path / "o1", "--device", "cpu"))
+    line = one_line_error(run_pds("sample", "--engine", bare, "--steps", "1", "-n", "1", "--out", tmp_path / "o1", "--device", "cpu"))
     assert "--sigma-min" in line and "--snr" in line
     r = run_pds("sample", "--engine", bare, *SETTINGS_FLAGS, "--sampler", "predictor", "--steps", "1", "-n", "1",
                 "--out", tmp_path / "o2", "--device", "cpu", "-q")
@@ -402,6 +392,6 @@ def test_cli_onnx_without_metadata_needs_flags(run_pds, onnx_file, tmp_path):
 def test_cli_corrupt_trt_engine_or_missing_tensorrt(run_pds, tmp_path):
     bad = tmp_path / "bad.plan"
     bad.write_bytes(b"\x00" * 100)
-    line = _one_line_error(run_pds("sample", "--engine", bad, "--steps", "1", "-n", "1", "--out", tmp_path / "out", "--device", "cpu"))
+    line = one_line_error(run_pds("sample", "--engine", bad, "--steps", "1", "-n", "1", "--out", tmp_path / "out", "--device", "cpu"))
     # Without TensorRT that is what the user learns first; with it, the device / manifest / file.
     assert any(s in line for s in ("pip install", "GPU", "--device cuda", "manifest", "corrupt"))

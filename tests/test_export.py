@@ -18,16 +18,11 @@ from pdscli.engines.onnx_export import export_onnx, promote_unsupported, to_onnx
 from pdscli.engines.parity import parity_cases, parity_plan, parity_sigmas
 from pdscli.settings import SamplingSettings
 
+from conftest import one_line_error
+
 SETTING_KEYS = ("pds.sigma_min", "pds.sigma_max", "pds.num_scales", "pds.snr", "pds.image_size", "pds.num_channels")
 PROVENANCE_KEYS = ("pds.preset", "pds.checkpoint_sha256", "pds.precision", "pds.version")
 FIXTURE_SHA256 = "e3426a8d6ef3a3b355bb4b0f46ea9901d84173c6883b2066fcfddff3f1329786"
-
-
-def _one_line_error(r):
-    assert r.exit_code == 2, r.stderr + r.stdout
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 def _props(path) -> dict:
@@ -145,11 +140,8 @@ def test_batch_profile_rejects(flags):
 # --- the fixture checkpoint, through the CLI ------------------------------------------------------
 
 
-def test_cli_exports_the_fixture_checkpoint(run_pds, fixture_dir, tmp_path):
-    out = tmp_path / "engines" / "small.onnx"
-    r = run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
-                "--out", out, "--json")
-    assert r.exit_code == 0, r.stderr
+def test_cli_exports_the_fixture_checkpoint(run_pds, fixture_dir, fixture_onnx):
+    out, r = fixture_onnx.path, fixture_onnx.result
     summary = json.loads(r.stdout)
     assert summary["path"] == str(out) and summary["precision"] == "fp32"
     # The parity table, at sigma_min and sigma_max and two batch sizes.
@@ -169,10 +161,11 @@ def test_cli_exports_the_fixture_checkpoint(run_pds, fixture_dir, tmp_path):
     assert dims[1:] == [3, 32, 32] and isinstance(dims[0], str)  # dynamic batch, fixed resolution
 
     again = run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json", "--out", out)
-    assert "exists; pass --force" in _one_line_error(again)
+    assert "exists; pass --force" in one_line_error(again)
 
 
-@pytest.mark.parametrize("precision", ["fp16", pytest.param("bf16", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a graph export of the fixture network at reduced precision, with its parity check
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_graph_keeps_the_time_embedding_fp32(precision, fixture_dir, tmp_path):
     from pdscli.models.checkpoint import load_score_model
 
@@ -241,7 +234,7 @@ def _assert_parity_within(stderr: str, tol: float, rows: int) -> None:
 
 
 def test_cli_checkpoint_not_matching_the_config(run_pds, fixture_dir, tmp_path):
-    line = _one_line_error(run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--preset", "cifar10",
+    line = one_line_error(run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--preset", "cifar10",
                                    "--out", tmp_path / "m.onnx"))
     assert "does not fit" in line
     assert not (tmp_path / "m.onnx").exists()
@@ -250,7 +243,7 @@ def test_cli_checkpoint_not_matching_the_config(run_pds, fixture_dir, tmp_path):
 def test_cli_unwritable_engines_folder(run_pds, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a regular file, so nothing can be created under it (even as root)")
-    line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", blocker / "engines" / "m.onnx"))
+    line = one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", blocker / "engines" / "m.onnx"))
     assert "cannot create folder" in line
 
 
@@ -263,7 +256,7 @@ def test_cli_trt_without_tensorrt_fails_at_once(run_pds, monkeypatch, tmp_path):
         raise AssertionError("the model was loaded before TensorRT was checked")
 
     monkeypatch.setattr(pdscli.engines.export, "open_source", no_model_load)
-    line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--format", "trt",
+    line = one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--format", "trt",
                                    "--out", tmp_path / "m.plan"))
     assert 'pip install "pds[trt]"' in line
 
@@ -279,18 +272,18 @@ def test_cli_trt_without_tensorrt_fails_at_once(run_pds, monkeypatch, tmp_path):
     ],
 )
 def test_cli_bad_flags(run_pds, tmp_path, args, match):
-    line = _one_line_error(run_pds("export", *args, "--out", tmp_path / "m.onnx"))
+    line = one_line_error(run_pds("export", *args, "--out", tmp_path / "m.onnx"))
     assert match in line
 
 
 def test_cli_random_weights_exclude_a_checkpoint(run_pds, fixture_dir, tmp_path):
-    line = _one_line_error(run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--preset", "cifar10",
+    line = one_line_error(run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--preset", "cifar10",
                                    "--random-weights", "--out", tmp_path / "m.onnx"))
     assert "exclude each other" in line
 
 
 def test_cli_out_suffix_must_name_the_format(run_pds, tmp_path):
-    line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", tmp_path / "m.plan"))
+    line = one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", tmp_path / "m.plan"))
     assert "must end in .onnx" in line
 
 
@@ -331,7 +324,7 @@ def test_an_output_path_that_is_a_folder_is_refused_before_the_export(run_pds, t
 
     monkeypatch.setattr(pdscli.engines.export, "open_source", no_model_load)
     (tmp_path / "m.onnx").mkdir()
-    line = _one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", tmp_path / "m.onnx",
+    line = one_line_error(run_pds("export", "--preset", "cifar10", "--random-weights", "--out", tmp_path / "m.onnx",
                                    "--force"))
     assert "is a folder" in line
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_sample_cli import assert_user_error  # tests/ is on sys.path (pytest prepend mode)
 
 from pdscli.errors import PdsError
 from pdscli.evaluate import fid as F
@@ -17,6 +16,8 @@ from pdscli.evaluate.compare import compare
 from pdscli.evaluate.features import INCEPTION_NAME, TinyFeatureNet, open_features, save_tiny_features
 from pdscli.evaluate.imagesets import open_image_set
 from pdscli.images import save_png
+
+from conftest import QUICK, one_line_error, tiny_network_config
 
 CPU = torch.device("cpu")
 
@@ -241,31 +242,31 @@ def test_save_stats_then_compare_against_the_file(run_pds, tmp_path, tiny):
     assert again["fid"] == pytest.approx(first["fid"], rel=1e-9)
     assert again["kid"]["mean"] == pytest.approx(first["kid"]["mean"], rel=1e-9)
     assert again["reference"]["kind"] == "statistics"
-    assert_user_error(run_pds("fid", a, b, "--features", tiny, "--save-stats", stats, "-q"), "exists", "--force")
+    one_line_error(run_pds("fid", a, b, "--features", tiny, "--save-stats", stats, "-q"), "exists", "--force")
     assert run_pds("fid", a, b, "--features", tiny, "--save-stats", stats, "--force", "-q").exit_code == 0
 
 
 def test_bad_inputs_get_one_line(run_pds, tmp_path, tiny):
     a = image_folder(tmp_path / "a")
     (tmp_path / "empty").mkdir()
-    assert_user_error(run_pds("fid", a, tmp_path / "empty", "--features", tiny), "no images")
-    assert_user_error(run_pds("fid", a, tmp_path / "missing", "--features", tiny), "no such file")
+    one_line_error(run_pds("fid", a, tmp_path / "empty", "--features", tiny), "no images")
+    one_line_error(run_pds("fid", a, tmp_path / "missing", "--features", tiny), "no such file")
 
     mixed = image_folder(tmp_path / "mixed", n=3)
     Image.new("RGB", (20, 20)).save(mixed / "999.png")
-    assert_user_error(run_pds("fid", a, mixed, "--features", tiny, "-q"), "differ in size", "999.png")
+    one_line_error(run_pds("fid", a, mixed, "--features", tiny, "-q"), "differ in size", "999.png")
 
-    assert_user_error(run_pds("fid", a, image_folder(tmp_path / "big", size=32), "--features", tiny), "16x16", "32x32")
+    one_line_error(run_pds("fid", a, image_folder(tmp_path / "big", size=32), "--features", tiny), "16x16", "32x32")
 
     np.savez(tmp_path / "flat.npz", samples=np.zeros((4, 16, 16), np.float32))
-    assert_user_error(run_pds("fid", tmp_path / "flat.npz", a, "--features", tiny), "[N, C, H, W]")
+    one_line_error(run_pds("fid", tmp_path / "flat.npz", a, "--features", tiny), "[N, C, H, W]")
     np.savez(tmp_path / "other.npz", images=np.zeros((4, 3, 16, 16), np.float32))
-    assert_user_error(run_pds("fid", tmp_path / "other.npz", a, "--features", tiny), "no `samples` array")
+    one_line_error(run_pds("fid", tmp_path / "other.npz", a, "--features", tiny), "no `samples` array")
 
-    assert_user_error(run_pds("fid", a, a, "--features", tmp_path / "nope.pt"), "no such feature network", "--features")
+    one_line_error(run_pds("fid", a, a, "--features", tmp_path / "nope.pt"), "no such feature network", "--features")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "junk.pt")
-    assert_user_error(run_pds("fid", a, a, "--features", tmp_path / "junk.pt"), "neither")
-    assert_user_error(run_pds("fid", a, a, "--features", tiny, "--kid-subset-size", "50", "-q"), "--kid-subset-size 50")
+    one_line_error(run_pds("fid", a, a, "--features", tmp_path / "junk.pt"), "neither")
+    one_line_error(run_pds("fid", a, a, "--features", tiny, "--kid-subset-size", "50", "-q"), "--kid-subset-size 50")
 
 
 def test_statistics_of_another_network_are_refused(run_pds, tmp_path, tiny):
@@ -273,13 +274,13 @@ def test_statistics_of_another_network_are_refused(run_pds, tmp_path, tiny):
     stats = tmp_path / "a.npz"
     assert run_pds("fid", a, a, "--features", tiny, "--save-stats", stats, "-q").exit_code == 0
     other = save_tiny_features(tmp_path / "other.pt", seed=3)
-    assert_user_error(run_pds("fid", a, stats, "--features", other, "-q"), "features of different networks")
+    one_line_error(run_pds("fid", a, stats, "--features", other, "-q"), "features of different networks")
 
 
 def test_without_torch_fidelity_pds_fid_says_how_to_install_it(run_pds, tmp_path, monkeypatch):
     a = image_folder(tmp_path / "a")
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
-    assert_user_error(run_pds("fid", a, a), 'pip install "pds[eval]"')
+    one_line_error(run_pds("fid", a, a), 'pip install "pds[eval]"')
 
 
 def test_a_torch_fidelity_that_cannot_import_gets_one_line(run_pds, tmp_path, monkeypatch):
@@ -289,7 +290,7 @@ def test_a_torch_fidelity_that_cannot_import_gets_one_line(run_pds, tmp_path, mo
     (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "torch_fidelity", raising=False)
-    assert_user_error(run_pds("fid", image_folder(tmp_path / "a"), tmp_path / "a"), "torchvision::nms", "torchvision built for torch")
+    one_line_error(run_pds("fid", image_folder(tmp_path / "a"), tmp_path / "a"), "torchvision::nms", "torchvision built for torch")
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def test_inception_offline_without_a_copy_says_how_to_get_one(run_pds, tmp_path,
 
     monkeypatch.setattr(m, "load_state_dict_from_url", offline)
     a = image_folder(tmp_path / "a")
-    assert_user_error(run_pds("fid", a, a), "cannot get the Inception weights", "--features")
+    one_line_error(run_pds("fid", a, a), "cannot get the Inception weights", "--features")
 
 
 @pytest.mark.slow  # Inception at 299x299: about a minute for 8 images on one busy CPU core
@@ -377,11 +378,10 @@ def test_bench_fid_quality_scores_runs_against_one_reference(tmp_path, tiny):
 
 
 def test_bench_puts_fid_beside_each_sampling_run(run_pds, fixture_dir, tmp_path, tiny):
-    from test_bench import QUICK, _tiny_config
 
     ref = image_folder(tmp_path / "ref", n=12)
     out = tmp_path / "bench.json"
-    r = run_pds("bench", "--config", _tiny_config(fixture_dir, tmp_path), "--random-weights", *QUICK,
+    r = run_pds("bench", "--config", tiny_network_config(fixture_dir, tmp_path), "--random-weights", *QUICK,
                 "--batch-sizes", "2", "--skip", "nfe,overhead", "--full-steps", "4", "--samplers", "ddim", "--nfe", "4",
                 "--quality-samples", "6",
                 "--fid-ref", ref, "--fid-features", tiny, "--out", out)
@@ -399,15 +399,15 @@ def test_bench_puts_fid_beside_each_sampling_run(run_pds, fixture_dir, tmp_path,
 
 def test_bench_fid_ref_bad_inputs_get_one_line(run_pds, tmp_path, tiny, monkeypatch):
     ref = image_folder(tmp_path / "ref", n=4)
-    assert_user_error(run_pds("bench", "--model", "gaussian", "--quick", "--fid-ref", ref, "--fid-features", tiny),
+    one_line_error(run_pds("bench", "--model", "gaussian", "--quick", "--fid-ref", ref, "--fid-features", tiny),
                       "--fid-ref needs a network model")
-    assert_user_error(run_pds("bench", "--quick", "--fid-ref", tmp_path / "nope"), "no such file or folder")
-    assert_user_error(run_pds("bench", "--quick", "--fid-features", tiny), "--fid-features applies with --fid-ref")
+    one_line_error(run_pds("bench", "--quick", "--fid-ref", tmp_path / "nope"), "no such file or folder")
+    one_line_error(run_pds("bench", "--quick", "--fid-features", tiny), "--fid-features applies with --fid-ref")
     # The built-in digits are 16x16 and grey; a reference at another size is refused before any timing.
     big = image_folder(tmp_path / "big", n=4, size=32)
-    assert_user_error(run_pds("bench", "--quick", "-q", "--fid-ref", big, "--fid-features", tiny), "16x16", "32x32")
+    one_line_error(run_pds("bench", "--quick", "-q", "--fid-ref", big, "--fid-features", tiny), "16x16", "32x32")
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed: said before the model loads
-    assert_user_error(run_pds("bench", "--quick", "--fid-ref", ref), 'pip install "pds[eval]"')
+    one_line_error(run_pds("bench", "--quick", "--fid-ref", ref), 'pip install "pds[eval]"')
 
 
 def test_sixteen_bit_images_are_read_by_their_own_white(tmp_path):

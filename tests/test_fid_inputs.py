@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_sample_cli import assert_user_error  # tests/ is on sys.path (pytest prepend mode)
 
 from pdscli.evaluate import compare as C
 from pdscli.evaluate.features import save_tiny_features
+
+from conftest import one_line_error
 
 
 def image_folder(path, n=6, size=16, seed=0):
@@ -78,7 +79,7 @@ def test_a_damaged_statistics_file_is_one_line(run_pds, tmp_path, tiny, damage, 
     damage(data)
     np.savez(path, **data)
     r = run_pds("fid", tmp_path / "a", path, "--features", tiny, "-q")
-    assert_user_error(r, str(path), needle)
+    one_line_error(r, str(path), needle)
 
 
 def test_a_samples_npz_header_that_claims_more_than_the_file_holds_is_one_line(run_pds, tmp_path, tiny):
@@ -88,7 +89,7 @@ def test_a_samples_npz_header_that_claims_more_than_the_file_holds_is_one_line(r
     with zipfile.ZipFile(tmp_path / "samples.npz", "w") as zf:
         zf.writestr("samples.npy", buf.getvalue() + x.tobytes())
     r = run_pds("fid", tmp_path / "samples.npz", image_folder(tmp_path / "a"), "--features", tiny, "-q")
-    assert_user_error(r, "1000000000000 samples", "about 4 samples", "damaged or truncated")
+    one_line_error(r, "1000000000000 samples", "about 4 samples", "damaged or truncated")
 
 
 def test_feature_batches_are_bounded_by_memory(tmp_path, tiny, monkeypatch):
@@ -119,11 +120,11 @@ def test_a_pickled_feature_file_is_one_line_without_torchs_advice(run_pds, tmp_p
     torch.save({"w": torch.zeros(2), "note": Fraction(1, 2)}, tmp_path / "pickled.pt")
     a = image_folder(tmp_path / "a")
     r = run_pds("fid", a, a, "--features", tmp_path / "pickled.pt", "-q")
-    assert_user_error(r, "fractions.Fraction", "weights_only=True")
+    one_line_error(r, "fractions.Fraction", "weights_only=True")
     assert "weights_only=False" not in r.stderr and "\x1b" not in r.stderr
 
 
 def test_inputs_are_checked_before_torch_fidelity_is_looked_for(run_pds, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
     a = image_folder(tmp_path / "a")
-    assert_user_error(run_pds("fid", a, tmp_path / "missing"), "no such file", "missing")
+    one_line_error(run_pds("fid", a, tmp_path / "missing"), "no such file", "missing")

@@ -12,6 +12,8 @@ from pdscli.errors import PdsError
 from pdscli.images import from_uint8, load_image, make_grid, save_png, to_uint8
 from pdscli.precondition import compute_statistics, load_filters
 
+from conftest import full_disk_at, tiny_onnx
+
 
 def write_images(folder, n=5, size=8, *, seed=0, fmt="png", shape=None):
     """n random RGB images; returns their exact float values [n, 3, size, size]."""
@@ -158,7 +160,6 @@ def test_images_helpers_round_trip(tmp_path):
 
 
 def test_engine_shape_from_onnx_metadata(tmp_path):
-    from test_sample_cli import tiny_onnx  # tests/ is on sys.path (pytest prepend mode)
 
     from pdscli.engines.files import engine_shape
 
@@ -166,7 +167,6 @@ def test_engine_shape_from_onnx_metadata(tmp_path):
 
 
 def test_resolve_shape_rules(tmp_path):
-    from test_sample_cli import tiny_onnx  # tests/ is on sys.path (pytest prepend mode)
 
     from pdscli.cli.filters import resolve_shape
 
@@ -257,15 +257,3 @@ def test_a_full_disk_leaves_no_part_of_the_output_set(tmp_path, monkeypatch):
     lib.write_filters(stats, out, npy=True)  # a rerun needs no --force: nothing was left behind
 
 
-def full_disk_at(monkeypatch, suffix: str) -> None:
-    """The disk fills up while a file whose name has `suffix` is written: its fsync fails with ENOSPC."""
-    import os
-
-    fsync = os.fsync
-
-    def failing(fd):
-        if suffix in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(28, "No space left on device")
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", failing)

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 from PIL import Image
-from test_filters import full_disk_at
-from test_sample_cli import assert_user_error, tiny_onnx  # tests/ is on sys.path (pytest prepend mode)
 
 from pdscli.precondition import load_filters
+
+from conftest import full_disk_at, one_line_error, tiny_onnx
 
 
 def image_dir(path, n=4, size=10):
@@ -61,12 +61,12 @@ def test_size_from_an_engine(run_pds, tmp_path):
 
 
 def test_size_is_required_without_a_model(run_pds, tmp_path):
-    assert_user_error(run_pds("filters", image_dir(tmp_path / "d")), "--size")
+    one_line_error(run_pds("filters", image_dir(tmp_path / "d")), "--size")
 
 
 def test_empty_folder(run_pds, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_user_error(run_pds("filters", tmp_path / "empty", "--size", "8", "--out", tmp_path / "f.npz"), "no images")
+    one_line_error(run_pds("filters", tmp_path / "empty", "--size", "8", "--out", tmp_path / "f.npz"), "no images")
     assert not (tmp_path / "f.npz").exists()
 
 
@@ -75,7 +75,7 @@ def test_folder_of_corrupt_images(run_pds, tmp_path):
     for i in range(3):
         (tmp_path / "bad" / f"{i}.png").write_bytes(b"\x89PNG truncated")
     r = run_pds("filters", tmp_path / "bad", "--size", "8", "--out", tmp_path / "f.npz", "--quiet")
-    assert_user_error(r, "none of the 3 image files")
+    one_line_error(r, "none of the 3 image files")
 
 
 def test_some_corrupt_images_warn_and_go_on(run_pds, tmp_path):
@@ -91,7 +91,7 @@ def test_existing_output_needs_force(run_pds, tmp_path):
     data = image_dir(tmp_path / "d")
     out = tmp_path / "f.npz"
     out.write_bytes(b"keep me")
-    assert_user_error(run_pds("filters", data, "--size", "8", "--out", out, "--quiet"), "--force")
+    one_line_error(run_pds("filters", data, "--size", "8", "--out", out, "--quiet"), "--force")
     assert out.read_bytes() == b"keep me"
     assert run_pds("filters", data, "--size", "8", "--out", out, "--quiet", "--force").exit_code == 0
 
@@ -99,16 +99,16 @@ def test_existing_output_needs_force(run_pds, tmp_path):
 def test_unwritable_output(run_pds, tmp_path):
     data = image_dir(tmp_path / "d")
     (tmp_path / "file").write_text("x")
-    assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "file" / "f.npz"), "cannot create folder")
+    one_line_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "file" / "f.npz"), "cannot create folder")
 
 
 def test_bad_numbers(run_pds, tmp_path):
     data = image_dir(tmp_path / "d")
-    assert_user_error(run_pds("filters", data, "--size", "0", "--out", tmp_path / "f.npz"), "--size")
-    assert_user_error(run_pds("filters", data, "--size", "8", "--channels", "2", "--out", tmp_path / "f.npz"), "--channels")
-    assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.txt"), ".npz")
-    assert_user_error(run_pds("filters", data, "--size", "8", "--workers", "0", "--out", tmp_path / "f.npz"), "--workers")
-    assert_user_error(run_pds("filters", data, "--size", "8", "--limit", "0", "--out", tmp_path / "f.npz"), "--limit")
+    one_line_error(run_pds("filters", data, "--size", "0", "--out", tmp_path / "f.npz"), "--size")
+    one_line_error(run_pds("filters", data, "--size", "8", "--channels", "2", "--out", tmp_path / "f.npz"), "--channels")
+    one_line_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.txt"), ".npz")
+    one_line_error(run_pds("filters", data, "--size", "8", "--workers", "0", "--out", tmp_path / "f.npz"), "--workers")
+    one_line_error(run_pds("filters", data, "--size", "8", "--limit", "0", "--out", tmp_path / "f.npz"), "--limit")
 
 
 def _no_decoding(monkeypatch):
@@ -126,7 +126,7 @@ def test_existing_npy_outputs_are_refused_before_any_image_is_decoded(run_pds, t
     (tmp_path / "m" / "f").mkdir(parents=True)
     (tmp_path / "m" / "f" / "space_mask.npy").write_bytes(b"keep me")
     _no_decoding(monkeypatch)
-    assert_user_error(run_pds("filters", data, "--size", "8", "--out", out, "--npy", "--quiet"), "space_mask.npy", "--force")
+    one_line_error(run_pds("filters", data, "--size", "8", "--out", out, "--npy", "--quiet"), "space_mask.npy", "--force")
     assert (tmp_path / "m" / "f" / "space_mask.npy").read_bytes() == b"keep me"
 
 
@@ -136,9 +136,9 @@ def test_an_output_path_that_is_a_folder_is_refused_before_the_work(run_pds, tmp
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "freq_mask.npy").mkdir()
     _no_decoding(monkeypatch)
-    assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.npz", "--force", "-q"), "is a folder")
+    one_line_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.npz", "--force", "-q"), "is a folder")
     (tmp_path / "f.npz").rmdir()
-    assert_user_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.npz", "--npy", "--force", "-q"),
+    one_line_error(run_pds("filters", data, "--size", "8", "--out", tmp_path / "f.npz", "--npy", "--force", "-q"),
                       "freq_mask.npy", "is a folder")
 
 
@@ -147,7 +147,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(run_pds, tmp_path, monkeyp
     out = tmp_path / "m" / "f.npz"
 
     full_disk_at(monkeypatch, ".npy")  # the last files of the set
-    assert_user_error(run_pds("filters", data, "--size", "8", "--out", out, "--npy", "--quiet"), "no space left")
+    one_line_error(run_pds("filters", data, "--size", "8", "--out", out, "--npy", "--quiet"), "no space left")
     assert [p for p in tmp_path.joinpath("m").rglob("*") if p.is_file()] == []
 
 

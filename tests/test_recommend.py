@@ -93,6 +93,7 @@ def mixture_runs():
     return results
 
 
+@pytest.mark.slow  # the mixture runs: every budget's samples
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_default_is_at_least_as_exact_as_dpm2m_on_the_mixture(mixture_runs, budget):
     mine, base = mixture_runs[budget, "default"], mixture_runs[budget, "dpm++2m"]
@@ -100,6 +101,7 @@ def test_default_is_at_least_as_exact_as_dpm2m_on_the_mixture(mixture_runs, budg
     assert mine["mean_mode_kl"] <= base["mean_mode_kl"] * (1 + 1e-6), (mine, base)
 
 
+@pytest.mark.slow  # 64 samples of the built-in network and the classifier
 def test_builtin_default_at_20_nfe_passes_the_classifier_check():
     """What vanilla PC at 30 steps (60 NFE) fails (tests/test_builtin.py), the default at 20 NFE passes."""
     from pdscli.models import builtin

@@ -10,6 +10,9 @@ import pytest
 
 import pdscli.evaluate.analytic
 from pdscli.precondition import Filters
+from pdscli.sample import outputs
+
+from conftest import one_line_error, tiny_onnx
 
 SMALL = ("--model", "gaussian", "--image-size", "8", "--steps", "5", "--quiet")
 
@@ -23,16 +26,6 @@ def samples_of(out) -> np.ndarray:
         return z["samples"]
 
 
-def assert_user_error(r, *needles):
-    """Exit 2, one line on stderr, no traceback, and the message says what is wrong."""
-    assert r.exit_code == 2, (r.exit_code, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def make_filters(path, size=8, channels=3):
     rng = np.random.default_rng(0)
     shape = (channels, size, size)
@@ -40,35 +33,15 @@ def make_filters(path, size=8, channels=3):
     return path
 
 
-def tiny_onnx(path, *, inputs=("x", "sigma"), size=8, channels=3):
-    """An ONNX file whose score is -x (sigma unused); `inputs` lets a test break the contract."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    shapes = {"x": ["B", channels, size, size], "sigma": ["B"]}
-    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes.get(n, ["B", channels, size, size])) for n in inputs]
-    out = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B", channels, size, size])
-    graph = helper.make_graph([helper.make_node("Neg", [inputs[0]], ["score"])], "tiny", ins, [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    for k, v in {"sigma_min": 0.01, "sigma_max": 10.0, "num_scales": 100, "snr": 0.16, "image_size": size,
-                 "num_channels": channels}.items():
-        model.metadata_props.add(key=f"pds.{k}", value=repr(v))
-    onnx.save(model, str(path))
-    return path
-
-
 # ---------------------------------------------------------------------------- what it makes
 
 
-def test_sample_writes_images_grid_npz_and_run_json(run_pds, tmp_path):
+def test_the_flags_reach_run_json_and_the_summary(run_pds, tmp_path):
+    """What the run writes is tests/test_runner.py's; here, that the flags arrive."""
     out = tmp_path / "out"
     r = sample(run_pds, out, "--num-samples", "3", "--batch-size", "2", "--seed", "7")
     assert r.exit_code == 0, r.stderr
-    for name in ("000000.png", "000001.png", "000002.png", "grid.png"):
-        assert (out / name).is_file()
-    x = samples_of(out)
-    assert x.shape == (3, 3, 8, 8) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert samples_of(out).shape == (3, 3, 8, 8)
     record = json.loads((out / "run.json").read_text())
     assert record["seed"] == 7 and record["num_samples"] == 3 and record["batch_size"] == 2
     assert record["model"]["name"] == "gaussian" and record["sampler"] == "pc"
@@ -98,15 +71,6 @@ def test_short_gaussian_run_takes_a_second_or_two(run_pds, tmp_path):
     r = run_pds("sample", "--model", "gaussian", "--steps", "20", "--num-samples", "4", "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r.stderr
     assert time.process_time() - t0 < 3.0
-
-
-def test_same_seed_same_images_whatever_the_batch_size(run_pds, tmp_path):
-    for b in ("1", "4"):
-        r = sample(run_pds, tmp_path / b, "-n", "4", "-b", b, "--per-sample-step")
-        assert r.exit_code == 0, r.stderr
-    np.testing.assert_allclose(samples_of(tmp_path / "1"), samples_of(tmp_path / "4"), atol=1e-5)
-    for i in range(4):
-        assert (tmp_path / "1" / f"{i:06d}.png").read_bytes() == (tmp_path / "4" / f"{i:06d}.png").read_bytes()
 
 
 def test_other_seed_other_images(run_pds, tmp_path):
@@ -145,6 +109,7 @@ def test_ctrl_c_keeps_images_and_resume_finishes_identically(run_pds, tmp_path, 
     assert r.exit_code == 0, r.stderr
     np.testing.assert_array_equal(samples_of(out), samples_of(tmp_path / "ref"))
     assert json.loads((out / "run.json").read_text())["resumed_from_disk"] == 4
+    assert not (out / outputs.PARTIAL).exists()
 
 
 def test_filters_make_it_pds_by_default(run_pds, tmp_path):
@@ -182,90 +147,70 @@ def test_speed_up_sets_the_step_count(run_pds, tmp_path):
     assert json.loads((tmp_path / "o" / "run.json").read_text())["steps"]["count"] == 5
 
 
-def test_force_starts_over(run_pds, tmp_path):
-    out = tmp_path / "o"
-    sample(run_pds, out, "-n", "3")
-    r = sample(run_pds, out, "-n", "1", "--force")
-    assert r.exit_code == 0, r.stderr
-    assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png"]
-
-
 # ---------------------------------------------------------------------------- bad inputs
 
 
 def test_filters_of_the_wrong_shape(run_pds, tmp_path):
     masks = make_filters(tmp_path / "m16.npz", size=16)
-    assert_user_error(sample(run_pds, tmp_path / "o", "--masks", masks), "3x16x16", "3x8x8")
+    one_line_error(sample(run_pds, tmp_path / "o", "--masks", masks), "3x16x16", "3x8x8")
 
 
 def test_reference_npy_of_the_wrong_size(run_pds, tmp_path):
     np.save(tmp_path / "freq_mask.npy", np.ones((3, 16, 16), np.float32))
-    assert_user_error(sample(run_pds, tmp_path / "o", "--freq-mask", tmp_path / "freq_mask.npy"), "freq_mask.npy")
+    one_line_error(sample(run_pds, tmp_path / "o", "--freq-mask", tmp_path / "freq_mask.npy"), "freq_mask.npy")
 
 
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_steps_must_be_positive(run_pds, tmp_path, steps):
     r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--steps", steps, "--out", tmp_path / "o")
-    assert_user_error(r, "--steps")
+    one_line_error(r, "--steps")
 
 
 @pytest.mark.parametrize("alpha", ["0", "-1"])
 def test_alpha_must_be_positive(run_pds, tmp_path, alpha):
     masks = make_filters(tmp_path / "m.npz")
-    assert_user_error(sample(run_pds, tmp_path / "o", "--masks", masks, "--alpha", alpha), "--alpha")
+    one_line_error(sample(run_pds, tmp_path / "o", "--masks", masks, "--alpha", alpha), "--alpha")
 
 
 def test_unwritable_output_folder(run_pds, tmp_path):
     # Tests may run as root (chmod would not stop it): a folder under a regular file cannot be made by anyone.
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    assert_user_error(sample(run_pds, blocker / "out"), "cannot create output folder")
+    one_line_error(sample(run_pds, blocker / "out"), "cannot create output folder")
 
 
 def test_existing_output_folder_needs_force(run_pds, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.png").write_bytes(b"")
-    assert_user_error(sample(run_pds, out), "not empty", "--force")
+    one_line_error(sample(run_pds, out), "not empty", "--force")
 
 
 def test_onnx_with_the_wrong_inputs(run_pds, tmp_path):
     engine = tiny_onnx(tmp_path / "bad.onnx", inputs=("image",))
     r = run_pds("sample", "--engine", engine, "--steps", "3", "--out", tmp_path / "o")
-    assert_user_error(r, "bad.onnx", "score contract")
+    one_line_error(r, "bad.onnx", "score contract")
 
 
 def test_steps_and_speed_up_exclude_each_other(run_pds, tmp_path):
-    assert_user_error(sample(run_pds, tmp_path / "o", "--speed-up", "2"), "--steps", "--speed-up")
+    one_line_error(sample(run_pds, tmp_path / "o", "--speed-up", "2"), "--steps", "--speed-up")
 
 
 def test_unknown_sampler(run_pds, tmp_path):
-    assert_user_error(sample(run_pds, tmp_path / "o", "--sampler", "euler-magic"), "euler-magic")
+    one_line_error(sample(run_pds, tmp_path / "o", "--sampler", "euler-magic"), "euler-magic")
 
 
 def test_pds_sampler_needs_filters(run_pds, tmp_path):
-    assert_user_error(sample(run_pds, tmp_path / "o", "--sampler", "pds"), "filters")
+    one_line_error(sample(run_pds, tmp_path / "o", "--sampler", "pds"), "filters")
 
 
 def test_two_models_at_once(run_pds, tmp_path):
     engine = tiny_onnx(tmp_path / "t.onnx")
-    assert_user_error(sample(run_pds, tmp_path / "o", "--engine", engine), "--engine", "--model")
+    one_line_error(sample(run_pds, tmp_path / "o", "--engine", engine), "--engine", "--model")
 
 
 def test_missing_masks_file(run_pds, tmp_path):
-    assert_user_error(sample(run_pds, tmp_path / "o", "--masks", tmp_path / "nope.npz"), "nope.npz")
-
-
-def test_nan_in_the_state_is_a_user_error_naming_step_and_sigma(run_pds, tmp_path, monkeypatch):
-    real = pdscli.evaluate.analytic.gaussian_score_model
-
-    def exploding(*a, **kw):
-        model = real(*a, **kw)
-        model.score = lambda x, sigma: x * float("inf")
-        return model
-
-    monkeypatch.setattr(pdscli.evaluate.analytic, "gaussian_score_model", exploding)
-    assert_user_error(sample(run_pds, tmp_path / "o"), "step 1 of 5", "sigma=")
+    one_line_error(sample(run_pds, tmp_path / "o", "--masks", tmp_path / "nope.npz"), "nope.npz")
 
 
 def test_schedule_choice_is_recorded(run_pds, tmp_path):
@@ -277,11 +222,11 @@ def test_schedule_choice_is_recorded(run_pds, tmp_path):
 
 
 def test_unknown_schedule(run_pds, tmp_path):
-    assert_user_error(sample(run_pds, tmp_path / "o", "--schedule", "cosine"), "cosine", "geometric")
+    one_line_error(sample(run_pds, tmp_path / "o", "--schedule", "cosine"), "cosine", "geometric")
 
 
 def test_precision_does_not_apply_to_the_analytic_model(run_pds, tmp_path):
-    assert_user_error(sample(run_pds, tmp_path / "o", "--precision", "fp16"), "--precision")
+    one_line_error(sample(run_pds, tmp_path / "o", "--precision", "fp16"), "--precision")
     assert not (tmp_path / "o").exists()  # a set-up error leaves no empty output folder behind
 
 
@@ -290,12 +235,12 @@ def test_no_gpu_is_a_user_error(run_pds, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    assert_user_error(sample(run_pds, tmp_path / "o", "--device", "cuda"), "--device cuda")
+    one_line_error(sample(run_pds, tmp_path / "o", "--device", "cuda"), "--device cuda")
 
 
 def test_pc_with_filters_is_refused(run_pds, tmp_path):
     masks = make_filters(tmp_path / "m.npz")
-    assert_user_error(sample(run_pds, tmp_path / "o", "--masks", masks, "--sampler", "pc"), "--sampler pds")
+    one_line_error(sample(run_pds, tmp_path / "o", "--masks", masks, "--sampler", "pc"), "--sampler pds")
 
 
 def test_builtin_model_runs_pds_with_its_own_filters(run_pds, tmp_path, monkeypatch):
@@ -331,11 +276,11 @@ def test_alpha_auto_follows_the_step_count(run_pds, tmp_path, steps):
 
 def test_alpha_must_be_a_number_or_auto(run_pds, tmp_path):
     masks = make_filters(tmp_path / "m.npz")
-    assert_user_error(sample(run_pds, tmp_path / "o", "--masks", masks, "--alpha", "often"), "--alpha", "auto")
+    one_line_error(sample(run_pds, tmp_path / "o", "--masks", masks, "--alpha", "often"), "--alpha", "auto")
 
 
 def test_threads_flag(run_pds, tmp_path):
-    assert_user_error(sample(run_pds, tmp_path / "o", "--threads", "0"), "--threads")
+    one_line_error(sample(run_pds, tmp_path / "o", "--threads", "0"), "--threads")
     r = sample(run_pds, tmp_path / "p", "-n", "1", "--threads", "1")
     assert r.exit_code == 0, r.stderr
 
@@ -386,6 +331,7 @@ def assert_same_run(a, b):
     assert (a / "grid.png").read_bytes() == (b / "grid.png").read_bytes()
 
 
+@pytest.mark.slow  # a killed subprocess per case
 @pytest.mark.parametrize("per_sample", [False, True], ids=["batch-mean", "per-sample"])
 @pytest.mark.parametrize("batch", [1, 3, 4])
 def test_sigkill_inside_a_batch_then_resume_is_byte_identical(run_pds, tmp_path, batch, per_sample):
@@ -426,7 +372,7 @@ def test_resume_with_another_batch_size_is_refused_when_batches_couple(run_pds, 
     out = tmp_path / "o"
     sample(run_pds, out, "-n", "4", "-b", "2")
     (out / "000003.png").unlink()
-    assert_user_error(sample(run_pds, out, "-n", "4", "-b", "4", "--resume"), "batch_size 2 -> 4")
+    one_line_error(sample(run_pds, out, "-n", "4", "-b", "4", "--resume"), "batch_size 2 -> 4")
     r = sample(run_pds, out, "-n", "4", "-b", "4", "--resume", "--per-sample-step", "--force")
     assert r.exit_code == 2  # --force and --resume exclude each other
 
@@ -442,8 +388,8 @@ def test_a_second_run_on_a_locked_folder_gets_one_line_naming_the_holder(run_pds
         held.write("pid 4242 on somehost\n")
         held.flush()
         before = _pngs(out)
-        assert_user_error(sample(run_pds, out, "-n", "2", "--force"), "pid 4242 on somehost", "in use")
-        assert_user_error(sample(run_pds, out, "-n", "3", "--resume"), "pid 4242 on somehost")
+        one_line_error(sample(run_pds, out, "-n", "2", "--force"), "pid 4242 on somehost", "in use")
+        one_line_error(sample(run_pds, out, "-n", "3", "--resume"), "pid 4242 on somehost")
         assert _pngs(out) == before
     r = sample(run_pds, out, "-n", "3", "--resume")  # released: the kernel drops a lock with its holder
     assert r.exit_code == 0, r.stderr
@@ -470,7 +416,7 @@ def test_full_disk_while_sampling_is_one_line_and_resume_finishes(run_pds, tmp_p
     sample(run_pds, tmp_path / "ref", "-n", "5", "-b", "2")
     out = tmp_path / "o"
     _enospc_when(monkeypatch, r"^\.000003\.png\.")
-    assert_user_error(sample(run_pds, out, "-n", "5", "-b", "2"), "no space left", "000003.png", "--resume")
+    one_line_error(sample(run_pds, out, "-n", "5", "-b", "2"), "no space left", "000003.png", "--resume")
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
     monkeypatch.undo()
     r = sample(run_pds, out, "-n", "5", "-b", "2", "--resume")
@@ -482,7 +428,7 @@ def test_full_disk_while_sampling_is_one_line_and_resume_finishes(run_pds, tmp_p
 def test_full_disk_at_the_end_writes_no_partial_set(run_pds, tmp_path, monkeypatch, last):
     out = tmp_path / "o"
     _enospc_when(monkeypatch, rf"^\.{last}\.")
-    assert_user_error(sample(run_pds, out, "-n", "3"), "no space left", last)
+    one_line_error(sample(run_pds, out, "-n", "3"), "no space left", last)
     assert not [n for n in ("grid.png", "samples.npz", "run.json") if (out / n).exists()]
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
     monkeypatch.undo()
@@ -513,12 +459,12 @@ def test_out_of_memory_is_one_line_suggesting_a_smaller_batch(run_pds, tmp_path,
         return model
 
     monkeypatch.setattr(pdscli.evaluate.analytic, "gaussian_score_model", hungry)
-    assert_user_error(sample(run_pds, tmp_path / "o", "-n", "4"), "out of memory", "--batch-size")
+    one_line_error(sample(run_pds, tmp_path / "o", "-n", "4"), "out of memory", "--batch-size")
 
 
 def test_impossible_batch_is_refused_before_any_allocation(run_pds, tmp_path):
     r = sample(run_pds, tmp_path / "o", "-n", "1000000000", "-b", "1000000000", "--image-size", "64")
-    assert_user_error(r, "--batch-size", "GiB")
+    one_line_error(r, "--batch-size", "GiB")
 
 
 def test_huge_run_is_planned_without_index_lists(run_pds, tmp_path, monkeypatch):
@@ -606,7 +552,7 @@ def test_resume_with_fewer_samples_keeps_the_saved_floats(run_pds, tmp_path):
     out = tmp_path / "o"
     sample(run_pds, out, "-n", "5", "-b", "2")
     before = (out / "samples.npz").read_bytes()
-    assert_user_error(sample(run_pds, out, "-n", "3", "-b", "2", "--resume"), "--num-samples 5", "--force")
+    one_line_error(sample(run_pds, out, "-n", "3", "-b", "2", "--resume"), "--num-samples 5", "--force")
     assert (out / "samples.npz").read_bytes() == before
     r = sample(run_pds, out, "-n", "3", "-b", "2", "--force")
     assert r.exit_code == 0, r.stderr
@@ -626,13 +572,13 @@ def test_resume_with_fewer_samples_keeps_the_saved_floats(run_pds, tmp_path):
         "steps-and-speed-up"])
 def test_bad_numbers_are_one_line(run_pds, tmp_path, flags, needles):
     r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--quiet", "--out", tmp_path / "o", *flags)
-    assert_user_error(r, *needles)
+    one_line_error(r, *needles)
     assert not (tmp_path / "o").exists()
 
 
 def test_an_npz_given_as_a_reference_mask_says_use_masks(run_pds, tmp_path):
     masks = make_filters(tmp_path / "m.npz")
-    assert_user_error(sample(run_pds, tmp_path / "o", "--freq-mask", masks), "--masks")
+    one_line_error(sample(run_pds, tmp_path / "o", "--freq-mask", masks), "--masks")
 
 
 def test_engine_backend_flag_and_its_old_name(run_pds, tmp_path):
@@ -640,7 +586,7 @@ def test_engine_backend_flag_and_its_old_name(run_pds, tmp_path):
     for flag in ("--engine-backend", "--backend"):
         r = run_pds("sample", "--engine", engine, flag, "cpu", "--steps", "2", "-n", "1", "--out", tmp_path / flag, "--quiet")
         assert r.exit_code == 0, r.stderr
-    assert_user_error(sample(run_pds, tmp_path / "x", "--engine-backend", "cpu"), "--engine-backend", "--engine")
+    one_line_error(sample(run_pds, tmp_path / "x", "--engine-backend", "cpu"), "--engine-backend", "--engine")
 
 
 def test_json_prints_only_the_document_on_stdout(run_pds, tmp_path):

@@ -12,19 +12,13 @@ import time
 import numpy as np
 import pytest
 
+from conftest import one_line_error
+
 SMALL = ("--model", "gaussian", "--image-size", "8", "--steps", "5", "--quiet")
 
 
 def sample(run_pds, out, *args):
     return run_pds("sample", *SMALL, "--out", out, *args)
-
-
-def assert_user_error(r, *needles):
-    assert r.exit_code == 2, (r.exit_code, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def pngs(out) -> dict:
@@ -46,18 +40,18 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(run_pds,
     out = tmp_path / "o"
     out.mkdir()
     (out / ".pds-lock").symlink_to(notes)
-    assert_user_error(sample(run_pds, out, "-n", "2"), ".pds-lock", "symbolic link")
+    one_line_error(sample(run_pds, out, "-n", "2"), ".pds-lock", "symbolic link")
     assert notes.read_text() == "mine\n"
     os.rename(out / ".pds-lock", out / "old-link")
     (out / ".pds-lock").symlink_to(tmp_path / "created-outside")  # a link to nothing: must not create it
-    assert_user_error(sample(run_pds, out, "-n", "2", "--force"), ".pds-lock")
+    one_line_error(sample(run_pds, out, "-n", "2", "--force"), ".pds-lock")
     assert not (tmp_path / "created-outside").exists()
 
 
 def test_a_lock_file_that_is_a_folder_is_one_line(run_pds, tmp_path):
     out = tmp_path / "o"
     (out / ".pds-lock").mkdir(parents=True)
-    assert_user_error(sample(run_pds, out, "-n", "2"), ".pds-lock", "not a regular file")
+    one_line_error(sample(run_pds, out, "-n", "2"), ".pds-lock", "not a regular file")
 
 
 def test_a_partial_folder_that_is_a_link_is_never_written_through(run_pds, tmp_path):
@@ -67,7 +61,7 @@ def test_a_partial_folder_that_is_a_link_is_never_written_through(run_pds, tmp_p
     for name in ("000002.png", "samples.npz", "grid.png", "run.json"):
         (out / name).unlink()
     (out / ".partial").symlink_to(elsewhere)
-    assert_user_error(sample(run_pds, out, "-n", "3", "-b", "1", "--resume"), ".partial", "symbolic link")
+    one_line_error(sample(run_pds, out, "-n", "3", "-b", "1", "--resume"), ".partial", "symbolic link")
     assert list(elsewhere.iterdir()) == []
     r = sample(run_pds, out, "-n", "3", "-b", "1", "--force")  # --force removes the link, not what it points to
     assert r.exit_code == 0, r.stderr
@@ -80,8 +74,8 @@ def test_a_folder_under_a_sample_name_is_refused_not_removed(run_pds, tmp_path):
     (out / "000001.png").unlink()
     (out / "000001.png").mkdir()
     (out / "000001.png" / "photo.jpg").write_text("mine")
-    assert_user_error(sample(run_pds, out, "-n", "2", "--resume"), "000001.png", "not a regular file")
-    assert_user_error(sample(run_pds, out, "-n", "2", "--force"), "000001.png", "not a regular file")
+    one_line_error(sample(run_pds, out, "-n", "2", "--resume"), "000001.png", "not a regular file")
+    one_line_error(sample(run_pds, out, "-n", "2", "--force"), "000001.png", "not a regular file")
     assert (out / "000001.png" / "photo.jpg").read_text() == "mine"
 
 
@@ -108,6 +102,7 @@ main(sys.argv[3:])
 """
 
 
+@pytest.mark.slow  # a second process starts torch
 @pytest.mark.parametrize("second", [(), ("--force",), ("--resume",)], ids=["fresh", "force", "resume"])
 def test_a_run_started_during_another_runs_model_load_is_refused(run_pds, tmp_path, second):
     first_args = ["sample", *SMALL, "-n", "4", "-b", "2", "--seed", "1", "--threads", "1"]
@@ -123,7 +118,7 @@ def test_a_run_started_during_another_runs_model_load_is_refused(run_pds, tmp_pa
         assert loading.exists(), first.communicate()[1]
         # The second run starts and would finish inside the first's model load.
         r = run_pds("sample", *SMALL, "-n", "3", "-b", "3", "--seed", "2", "--out", out, *second)
-        assert_user_error(r, "in use by another pds sample run", f"pid {first.pid}")
+        one_line_error(r, "in use by another pds sample run", f"pid {first.pid}")
     finally:
         go.touch()
         _, err = first.communicate(timeout=300)
@@ -142,15 +137,15 @@ def test_resume_with_another_precision_is_refused_naming_the_flag(run_pds, tmp_p
     assert run_pds(*common, "--precision", "bf16").exit_code == 0
     (tmp_path / "o" / "000001.png").unlink()
     before = pngs(tmp_path / "o")
-    assert_user_error(run_pds(*common, "--resume"), "precision 'bf16' -> 'fp32' (--precision)")
-    assert_user_error(run_pds(*common, "--resume", "--precision", "fp16"), "--precision")
+    one_line_error(run_pds(*common, "--resume"), "precision 'bf16' -> 'fp32' (--precision)")
+    one_line_error(run_pds(*common, "--resume", "--precision", "fp16"), "--precision")
     assert pngs(tmp_path / "o") == before
     r = run_pds(*common, "--resume", "--precision", "bf16")
     assert r.exit_code == 0, r.stderr
 
 
 def test_seeds_beyond_the_generators_64_bits_are_refused(run_pds, tmp_path):
-    assert_user_error(sample(run_pds, tmp_path / "a", "-n", "1", "--seed", str(2**64)), "--seed", str(2**64 - 1))
+    one_line_error(sample(run_pds, tmp_path / "a", "-n", "1", "--seed", str(2**64)), "--seed", str(2**64 - 1))
     assert not (tmp_path / "a").exists()
     assert sample(run_pds, tmp_path / "b", "-n", "1", "--seed", str(2**64 - 1)).exit_code == 0
     assert sample(run_pds, tmp_path / "c", "-n", "1", "--seed", "0").exit_code == 0
@@ -163,7 +158,7 @@ def test_resume_in_a_folder_without_a_run_record_is_refused(run_pds, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "000000.png").write_bytes((made / "000000.png").read_bytes())  # a PNG no run here made
-    assert_user_error(sample(run_pds, out, "-n", "2", "--resume"), "no run record", "--force")
+    one_line_error(sample(run_pds, out, "-n", "2", "--resume"), "no run record", "--force")
     assert sorted(p.name for p in out.iterdir()) == [".pds-lock", "000000.png"]  # the lock file stays (fsutil)
     empty = tmp_path / "empty"
     empty.mkdir()

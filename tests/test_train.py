@@ -12,6 +12,8 @@ import torch
 
 from pdscli.train.loop import EMA, dsm_loss, step_generator, warmup_lr
 
+from conftest import one_line_error
+
 BUILTIN_CONFIG = json.loads((__import__("pdscli.train.loop", fromlist=["x"]).BUILTIN_CONFIG).read_text())
 
 
@@ -98,6 +100,7 @@ def test_warmup_and_ema_follow_score_sde():
 # ---------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # trains, then samples the checkpoint
 def test_train_checkpoint_load_sample_end_to_end(run_pds, tmp_path):
     folder = digit_folder(tmp_path)
     out = tmp_path / "run"
@@ -233,24 +236,16 @@ def _run_folder(tmp_path, checkpoint: bytes | None = None, config: str | None = 
     return out
 
 
-def _assert_one_line(r, *needles):
-    assert r.exit_code == 2, (r.exit_code, r.stderr)
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_resume_from_an_empty_checkpoint_is_one_line(run_pds, tmp_path):
     out = _run_folder(tmp_path, checkpoint=b"")
-    _assert_one_line(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "checkpoint.pth", "empty")
+    one_line_error(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "checkpoint.pth", "empty")
 
 
 @pytest.mark.parametrize("text", ["{\"model\": ", "[1, 2]", "\udcff"])
 def test_resume_with_a_damaged_config_is_one_line(run_pds, tmp_path, text):
     out = _run_folder(tmp_path, checkpoint=b"PK", config="")
     (out / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
-    _assert_one_line(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "config.json")
+    one_line_error(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "config.json")
 
 
 def test_resume_from_a_pickle_checkpoint_is_one_line(run_pds, tmp_path):
@@ -260,13 +255,14 @@ def test_resume_from_a_pickle_checkpoint_is_one_line(run_pds, tmp_path):
     buf = io.BytesIO()
     torch.save({"args": argparse.Namespace(lr=1.0)}, buf)
     out = _run_folder(tmp_path, checkpoint=buf.getvalue())
-    _assert_one_line(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "argparse.Namespace",
+    one_line_error(run_pds("train", "digits", "--resume", "--out", out, "--quiet"), "argparse.Namespace",
                      "--trust-checkpoint")
     # Trusted, it is read, and found not to be a training checkpoint: still one line.
-    _assert_one_line(run_pds("train", "digits", "--resume", "--out", out, "--quiet", "--trust-checkpoint"),
+    one_line_error(run_pds("train", "digits", "--resume", "--out", out, "--quiet", "--trust-checkpoint"),
                      "not a `pds train` checkpoint")
 
 
+@pytest.mark.slow  # trains until the disk fills
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     """A file-size limit makes every write past 20 kB fail, as a full disk does: the checkpoint cannot be written."""
     import resource
