@@ -20,7 +20,7 @@ with 0 as pds's grids end with the Tweedie denoise.
 Writes docs/data/peers-gaussian.json and docs/data/peers-mixture.json (scripts/samplers_doc.py
 renders them into docs/samplers.md):
   * gaussian: the exact Gaussian model (3x32x32), the exact spectral KL of each sampler's output
-    (pdscli.evaluate.measures.exact_second_moments: no samples, no sampling floor), and the
+    (pdscli.evaluate.moments.exact_second_moments: no samples, no sampling floor), and the
     floor every sampler shares: the exact ODE to sigma_min followed by the Tweedie denoise.
   * mixture: the mixture model (3x32x32), N samples from the same noise for every sampler: mode
     TV and the weight-averaged per-mode spectral KL; N exact draws give the sampling floor.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The exact recipe of the built-in model (pdscli/data/digits.*): train, export the EMA weights, make the filters.
+"""The exact recipe of the built-in model (pdscli/data/digits*): train, export the EMA weights, make the filters.
 
     python scripts/train_builtin.py                 # everything: about 40 min on one busy CPU core
     python scripts/train_builtin.py --skip-train    # re-export and re-make the filters from an existing run

@@ -21,7 +21,7 @@ def doc_id(path: Path) -> str:
 
 # -- module paths and dotted names ----------------------------------------------------------------
 
-PATH = re.compile(r"(?<![\w/.])pdscli/[\w./-]*")
+PATH = re.compile(r"(?<![\w/.])pdscli/[\w./*-]*")
 DOTTED = re.compile(r"(?<![\w/.])pdscli(?:\.\w+)+")
 
 
@@ -44,18 +44,31 @@ def resolves(dotted: str) -> bool:
     return False
 
 
+def missing_paths(text: str) -> list[str]:
+    """`pdscli/...` paths in `text` that are not in the repository (a `*` is a glob)."""
+    named = {m.rstrip(".,:;") for m in PATH.findall(text)}
+    return sorted(p for p in named if not (any(REPO.glob(p)) if "*" in p else (REPO / p).exists()))
+
+
+def unresolved_names(text: str) -> list[str]:
+    return sorted(n for n in set(DOTTED.findall(text)) if not resolves(n))
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=doc_id)
 def test_every_module_path_the_docs_name_exists(doc):
-    named = {m.rstrip(".,:;") for m in PATH.findall(doc.read_text())}
-    missing = sorted(p for p in named if not (REPO / p).exists())
-    assert missing == []
+    assert missing_paths(doc.read_text()) == []
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=doc_id)
 def test_every_dotted_name_the_docs_name_resolves(doc):
-    named = set(DOTTED.findall(doc.read_text()))
-    missing = sorted(n for n in named if not resolves(n))
-    assert missing == []
+    assert unresolved_names(doc.read_text()) == []
+
+
+def test_the_code_names_only_modules_and_paths_that_exist():
+    """The same for the docstrings and comments of pdscli/ and scripts/: they describe the code as it is."""
+    sources = sorted((REPO / "pdscli").rglob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+    stale = {doc_id(p): missing_paths(p.read_text()) + unresolved_names(p.read_text()) for p in sources}
+    assert {k: v for k, v in stale.items() if v} == {}
 
 
 def test_resolves_tells_names_apart():

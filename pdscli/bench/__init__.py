@@ -2,4 +2,5 @@
 preconditioner, overhead, quality, fid (--fid-ref), runs (parts e2e and samplers), report (the one report model),
 render (Rich and Markdown), plot; run.run_bench puts them together.
 
-Imports everything below it (sample, samplers, models, engines, evaluate); only `cli` and scripts import it."""
+Imports the packages below it (sample, samplers, precondition, models, engines, evaluate, train: tests/test_layout.py's
+table); only `cli` and scripts import it."""

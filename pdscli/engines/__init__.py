@@ -3,7 +3,8 @@
 - PyTorch module (`engines.torch_engine`): eager, optional torch.compile / CUDA graph.
 - ONNX Runtime (`engines.onnx_engine`): `.onnx` files, CPU / CUDA / TensorRT providers.
 - TensorRT (`engines.tensorrt_engine`): `.plan` / `.engine` files with a manifest (`engines.cache`).
-- Making the files: `engines.onnx_export` (the graph) and `engines.parity` (the check against PyTorch).
+- Making the files: `engines.export` (the whole `pds export` flow: ONNX, TensorRT, diffusers), `engines.onnx_export`
+  (the graph) and `engines.parity` (the check against PyTorch).
 
 `open_engine(path, ...)` picks the implementation from the file type and returns a
 `pdscli.score.ScoreModel`. Imports the base layer and `pdscli.models`; tensorrt is imported only

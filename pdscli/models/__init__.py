@@ -1,6 +1,6 @@
 """Models: NCSN++ (layers, FIR resampling, configs and presets), checkpoint loading, the built-in model.
 
-Imports the base layer only (errors, settings, score, fsutil)."""
+Imports the base layer (errors, settings, score, fsutil), and `precondition` for the built-in model's filters."""
 
 from pdscli.models.config import (
     PRESET_NAMES,

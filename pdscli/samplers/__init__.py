@@ -1,7 +1,9 @@
 """Samplers: every sampler a short function `sampler(score, noise, steps, ...) -> x`, the step
 grids they walk (`grids`), the helpers their steps share (`common`), and one registry (name ->
 function, NFE per step, deterministic or not). The modules are named for their family: `pc`
-(predictor-corrector, PDS), `accelerated`, `dpm`, `edm`; `get_sampler(name)` is the function.
+(predictor-corrector, PDS), `accelerated`, `dpm`, `edm`, `sigma_multistep`; `fitted` holds the grids
+fitted to data statistics, `plan` fits a sampler to a budget of calls and `recommend` is the measured
+choice behind `--nfe`; `get_sampler(name)` is the function.
 
 Imports only the base layer (errors, settings) and its own modules.
 """
