@@ -99,17 +99,6 @@ def test_batch_mean_step_couples_a_batch(model, tmp_path):
     assert not np.allclose(samples_of(tmp_path / "a"), samples_of(tmp_path / "b"), atol=1e-5)
 
 
-def test_resume_after_deleting_pngs_remakes_them_exactly(model, tmp_path):
-    out = tmp_path / "run"
-    runner.run(make_job(model, out))
-    ref = samples_of(out)
-    for i in (1, 4):
-        (out / f"{i:06d}.png").unlink()
-    record = runner.run(make_job(model, out, resume=True, batch_size=3))
-    assert record["made_now"] == 2 and record["samples_from_png"] == []  # the others' floats came from samples.npz
-    np.testing.assert_allclose(samples_of(out), ref, atol=1e-5)
-
-
 def test_resume_without_float_records_uses_the_pngs_and_says_so(model, tmp_path):
     out = tmp_path / "run"
     broken = dataclasses.replace(model, score=Breaking(model.score, after=13))

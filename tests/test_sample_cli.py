@@ -377,6 +377,19 @@ def test_resume_with_another_batch_size_is_refused_when_batches_couple(run_pds, 
     assert r.exit_code == 2  # --force and --resume exclude each other
 
 
+def test_with_per_sample_steps_resume_may_change_the_batch_size(run_pds, tmp_path):
+    sample(run_pds, tmp_path / "ref", "-n", "5", "-b", "2", "--per-sample-step")
+    out = tmp_path / "o"
+    sample(run_pds, out, "-n", "5", "-b", "2", "--per-sample-step")
+    for i in (1, 4):
+        (out / f"{i:06d}.png").unlink()
+    r = sample(run_pds, out, "-n", "5", "-b", "3", "--per-sample-step", "--resume")
+    assert r.exit_code == 0, r.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["made_now"] == 2 and record["samples_from_png"] == []  # the others' floats came from samples.npz
+    np.testing.assert_allclose(samples_of(out), samples_of(tmp_path / "ref"), atol=1e-5)
+
+
 def test_a_second_run_on_a_locked_folder_gets_one_line_naming_the_holder(run_pds, tmp_path):
     import fcntl
 
