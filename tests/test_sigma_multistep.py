@@ -12,8 +12,8 @@ from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
 from pdscli.samplers import REGISTRY
-from pdscli.samplers.grids import geometric, steps_from_levels
-from pdscli.samplers.sigma_multistep import adams_weights, uniform_weights
+from pdscli.samplers.grids import edm, geometric, steps_from_levels
+from pdscli.samplers.sigma_multistep import adams_weights, uniform_weights, variable_weights
 
 NAMES = ["ipndm", "ipndm-v", "gradient-estimation"]
 
@@ -52,26 +52,47 @@ def errors(model, name, ns, grid=geometric):
                   .double().pow(2).mean().sqrt()) for n in ns]
 
 
-@pytest.mark.parametrize("name,low,high", [("ipndm", -2.4, -1.8), ("ipndm-v", -4.3, -3.2), ("gradient-estimation", -1.2, -0.6)])
-def test_order_on_the_exact_ode(model, name, low, high):
-    """Log-log slope of the error against the closed form over 20-160 log-uniform steps."""
+@pytest.mark.parametrize("name,grid,low,high", [
+    ("ipndm", geometric, -2.4, -1.8), ("ipndm-v", geometric, -2.3, -1.7), ("gradient-estimation", geometric, -1.2, -0.6),
+    ("ipndm-v", edm, -2.2, -1.4),  # consistent on a grid of varying step ratio too
+])
+def test_order_on_the_exact_ode(model, name, grid, low, high):
+    """Log-log slope of the error against the closed form over 20-160 steps."""
     ns = [20, 40, 80, 160]
-    errs = errors(model, name, ns)
+    errs = errors(model, name, ns, grid)
     assert low < float(np.polyfit(np.log(ns), np.log(errs), 1)[0]) < high, errs
 
 
-def test_ipndm_and_ipndm_v_agree_on_equal_steps_and_differ_on_uneven_ones(model):
+def test_variable_weights_are_consistent_and_equal_steps_give_the_constants():
+    for h in [(-1.0, -2.0), (-0.3, -0.5, -0.9), (-0.3, -0.5, -0.9, -1.4), (-2.0, -1.0, -0.7, -0.2)]:
+        assert abs(sum(variable_weights(h)) - 1.0) < 1e-12, h  # a constant slope is integrated exactly
+    for order in (1, 2, 3):
+        assert np.allclose(variable_weights((-0.7,) * order), uniform_weights(order), atol=1e-12)
+    # Zhou et al.'s fourth-order term on equal steps: 11/24 of the third backward difference (AB4: 3/8)
+    gap = np.subtract(variable_weights((-0.7,) * 4), uniform_weights(4))
+    assert np.allclose(gap, (11 / 24 - 3 / 8) * np.array([1, -3, 3, -1]), atol=1e-12)
+    # second order: exact for a slope linear in sigma on any steps
+    h = (-0.3, -0.5, -0.9, -1.4)
+    nodes = np.concatenate([[0.0], -np.cumsum(h[1:])])  # sigma of the slopes relative to this one
+    slope = 2.0 + 3.0 * nodes
+    assert abs(np.dot(variable_weights(h), slope) * h[0] - (2.0 * h[0] + 1.5 * h[0] ** 2)) < 1e-12
+
+
+def test_ipndm_and_ipndm_v_agree_on_equal_steps_up_to_third_order_and_differ_on_uneven_ones(model):
     st = model.settings
     z = lambda: torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
-    even = steps_from_levels(torch.linspace(st.sigma_max, st.sigma_min, 9, dtype=torch.float64))
+    even = steps_from_levels(torch.linspace(st.sigma_max, st.sigma_min, 4, dtype=torch.float64))  # orders 1-3
     assert torch.allclose(REGISTRY["ipndm"].fn(model.score, z, even), REGISTRY["ipndm-v"].fn(model.score, z, even), atol=1e-5)
     uneven = geometric(st, 9)
     assert not torch.allclose(REGISTRY["ipndm"].fn(model.score, z, uneven), REGISTRY["ipndm-v"].fn(model.score, z, uneven), atol=1e-3)
 
 
-def test_ipndm_v_beats_ipndm_with_many_steps_and_ipndm_beats_2m_at_five(model):
-    assert errors(model, "ipndm-v", [80]) < errors(model, "ipndm", [80])
-    assert errors(model, "ipndm", [5]) < errors(model, "dpm++2m", [5])
+def test_ipndm_v_beats_ipndm_at_fifteen_and_ipndm_beats_2m_at_five(model):
+    from pdscli.evaluate.moments import exact_spectral_kl
+
+    kl = lambda name, n: exact_spectral_kl(model, REGISTRY[name].fn, geometric(model.settings, n))
+    assert kl("ipndm-v", 15) < kl("ipndm", 15)
+    assert kl("ipndm", 5) < kl("dpm++2m", 5)
 
 
 @pytest.mark.parametrize("name", NAMES)

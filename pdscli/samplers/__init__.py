@@ -92,7 +92,7 @@ REGISTRY: dict[str, SamplerInfo] = {
         SamplerInfo("ipndm", sigma_multistep.ipndm, 1, True, False,
                     summary="iPNDM: Adams-Bashforth in sigma with equal-step weights, up to 4 slopes"),
         SamplerInfo("ipndm-v", sigma_multistep.ipndm_v, 1, True, False,
-                    summary="iPNDM-v: Adams-Bashforth in sigma with the actual steps' weights, up to 4 slopes"),
+                    summary="iPNDM-v: Adams-Bashforth in sigma with variable-step weights (Zhou et al.'s), up to 4 slopes"),
         SamplerInfo("gradient-estimation", sigma_multistep.gradient_estimation, 1, True, False,
                     summary="Permenter & Yuan's gradient-estimation sampler (gamma 2)"),
     )
