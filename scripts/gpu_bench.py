@@ -118,11 +118,6 @@ def bench_config(p: dict, **kw) -> BenchConfig:
                           "e2e_batch": p["sampler_batch"], "e2e_repeats": 2, "quality_samples": 0, **kw})
 
 
-def sampler_steps(settings, name: str, n: int):
-    """Sampler `name`'s own default grid at n steps, as `pds sample` plans it."""
-    return planner.plan(name, settings=settings, steps=n).steps
-
-
 class Budget:
     """A deadline per part: what does not fit is recorded as not measured, with the reason. A
     part gets its share of the time still left among the parts still to run."""
@@ -430,8 +425,9 @@ def whole_steps(nets: Nets, p: dict, budget: Budget, wrap, samplers) -> dict:
         if budget.over():
             rows.append({"sampler": name, "status": "not measured: over this part's time budget"})
             continue
-        steps = sampler_steps(model.settings, name, n)
-        kw = {"precond": preconds.for_steps(n)} if name == "pds" else {}
+        planned = planner.plan(name, settings=model.settings, steps=n)  # its own grid and parts, as `pds sample` plans them
+        steps = planned.steps
+        kw = {**planned.sampler_options(), **({"precond": preconds.for_steps(n)} if name == "pds" else {})}
         fn = get_sampler(name)
         wrapped = wrap(fn, device)
         try:
