@@ -39,7 +39,7 @@ from pdscli.sample.job import SampleJob
 from pdscli.sample.loop import NoProgress, SampleProgress, batch_count, batch_indices, make_batch, step_callback
 from pdscli.sample.model import MODEL_NAMES, ModelSpec, check_filters_fit, open_model
 from pdscli.sample.run import warn_on_stderr
-from pdscli.sample.setup import SampleFlags, check_fits_in_memory, choose_sampler, sampling_parts_for
+from pdscli.sample.setup import SampleFlags, check_fits_in_memory, choose_sampler, sampling_parts_for, start_for
 from pdscli.samplers import sampler_info
 from pdscli.score import CountingScore, ScoreModel
 from pdscli.settings import SamplingSettings
@@ -143,10 +143,11 @@ def _check_count(name: str, value) -> int:
 def sample(model: Model, n: int, *, nfe: int | None = None, sampler: str | None = None, steps: int | None = None,
            speed_up: float | None = None, schedule: str | None = None, filters: Filters | str | Path | None = None,
            alpha: float | str | None = None, per_sample_step: bool = False, seed: int = 0,
-           batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | SampleProgress = False) -> torch.Tensor:
+           batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | SampleProgress = False,
+           teleport: float | str | None = None) -> torch.Tensor:
     """`n` images, float32 [n, C, H, W] in [0, 1] on the CPU: those `pds sample` writes to
     samples.npz with the same flags (--nfe, --sampler, --steps, --speed-up, --schedule, --masks,
-    --alpha, --per-sample-step, --seed, --batch-size), bit for bit.
+    --alpha, --per-sample-step, --seed, --batch-size, --teleport), bit for bit.
 
     `filters`: a `Filters` or a filters .npz; None: the model's own (the built-in model's, used by
     the pds sampler as `pds sample` does). `progress`: True for a bar on stderr, or a
@@ -162,14 +163,17 @@ def sample(model: Model, n: int, *, nfe: int | None = None, sampler: str | None 
     given = _as_filters(filters, model.settings)
     flags = SampleFlags(out=Path(), alpha=None if alpha is None else str(alpha), sampler=sampler, steps=steps,
                         speed_up=None if speed_up is None else float(speed_up), schedule=schedule, nfe=nfe,
-                        per_sample_step=per_sample_step, num_samples=n, batch_size=batch_size, seed=seed)
+                        per_sample_step=per_sample_step, num_samples=n, batch_size=batch_size, seed=seed,
+                        teleport=None if teleport is None else str(teleport))
     choice = choose_sampler(model.spec, flags, has_filters=given is not None)
     used = given if choice.given_filters else (model.filters if choice.builtin_filters else None)
     check_fits_in_memory(min(batch_size, n), model.shape, model.device)
     parts = sampling_parts_for(model.opened, choice, used)
-    job = SampleJob(model=model.opened, sampler=choice.sampler, steps=parts.steps, out=None, num_samples=n,
+    start, gaussian, _, _ = start_for(model.spec, flags, model.opened, choice, parts, used or given or model.filters)
+    job = SampleJob(model=model.opened, sampler=start.sampler, steps=start.steps, out=None, num_samples=n,
                     batch_size=batch_size, seed=seed, snr=model.settings.snr, precond=parts.precond,
-                    per_sample_step=per_sample_step, sampler_options=parts.options, warnings=parts.warnings)
+                    per_sample_step=per_sample_step, sampler_options=parts.options, warnings=parts.warnings,
+                    teleport=start.teleport, data_gaussian=gaussian if start.teleport.sigma_t is not None else None)
     return _run(job, _progress(progress))
 
 

@@ -3,6 +3,7 @@
 
     python scripts/train_builtin.py                 # everything: about 40 min on one busy CPU core
     python scripts/train_builtin.py --skip-train    # re-export and re-make the filters from an existing run
+    python scripts/train_builtin.py --filters-only  # only re-make the filters file (step 3)
 
 Steps:
 1. `pds train digits --config pdscli/data/digits-config.json --seed 0 --threads 1 --out RUN`
@@ -84,7 +85,11 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, default=REPO / "runs" / "builtin-digits", help="training output folder")
     ap.add_argument("--skip-train", action="store_true", help="use the run as it is")
     ap.add_argument("--force", action="store_true", help="start the training over")
+    ap.add_argument("--filters-only", action="store_true", help="only re-make the filters file (step 3)")
     args = ap.parse_args(argv)
+    if args.filters_only:
+        print(f"filters: {make_filters()} -> {DATA / 'digits-filters.npz'}")
+        return 0
 
     if not args.skip_train:
         seconds = train(args.run, args.force)

@@ -88,6 +88,12 @@ def sample(
         "and step count, cached; the filters then only make the grid)."))] = None,
     speed_up: Annotated[Optional[float], _opt("--speed-up", help=(
         "Run int(num_scales / k) steps for any k > 0, e.g. 2.5 (the reference's speed-up, eps times k too)."))] = None,
+    teleport: Annotated[Optional[str], _opt("--teleport", help=(
+        "Start below sigma_max at no network call: the Gaussian with the data's mean and spectrum carries the prior "
+        "sample to sigma_t in closed form (the exact flow map for ODE samplers, the exact transition for stochastic "
+        "ones). auto (the default): sigma_t from a measured table per sampler and budget when statistics are at hand "
+        "(filters from `pds filters`, the built-in model's, an exact model's own), else off. off, or a noise level. "
+        "Not for the PC family or preconditioned samplers; run.json records sigma_t and why."))] = None,
     snr: Annotated[Optional[float], _opt("--snr", help="Corrector signal-to-noise ratio (default: the model's).")] = None,
     sigma_min: Annotated[Optional[float], _opt("--sigma-min", help="Override the model's sigma_min.")] = None,
     sigma_max: Annotated[Optional[float], _opt("--sigma-max", help="Override the model's sigma_max.")] = None,
@@ -133,7 +139,7 @@ def sample(
     flags = SampleFlags(
         out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler, steps=steps, nfe=nfe,
         speed_up=speed_up, schedule=schedule, per_sample_step=per_sample_step, num_samples=num_samples,
-        batch_size=batch_size, seed=seed, force=force, resume=resume, step_graphs=step_graphs,
+        batch_size=batch_size, seed=seed, force=force, resume=resume, step_graphs=step_graphs, teleport=teleport,
     )
     try:
         with Progress(enabled=not quiet and dist.is_main) as bars:

@@ -8,7 +8,11 @@ frequency filter and S a space (pixel) filter, both [C, H, W]. The samplers use
 
 Filters are stored as raw statistics over images x in [0, 1] (the reference recipe,
 mask_gen_demo.py):  freq = log(1 + mean |fft2(x)|^2)  (unnormalised FFT, unshifted layout),
-space = mean x^2. The strength alpha is applied only when a Preconditioner is built:
+space = mean x^2. Files from `pds filters` also hold the data's first two moments in absolute
+units, which the Gaussian teleportation needs (pdscli.samplers.teleport) and freq cannot give
+(it folds the mean into the zero frequency and is rounded in log space): mean = E x, and
+spectrum = E |fft2(x - mean)|^2 / (H W), the variance of each orthonormal Fourier coefficient.
+The strength alpha is applied only when a Preconditioner is built:
 filter = alpha / (m / max(m) + alpha - 1), which is 1 where the data has the most energy and
 grows towards alpha / (alpha - 1) where it has none.
 """
@@ -27,7 +31,8 @@ from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_save_npz
 
 FORMAT = "pds-filters"
-VERSION = 1
+VERSION = 1  # the moments were added as optional arrays: older readers ignore them, so still version 1
+ARRAYS = ("freq", "space", "mean", "spectrum")  # the [C, H, W] arrays a filters file may hold
 
 
 def _shape_text(shape) -> str:
@@ -37,7 +42,8 @@ def _shape_text(shape) -> str:
 @dataclass
 class Filters:
     """Raw filter statistics (no alpha). `freq`/`space`: [C, H, W] float32 numpy arrays or None;
-    `count`: images they were computed from (0 = unknown); `source`: where they came from."""
+    `count`: images they were computed from (0 = unknown); `source`: where they came from;
+    `mean`/`spectrum`: the data's moments (see the module doc), None in files made before them."""
 
     freq: np.ndarray | None
     space: np.ndarray | None
@@ -45,13 +51,17 @@ class Filters:
     channels: int
     count: int = 0
     source: str = ""
+    mean: np.ndarray | None = None
+    spectrum: np.ndarray | None = None
 
     def __post_init__(self):
         self.size, self.channels, self.count = int(self.size), int(self.channels), int(self.count)
         self.source = str(self.source)
         if self.freq is None and self.space is None:
             raise PdsError("filters need a frequency or a space statistic (both are missing)")
-        for name in ("freq", "space"):
+        if (self.mean is None) != (self.spectrum is None):
+            raise PdsError("filters hold the data mean or its spectrum but not both")
+        for name in ARRAYS:
             value = getattr(self, name)
             if value is None:
                 continue
@@ -69,6 +79,11 @@ class Filters:
         return (self.channels, self.size, self.size)
 
     @property
+    def has_moments(self) -> bool:
+        """Whether the data's mean and spectrum are at hand (files made before them lack them)."""
+        return self.mean is not None
+
+    @property
     def kinds(self) -> str:
         """"freq", "space" or "freq+space": which statistics are present."""
         return "+".join(k for k in ("freq", "space") if getattr(self, k) is not None)
@@ -81,7 +96,7 @@ class Filters:
     def save(self, path) -> Path:
         """Write one .npz atomically (the caller checks --force)."""
         path = Path(path)
-        arrays = {k: getattr(self, k) for k in ("freq", "space") if getattr(self, k) is not None}
+        arrays = {k: getattr(self, k) for k in ARRAYS if getattr(self, k) is not None}
         atomic_save_npz(
             path,
             format=np.array(FORMAT),
@@ -121,6 +136,8 @@ def load_filters(path) -> Filters:
         channels=int(arrays["channels"]) if "channels" in arrays else channels,
         count=int(arrays["count"]) if "count" in arrays else 0,
         source=str(arrays["source"]) if "source" in arrays else str(path),
+        mean=arrays.get("mean"),
+        spectrum=arrays.get("spectrum"),
     )
 
 
@@ -163,7 +180,7 @@ class StatisticsAccumulator:
         if not (freq or space):
             raise ValueError("accumulate at least one of freq and space")
         self.want_freq, self.want_space = freq, space
-        self.freq_sum = self.space_sum = None
+        self.freq_sum = self.space_sum = self.pixel_sum = None
         self.count = 0
         self.shape: tuple[int, int, int] | None = None
 
@@ -195,6 +212,8 @@ class StatisticsAccumulator:
         if self.want_freq:
             power = (torch.fft.fft2(x).abs() ** 2).sum(dim=0)
             self.freq_sum = power if self.freq_sum is None else self.freq_sum + power
+            total = x.sum(dim=0)
+            self.pixel_sum = total if self.pixel_sum is None else self.pixel_sum + total
         if self.want_space:
             energy = (x**2).sum(dim=0)
             self.space_sum = energy if self.space_sum is None else self.space_sum + energy
@@ -205,8 +224,15 @@ class StatisticsAccumulator:
             raise PdsError(f"no images to compute filters from{' in ' + source if source else ''}")
         freq = torch.log1p(self.freq_sum / self.count).numpy() if self.want_freq else None
         space = (self.space_sum / self.count).numpy() if self.want_space else None
+        mean = spectrum = None
+        if self.want_freq:
+            m = self.pixel_sum / self.count
+            # E|F(x - m)|^2 = E|F x|^2 - |F m|^2; the clamp takes rounding below zero.
+            variance = (self.freq_sum / self.count - torch.fft.fft2(m).abs() ** 2).clamp(min=0)
+            mean, spectrum = m.numpy(), (variance / (m.shape[-1] * m.shape[-2])).numpy()
         c, h, _ = self.shape
-        return Filters(freq=freq, space=space, size=h, channels=c, count=self.count, source=source)
+        return Filters(freq=freq, space=space, size=h, channels=c, count=self.count, source=source, mean=mean,
+                       spectrum=spectrum)
 
 
 def compute_statistics(batches: Iterable, *, source: str = "", freq: bool = True, space: bool = True) -> Filters:

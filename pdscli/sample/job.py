@@ -15,6 +15,7 @@ from pdscli.noise import NOISE_VERSION
 from pdscli.precondition import Preconditioner
 from pdscli.sample.model import FiltersInfo
 from pdscli.samplers import Steps
+from pdscli.samplers.teleport import DataGaussian, TeleportChoice
 from pdscli.score import ScoreModel
 
 
@@ -69,6 +70,14 @@ class SampleJob:
     warnings: tuple[str, ...] = ()  # shown on stderr when the run starts, kept in run.json
     # The output folder's FolderLock, taken before the model load (pdscli.sample.setup); the run releases it.
     lock: object | None = field(default=None, compare=False, repr=False)
+    # Teleportation (pdscli.samplers.teleport): what --teleport decided, and the statistics it uses.
+    teleport: TeleportChoice | None = None
+    data_gaussian: DataGaussian | None = None
+
+    @property
+    def teleport_to(self) -> float | None:
+        """The noise level the run teleports to from the model's sigma_max (None: no teleport)."""
+        return self.teleport.sigma_t if self.teleport is not None else None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -104,6 +113,8 @@ class SampleJob:
         }
         if self.coupled_batches:
             record["batch_size"] = self.batch_size
+        if self.teleport_to is not None:  # absent otherwise, so runs made before teleportation still resume
+            record["teleport"] = {"from": float(self.model.settings.sigma_max), "to": self.teleport_to}
         return record
 
     def meta(self) -> dict:
@@ -122,4 +133,5 @@ class SampleJob:
             "steps_requested": {"steps": self.steps_flag, "speed_up": self.speed_up_flag},
             "model_load_s": round(self.model_load_s, 4),
             "nfe_budget": self.nfe_budget,
+            "teleport": self.teleport.to_dict() if self.teleport is not None else None,
         }

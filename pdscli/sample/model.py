@@ -13,15 +13,18 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pdscli.devices import resolve_device, resolve_precision
 from pdscli.engines import open_engine
 from pdscli.errors import PdsError
 from pdscli.evaluate import analytic
-from pdscli.evaluate.mixture import mixture_score_model
+from pdscli.evaluate.mixture import MixtureImageModel, mixture_score_model
 from pdscli.fsutil import sha256_file
 from pdscli.models import builtin
 from pdscli.models.checkpoint import open_checkpoint
 from pdscli.precondition import Filters, load_filters, load_reference_npy
+from pdscli.samplers.teleport import DataGaussian
 from pdscli.score import ScoreModel
 from pdscli.settings import SamplingSettings
 
@@ -191,3 +194,32 @@ def check_filters_fit(filters: Filters, settings: SamplingSettings) -> None:
             f"the filters are {'x'.join(map(str, got))} (C x H x W) but the model makes "
             f"{'x'.join(map(str, want))} images; make filters at this size with `pds filters DIR --size {settings.image_size}`"
         )
+
+
+# ----------------------------------------------------------------------------------------
+# The data's statistics for teleportation.
+
+
+def data_gaussian(spec: ModelSpec, settings: SamplingSettings, filters: Filters | None) -> DataGaussian | None:
+    """The data's Gaussian approximation (pdscli.samplers.teleport): from the filters when they hold
+    the moments, else an exact model's own (the Gaussian's spectrum, the mixture's moment-matched
+    one); None when neither is at hand."""
+    if filters is not None and filters.has_moments:
+        return DataGaussian(filters.mean, filters.spectrum)
+    size, channels = settings.image_size, settings.num_channels
+    if spec.model == "gaussian":
+        exact = analytic.GaussianImageModel(size, channels)
+    elif spec.model == "mixture":
+        exact = MixtureImageModel(size, channels).moment_matched()
+    else:
+        return None
+    return DataGaussian(torch.full(exact.shape, exact.mean, dtype=torch.float64), exact.lam)
+
+
+def refresh_hint(filters: Filters | None, path) -> str | None:
+    """The one line an older filters file gets when teleportation would use it: how to remake it."""
+    if filters is None or filters.has_moments:
+        return None
+    where = path or "the filters file"
+    return (f"{where} lacks the data mean and spectrum that --teleport needs (made by an older pds); remake it with "
+            f"`pds filters DIR --size {filters.size} --channels {filters.channels} --force` to teleport")

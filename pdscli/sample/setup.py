@@ -24,11 +24,13 @@ from pdscli.noise import SEED_MAX
 from pdscli.precondition import Preconditioner
 from pdscli.precondition.alpha import AlphaChoice, check_alpha, choose_alpha
 from pdscli.sample.job import SampleJob
-from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, open_filters, open_model
+from pdscli.sample.pilot import Candidate, choose_by_pilot
+from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, data_gaussian, open_filters, open_model, refresh_hint
 from pdscli.samplers import Steps, fitted, sampler_info
 from pdscli.samplers.pc import corrector_stalls
-from pdscli.samplers.plan import Plan, check_counts, grid_name, plan
-from pdscli.samplers.recommend import BudgetChoice, choose_for_budget
+from pdscli.samplers.plan import Plan, check_counts, grid_name, nfe_for, plan, steps_for_nfe
+from pdscli.samplers.recommend import BudgetChoice, choose_for_budget, recommend
+from pdscli.samplers.teleport import auto_ratio, choose_teleport, parse_teleport
 from pdscli.settings import SamplingSettings
 PNG_CHANNELS = (1, 3)  # grey or RGB: what an 8-bit PNG of a sample can hold
 STATE_COPIES = 4  # a sampler holds at least x, the noise, the score and x_mean of a batch
@@ -55,6 +57,7 @@ class SampleFlags:
     force: bool = False
     resume: bool = False
     step_graphs: bool = False
+    teleport: str | None = None  # "auto" (None), "off" or a noise level (pdscli.samplers.teleport)
 
     @property
     def has_filter_files(self) -> bool:
@@ -142,6 +145,7 @@ class SamplerChoice:
     given_filters: bool  # the filters the caller gave are used (an --nfe plan may leave them unused)
     builtin_filters: bool  # the built-in model's own filters are used
     budget: BudgetChoice | None = None  # --nfe's sampler and grid (the steps come with the model's settings)
+    teleport: str | float = "auto"  # --teleport, checked (pdscli.samplers.teleport.parse_teleport)
 
     def plan(self, settings: SamplingSettings, filters=None) -> Plan:
         """The grid, steps and score calls for a model's settings (pdscli.samplers.plan); `filters`
@@ -157,6 +161,7 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
     `has_filters`: filters were given (default: filter files among the flags)."""
     has_filters = flags.has_filter_files if has_filters is None else has_filters
     check_alpha(flags.alpha)  # a bad number fails before the slow model load
+    teleport = parse_teleport(flags.teleport)
     if not 0 <= flags.seed <= SEED_MAX:
         raise PdsError(f"--seed must be between 0 and 2^64-1 = {SEED_MAX} (the noise generator's key), got {flags.seed}")
     check_counts(steps=flags.steps, nfe=flags.nfe, speed_up=flags.speed_up)
@@ -184,7 +189,8 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
     if spec.uses_builtin and flags.steps is None and flags.speed_up is None:
         steps = builtin.DEFAULT_STEPS
     return SamplerChoice(sampler=sampler, schedule=schedule, steps=steps, speed_up=flags.speed_up, alpha=flags.alpha,
-                         given_filters=has_filters, builtin_filters=builtin_filters, budget=budget)
+                         given_filters=has_filters, builtin_filters=builtin_filters, budget=budget,
+                         teleport=teleport)
 
 
 @dataclass(frozen=True)
@@ -235,22 +241,115 @@ def build_job(spec: ModelSpec, flags: SampleFlags, *, lock: bool = True) -> Samp
         check_fits_in_memory(min(flags.batch_size, flags.num_samples), settings.shape, model.device)
         filters, filters_info = open_filters(*files, settings=settings, use_builtin=choice.builtin_filters)
         parts = sampling_parts_for(model, choice, filters)
+        start, gaussian, pilot, hint = start_for(spec, flags, model, choice, parts,
+                                                 *statistics_at_hand(spec, flags, settings, filters))
         on_error.pop_all()  # set up: the run holds the lock from here and releases it
     alpha, budget = parts.alpha, choice.budget
     return SampleJob(
-        model=model, sampler=choice.sampler, steps=parts.steps, out=out, num_samples=flags.num_samples,
+        model=model, sampler=start.sampler, steps=start.steps, out=out, num_samples=flags.num_samples,
         batch_size=flags.batch_size, seed=flags.seed, snr=settings.snr,  # --snr is already in the settings
         precond=parts.precond, per_sample_step=flags.per_sample_step, resume=flags.resume, force=flags.force,
         step_graphs=flags.step_graphs,
-        schedule=choice.schedule, alpha=alpha.alpha if parts.precond is not None else None,
+        schedule=start.grid, alpha=alpha.alpha if parts.precond is not None else None,
         alpha_given=alpha.given if alpha is not None else None, filters=filters_info,
         precision=model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
         steps_flag=choice.steps, speed_up_flag=choice.speed_up, model_load_s=load_s,
-        nfe_budget=None if budget is None else {"budget": flags.nfe, "planned": parts.plan.nfe,
-                                                "reason": parts.plan.reason},
+        nfe_budget=None if budget is None else budget_record(flags.nfe, parts.plan, start, pilot),
         sampler_options=parts.options, filter_off=alpha.note if alpha is not None and alpha.off else None,
-        warnings=parts.warnings, lock=held,
+        warnings=parts.warnings + ((hint,) if hint else ()), lock=held, teleport=start.teleport,
+        data_gaussian=gaussian if start.teleport.sigma_t is not None else None,
     )
+
+
+def start_for(spec: ModelSpec, flags: SampleFlags, model, choice: SamplerChoice, parts: SamplingParts, stats,
+              stats_path=None):
+    """(the Candidate the run starts with, the data's Gaussian or None, the pilot's record or None, a refresh hint or None):
+    --teleport for the chosen sampler, and on a network under --nfe with statistics the pilot.
+    `stats`: the filters at hand, used or not (`statistics_at_hand`); `stats_path` their file, for the hint."""
+    settings = model.settings
+    blocked = teleport_blocked(choice.sampler, parts.precond, choice.schedule)
+    gaussian = data_gaussian(spec, settings, stats)
+    hint = None
+    if gaussian is None and stats is not None and not blocked:
+        hint = refresh_hint(stats, stats_path)
+        if isinstance(choice.teleport, float):
+            raise PdsError(hint)
+        if choice.teleport == "off" or auto_ratio(choice.sampler, parts.plan.nfe) is None:
+            hint = None  # teleportation would not run anyway: no line
+    start = start_at(settings, choice.teleport, gaussian, sampler=choice.sampler, schedule=parts.plan.grid,
+                     n_steps=len(parts.steps), grid=parts.steps, blocked=blocked)
+    pilot = None
+    if pilot_applies(spec, choice.budget, gaussian, parts.precond):
+        start, pilot = pick_by_pilot(model, gaussian, start, settings, choice.teleport, nfe=flags.nfe,
+                                     schedule=flags.schedule, seed=flags.seed)
+    return start, gaussian, pilot, hint
+
+
+def statistics_at_hand(spec: ModelSpec, flags: SampleFlags, settings: SamplingSettings, filters) -> tuple:
+    """(Filters or None, their file or None): the filters the run uses, else the files as given (an
+    --nfe plan may run without them), else the built-in model's own file."""
+    if filters is not None or not (flags.has_filter_files or spec.uses_builtin):
+        return filters, flags.masks or flags.freq_mask
+    if flags.has_filter_files:
+        return open_filters(flags.masks, flags.freq_mask, flags.space_mask, settings=settings)[0], flags.masks or flags.freq_mask
+    return open_filters(settings=settings, use_builtin=True)[0], builtin.FILTERS
+
+
+def teleport_blocked(sampler: str, precond, schedule: str) -> str | None:
+    """Why this run cannot teleport, or None."""
+    if schedule == fitted.STATS_GRID:
+        return f"--schedule {fitted.STATS_GRID} fits its grid from sigma_max"
+    if sampler_info(sampler).pc_grid:
+        return f"{sampler} walks the reference's PC grid from sigma_max"
+    if precond is not None:
+        return "a preconditioned sampler starts from the filters' noise, which has no closed-form teleport"
+    return None
+
+
+def start_at(settings: SamplingSettings, teleport_flag, gaussian, *, sampler: str, schedule: str, n_steps: int,
+             grid: Steps | None = None, blocked: str | None = None) -> Candidate:
+    """The sampler with its grid, from sigma_max or (--teleport) from sigma_t: the grid's own
+    spacing on [sigma_min, sigma_t] with the same number of steps (`grid`: the one from sigma_max, if made)."""
+    teleport = choose_teleport(teleport_flag, gaussian=gaussian, sampler=sampler, nfe=nfe_for(sampler, n_steps),
+                               sigma_min=settings.sigma_min, sigma_max=settings.sigma_max, blocked=blocked)
+    if teleport.sigma_t is not None:
+        grid = plan(sampler, settings=settings.replace(sigma_max=teleport.sigma_t), steps=n_steps, schedule=schedule).steps
+    elif grid is None:
+        grid = plan(sampler, settings=settings, steps=n_steps, schedule=schedule).steps
+    return Candidate(sampler, schedule, grid, teleport)
+
+
+def pilot_applies(spec: ModelSpec, budget, gaussian, precond) -> bool:
+    """--nfe without --sampler (a chosen plan) on a network, with the data's statistics at hand: the pilot picks
+    between the samplers measured best on exact scores and on a weak network."""
+    return (budget is not None and budget.chosen and spec.model not in ANALYTIC_MODELS and gaussian is not None
+            and precond is None)
+
+
+def pick_by_pilot(model, gaussian, planned: Candidate, settings: SamplingSettings, teleport_flag, *, nfe: int,
+                  schedule: str | None, seed: int) -> tuple[Candidate, dict | None]:
+    """The planned start against the exact-score recommendation at the same budget, by a pilot."""
+    exact = recommend(nfe, filters=False, analytic=True)
+    if exact.sampler == planned.sampler:
+        return planned, None
+    grid = grid_name(exact.sampler, schedule or exact.grid)
+    other = start_at(settings, teleport_flag, gaussian, sampler=exact.sampler, schedule=grid,
+                     n_steps=steps_for_nfe(exact.sampler, nfe, grid=grid))
+    return choose_by_pilot(model, gaussian, [planned, other], seed=seed)
+
+
+def budget_record(nfe: int, planned: Plan, start: Candidate, pilot: dict | None) -> dict:
+    """run.json's nfe_budget: the budget, what the run spends per image, why, and the pilot if one ran."""
+    sampler = start.sampler
+    spent = planned.nfe if sampler == planned.sampler else nfe_for(sampler, len(start.steps))
+    record = {"budget": nfe, "planned": spent, "reason": planned.reason}
+    if pilot is not None:
+        record["reason"] = (f"pilot of {pilot['samples']} samples per candidate at {nfe} network calls "
+                            f"({pilot['nfe']} in all), spectra against the data's: {sampler}")
+        record["pilot"] = pilot
+    return record
+
+
 
 
 def _apply_budget(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool):

@@ -1,0 +1,207 @@
+"""Teleportation (pdscli.samplers.teleport): the closed-form maps, the statistics `pds filters` stores
+for them, and `pds sample --teleport`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pdscli.evaluate.analytic import GaussianImageModel
+from pdscli.noise import SampleNoise
+from pdscli.precondition import Filters, compute_statistics, load_filters
+from pdscli.samplers import REGISTRY
+from pdscli.samplers.grids import geometric
+from pdscli.samplers.teleport import DataGaussian, TeleportNoise, choose_teleport, parse_teleport, spread
+from pdscli.errors import PdsError
+
+
+def small_gaussian() -> tuple[GaussianImageModel, DataGaussian]:
+    g = GaussianImageModel(8, 2)
+    return g, DataGaussian(torch.full(g.shape, g.mean), g.lam)
+
+
+def test_flow_is_the_exact_models_ode_map():
+    g, dg = small_gaussian()
+    x = 30.0 * torch.randn(5, *g.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dg.flow(x, 30.0, 0.7), g.ode_solution(x, 30.0, 0.7), rtol=0, atol=2e-5)
+
+
+def test_transition_has_the_marginal_of_the_lower_level():
+    # x(s_from) drawn from the noised Gaussian; after the transition each Fourier coefficient of
+    # x - mu must have variance lam + s_to^2 (the reverse SDE keeps the marginals).
+    g, dg = small_gaussian()
+    gen = torch.Generator().manual_seed(1)
+    n, s_from, s_to = 4000, 20.0, 0.5
+    x = g.sample(n, generator=gen) + s_from * torch.randn(n, *g.shape, generator=gen)
+    out = dg.transition(x, s_from, s_to, torch.randn(n, *g.shape, generator=gen))
+    ratio = g.empirical_variance(out) / g.variance(s_to)
+    assert abs(float(ratio.mean()) - 1) < 0.02
+    assert float((ratio - 1).abs().max()) < 0.25  # 4000 draws: a coefficient's relative error is ~3 %
+
+
+def test_filters_hold_the_data_mean_and_spectrum():
+    g, _ = small_gaussian()
+    images = (g.sample(300, generator=torch.Generator().manual_seed(2))).clamp(0, 1).double()
+    f = compute_statistics([images[:100], images[100:]])
+    mean = images.mean(0)
+    spectrum = (torch.fft.fft2(images - mean, norm="ortho").abs() ** 2).mean(0)
+    np.testing.assert_allclose(f.mean, mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(f.spectrum, spectrum.numpy(), rtol=1e-4, atol=1e-7)
+    assert f.has_moments
+
+
+def test_moments_survive_a_file_and_old_files_still_load(tmp_path):
+    g, _ = small_gaussian()
+    f = compute_statistics([g.sample(50, generator=torch.Generator().manual_seed(3)).clamp(0, 1)])
+    back = load_filters(f.save(tmp_path / "new.npz"))
+    np.testing.assert_array_equal(back.mean, f.mean)
+    np.testing.assert_array_equal(back.spectrum, f.spectrum)
+    old = load_filters(Filters(freq=f.freq, space=f.space, size=8, channels=2).save(tmp_path / "old.npz"))
+    assert not old.has_moments
+    with pytest.raises(PdsError, match="mean or its spectrum"):
+        Filters(freq=f.freq, space=None, size=8, channels=2, mean=f.mean)
+
+
+def test_teleport_flag_values():
+    assert parse_teleport(None) == "auto" and parse_teleport("OFF") == "off" and parse_teleport("2.5") == 2.5
+    for bad in ("-1", "0", "nan", "soon"):
+        with pytest.raises(PdsError, match="--teleport"):
+            parse_teleport(bad)
+    _, dg = small_gaussian()
+    keys = dict(gaussian=dg, sampler="dpm++2m", nfe=5, sigma_min=0.01, sigma_max=50.0)
+    assert choose_teleport("off", **keys).sigma_t is None
+    assert choose_teleport(3.0, **keys).sigma_t == 3.0
+    with pytest.raises(PdsError, match="between"):
+        choose_teleport(60.0, **keys)
+    with pytest.raises(PdsError, match="statistics"):
+        choose_teleport(3.0, **{**keys, "gaussian": None})
+    with pytest.raises(PdsError, match="PC grid"):
+        choose_teleport(3.0, **keys, blocked="pds walks the reference's PC grid")
+    assert "no data statistics" in choose_teleport("auto", **{**keys, "gaussian": None}).reason
+
+
+def test_teleporting_a_few_step_solver_closes_most_of_its_gap():
+    """On the exact Gaussian, 2M at 5 calls from sigma_max is far off; teleported it is near the floor."""
+    g = GaussianImageModel()
+    dg = DataGaussian(torch.full(g.shape, g.mean), g.lam)
+    st, n = g.settings, 256
+    plain = REGISTRY["dpm++2m"].fn(g.score, SampleNoise(0, range(n), g.shape), geometric(st, 5))
+    sigma_t = 0.25 * spread(dg)
+    noise = TeleportNoise(SampleNoise(0, range(n), g.shape), dg, st.sigma_max, sigma_t, stochastic=False)
+    tele = REGISTRY["dpm++2m"].fn(g.score, noise, geometric(st.replace(sigma_max=sigma_t), 5))
+    assert g.spectral_kl(tele) < g.spectral_kl(plain) / 5
+
+
+def test_stochastic_teleport_draws_per_sample(tmp_path):
+    """The transition's noise is the sample's own second draw: a sample's image does not depend on its batch."""
+    g, dg = small_gaussian()
+    st = g.settings
+    steps = geometric(st.replace(sigma_max=2.0), 4)
+
+    def run(indices):
+        noise = TeleportNoise(SampleNoise(7, indices, g.shape), dg, st.sigma_max, 2.0, stochastic=True)
+        return REGISTRY["dpm++2m-sde"].fn(g.score, noise, steps)
+
+    whole = run(range(6))
+    torch.testing.assert_close(run([4, 5]), whole[4:], rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# pds sample --teleport
+
+
+def sample(run_pds, tmp_path, name, *args):
+    out = tmp_path / name
+    result = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--channels", "1", "-n", "4", "-b", "4",
+                     "--out", str(out), "--quiet", *args)
+    return result, out
+
+
+def test_teleport_off_is_todays_code_path(run_pds, tmp_path):
+    """--teleport off: the sampler from sigma_max on the run's own noise, exactly as before teleportation."""
+    result, out = sample(run_pds, tmp_path, "off", "--sampler", "dpm++2m", "--steps", "5", "--teleport", "off")
+    assert result.exit_code == 0, result.stderr
+    g = GaussianImageModel(8, 1)
+    expected = REGISTRY["dpm++2m"].fn(g.score, SampleNoise(0, range(4), g.shape), geometric(g.settings, 5)).clamp(0, 1)
+    with np.load(out / "samples.npz") as z:
+        got = torch.from_numpy(z["samples"])
+    assert torch.equal(got, expected)
+    record = json.loads((out / "run.json").read_text())
+    assert record["teleport"]["sigma_t"] is None and "teleport" not in record["fingerprint"]
+
+
+def test_teleport_to_a_level_is_recorded(run_pds, tmp_path):
+    result, out = sample(run_pds, tmp_path, "to", "--sampler", "dpm++2m-sde", "--steps", "5", "--teleport", "1.5")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["teleport"] == {"sigma_t": 1.5, "given": "1.5", "reason": "--teleport 1.5"}
+    assert record["fingerprint"]["teleport"]["to"] == 1.5 and record["nfe"]["per_sample"] == 5
+
+
+def test_teleport_refuses_what_it_cannot_do(run_pds, tmp_path):
+    result, _ = sample(run_pds, tmp_path, "pc", "--sampler", "pc", "--steps", "3", "--teleport", "1")
+    assert result.exit_code == 2 and "PC grid" in result.stderr
+    result, _ = sample(run_pds, tmp_path, "high", "--sampler", "ddim", "--steps", "3", "--teleport", "1e4")
+    assert result.exit_code == 2 and "sigma_max" in result.stderr
+
+
+def write_pngs(folder, images) -> None:
+    folder.mkdir()
+    for i, x in enumerate(images):
+        Image.fromarray((x[0].clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def test_an_older_filters_file_gets_one_line_saying_how_to_refresh(run_pds, tmp_path):
+    # The budget plan runs the built-in network without filters, so teleportation reads the file's moments.
+    g = GaussianImageModel(16, 1)
+    f = compute_statistics([g.sample(20, generator=torch.Generator().manual_seed(4)).clamp(0, 1)])
+    old = Filters(freq=f.freq, space=f.space, size=16, channels=1).save(tmp_path / "old.npz")
+    result = run_pds("sample", "--nfe", "3", "-n", "1", "--masks", str(old), "--teleport", "1",
+                     "--out", str(tmp_path / "old"), "--quiet")
+    assert result.exit_code == 2
+    assert "remake it with `pds filters" in result.stderr and "old.npz" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# The pilot (pdscli.sample.pilot): --nfe on a network with the data's statistics.
+
+
+def test_spectral_distance_tells_data_from_noisy_data():
+    from pdscli.sample.pilot import spectral_distance
+
+    g, dg = small_gaussian()
+    gen = torch.Generator().manual_seed(5)
+    clean = g.sample(32, generator=gen)
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=gen)
+    assert spectral_distance(clean, dg) < 0.02 < spectral_distance(noisy, dg)
+
+
+def test_pilot_picks_the_ode_solver_on_an_accurate_score():
+    """The exact Gaussian seen as a network: at 10 calls 2M is far better than 2M SDE, and the pilot sees it."""
+    from pdscli.sample.pilot import Candidate, choose_by_pilot
+    from pdscli.samplers.teleport import TeleportChoice
+    from pdscli.score import ScoreModel
+
+    g = GaussianImageModel(16, 1)
+    dg = DataGaussian(torch.full(g.shape, g.mean), g.lam)
+    model = ScoreModel(score=g.score, settings=g.settings, name="net", device=torch.device("cpu"), info={})
+    off = TeleportChoice(None, "off", "--teleport off")
+    candidates = [Candidate(name, "geometric", geometric(g.settings, 10), off) for name in ("dpm++2m-sde", "dpm++2m")]
+    best, record = choose_by_pilot(model, dg, candidates, seed=0)
+    assert best.sampler == "dpm++2m" and record["chosen"] == "dpm++2m"
+    assert record["network_calls"] == 20 and record["nfe"] == 20 * record["samples"]
+    assert record["distance"]["dpm++2m"] < record["distance"]["dpm++2m-sde"]
+
+
+@pytest.mark.slow
+def test_nfe_on_the_builtin_network_pilots_to_the_stochastic_solver(run_pds, tmp_path):
+    out = tmp_path / "b"
+    result = run_pds("sample", "--nfe", "10", "-n", "2", "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["nfe_budget"]["pilot"]["chosen"] == record["sampler"] == "dpm++2m-sde"
+    assert record["nfe_budget"]["pilot"]["nfe"] == 2 * 10 * record["nfe_budget"]["pilot"]["samples"]
