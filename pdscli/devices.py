@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pdscli.errors import PdsError
@@ -73,3 +75,13 @@ def tf32_state(device: torch.device | str | None = None) -> dict:
     policy = "on" if matmul and conv else "off" if not (matmul or conv) else "torch" if conv else "mixed"
     applies = None if device is None else torch.device(device).type == "cuda"
     return {"policy": policy, "matmul": matmul, "conv": conv, "applies": applies}
+
+
+def memory_bytes(device: torch.device) -> int:
+    """The device's total memory in bytes (a GPU's, or the machine's RAM for the CPU); 0 if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown: the callers' out-of-memory messages are the fallback

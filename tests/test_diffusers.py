@@ -243,6 +243,8 @@ def test_hf_checkpoint_goes_through_snapshot_download(exported, tmp_path, monkey
 
     def fake_snapshot_download(repo_id, **kwargs):
         calls.append((repo_id, kwargs))
+        if kwargs["local_files_only"]:  # not in the cache, which pds looks in first
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
         return str(exported)
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
@@ -251,7 +253,8 @@ def test_hf_checkpoint_goes_through_snapshot_download(exported, tmp_path, monkey
                 "--out", tmp_path / "s", "--quiet", "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     assert np.isfinite(np.load(tmp_path / "s" / "samples.npz")["samples"]).all()
-    repo, kwargs = calls[0]
+    assert calls[0][1]["local_files_only"]  # the cache first
+    repo, kwargs = calls[1]
     assert repo == "google/ncsnpp-ffhq-1024" and kwargs["revision"] is None and not kwargs["local_files_only"]
     assert "*diffusion_pytorch_model.safetensors" in kwargs["allow_patterns"]
 
@@ -259,7 +262,7 @@ def test_hf_checkpoint_goes_through_snapshot_download(exported, tmp_path, monkey
     r = run_pds("info", "hf:google/ncsnpp-ffhq-1024@abc123", "--json")
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
-    assert calls[0][1]["revision"] == "abc123"
+    assert calls[1][1]["revision"] == "abc123"
     assert report["hub"]["repo"] == "google/ncsnpp-ffhq-1024" and report["checkpoint"] == "hf:google/ncsnpp-ffhq-1024@abc123"
 
 

@@ -46,6 +46,7 @@ from pdscli.fsutil import atomic_path, sha256_file
 from pdscli.models import diffusers
 from pdscli.models.config import (
     PRESET_NAMES,
+    check_memory,
     config_summary,
     get_preset,
     resolve_config,
@@ -334,7 +335,8 @@ def _open_source(checkpoint, config, preset, trust: bool) -> _Source:
 def _from_folder(folder: Path, display: str, config, preset, trust: bool, extra: dict) -> _Source:
     if config is not None or preset is not None:
         raise PdsError(f"{display} is a diffusers folder and carries its own config; drop --config / --preset")
-    found = diffusers.locate_folder(folder)
+    # A Hub snapshot's files are links into its repo folder's blobs/.
+    found = diffusers.locate_folder(folder, within=folder.parents[1] if "hub" in extra else None)
     raw = read_checkpoint(found.weights, trust_checkpoint=trust)
     if not diffusers.looks_like_diffusers(raw.state_dict):
         raise PdsError(f"{found.weights} does not hold diffusers weights (no conv_in.weight)")
@@ -403,6 +405,7 @@ def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = 
     device = _device(device)
     source = _open_source(checkpoint, config, preset, trust_checkpoint)
     raw, cfg = source.raw, source.model.config
+    check_memory(cfg, device, source.label)
     model = _materialize(source.model, raw, source.path, source.label, device)
 
     used = "raw" if raw.layout == "score_sde" else "state_dict"

@@ -14,6 +14,7 @@ import difflib
 import json
 from pathlib import Path
 
+from pdscli.devices import memory_bytes
 from pdscli.errors import PdsError
 from pdscli.settings import SamplingSettings
 
@@ -195,6 +196,13 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     ch_mult = m["ch_mult"]
     if not isinstance(ch_mult, (list, tuple)) or not ch_mult or not all(isinstance(c, int) and c > 0 for c in ch_mult):
         raise PdsError(f"{source}: model.ch_mult must be a list of positive integers, not {ch_mult!r}")
+    for section, name, value, most in (("model", "num_res_blocks", m["num_res_blocks"], MAX_RES_BLOCKS),
+                                       ("model", "num_scales", m["num_scales"], MAX_SCALES),
+                                       ("model", "ch_mult", len(ch_mult), MAX_LEVELS),
+                                       ("model", "nf", m["nf"] * max(ch_mult), MAX_CHANNELS)):
+        if value > most:  # bounded before anything is built: 10^12 scales or 10^5 blocks never finish
+            what = {"ch_mult": "levels", "nf": "channels (nf x the largest ch_mult)"}.get(name, "")
+            raise PdsError(f"{source}: {section}.{name} gives {value:,} {what or name}; pds builds at most {most:,}")
     if data["image_size"] % 2 ** (len(ch_mult) - 1):
         raise PdsError(f"{source}: data.image_size {data['image_size']} is not divisible by "
                        f"2**{len(ch_mult) - 1} (one halving per extra model.ch_mult entry)")
@@ -205,6 +213,29 @@ def validate_config(cfg: dict, source: str = "config") -> dict:
     if not m["sigma_min"] < m["sigma_max"]:
         raise PdsError(f"{source}: need 0 < model.sigma_min < model.sigma_max, got {m['sigma_min']} and {m['sigma_max']}")
     return cfg
+
+
+MAX_RES_BLOCKS = 64  # score_sde's deepest has 8 per level
+MAX_SCALES = 1_000_000  # noise levels (and steps): a float64 ladder of 8 MB
+MAX_LEVELS = 16
+MAX_CHANNELS = 1 << 16
+
+
+def activation_bytes(cfg: dict, batch: int = 1) -> int:
+    """A lower bound on the memory one forward pass of `batch` images holds: the skip connections
+    NCSN++ keeps from its down path until the up path takes them (float32). Weights not counted."""
+    m, size = cfg["model"], cfg["data"]["image_size"]
+    held = sum((m["num_res_blocks"] + 1) * m["nf"] * c * (size // 2**level) ** 2 for level, c in enumerate(m["ch_mult"]))
+    return 4 * batch * held
+
+
+def check_memory(cfg: dict, device, source: str = "config") -> None:
+    """Refuse, before anything is built, a model whose one-image forward pass cannot fit the device."""
+    need, have = activation_bytes(cfg), memory_bytes(device)
+    if have and need > have:
+        size = cfg["data"]["image_size"]
+        raise PdsError(f"{source}: one {size}x{size} image through this NCSN++ holds at least {need / 2**30:,.3g} GiB "
+                       f"of activations, and {device} has {have / 2**30:.3g} GiB; use a smaller image size or model")
 
 
 # ---- loading ----

@@ -65,6 +65,71 @@ IMPLIED = {"resblock_type": "biggan", "fir": True, "fir_kernel": [1, 3, 3, 1], "
 
 # ---------------------------------------------------------------------------- configs
 
+MAX_LAYERS_PER_BLOCK = 64  # score_sde's deepest is 8; 10^5 made pds info build modules for minutes
+MAX_TIMESTEPS = 1_000_000  # its noise ladder is a float64 array of this length
+
+
+@dataclass(frozen=True)
+class Field:
+    """What a config field may hold: `kind` "int", "number" or "bool"; bounds inclusive; `null` allowed."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    null: bool = False
+    low_open: bool = False  # low itself excluded
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None if self.null else "null"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "not true or false"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "not a number"
+        if self.kind == "int" and not isinstance(value, int):
+            return "not a whole number"
+        if not math.isfinite(value):
+            return "not finite"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return f"{'at most' if self.low_open else 'below'} {self.low:g}"
+        if self.high is not None and value > self.high:
+            return f"above {self.high:g}"
+        return None
+
+
+UNET_FIELDS = {
+    "layers_per_block": Field("int", 1, MAX_LAYERS_PER_BLOCK), "norm_eps": Field("number", 0, low_open=True),
+    "dropout": Field("number", 0, 1), "mid_block_scale_factor": Field("number"), "in_channels": Field("int", 1),
+    "out_channels": Field("int", 1), "norm_num_groups": Field("int", 1, null=True),
+    "attention_head_dim": Field("int", 1, null=True), "time_embedding_dim": Field("int", 1, null=True),
+    "center_input_sample": Field("bool"),
+}
+SCHEDULER_FIELDS = {
+    "num_train_timesteps": Field("int", 1, MAX_TIMESTEPS), "sigma_min": Field("number", 0, low_open=True),
+    "sigma_max": Field("number", 0, low_open=True), "snr": Field("number", 0, low_open=True),
+    "sampling_eps": Field("number", 0, 1, low_open=True), "correct_steps": Field("int", 0, 100),
+}
+
+
+def check_schema(cfg: dict, fields: dict[str, Field], source: str) -> None:
+    """One line naming the first field whose value has the wrong type or range (absent fields take defaults)."""
+    for name, spec in fields.items():
+        if name in cfg:
+            problem = spec.problem(cfg[name])
+            if problem:
+                raise PdsError(f"{source}: {name} is {json.dumps(cfg[name])} ({problem}); it takes "
+                               f"{_describe(spec)}")
+
+
+def _describe(spec: Field) -> str:
+    kind = {"int": "a whole number", "number": "a number", "bool": "true or false"}[spec.kind]
+    if spec.low is not None and spec.high is not None:
+        kind += f" from {spec.low:g} to {spec.high:g}"
+    elif spec.low is not None:
+        kind += f" {'above' if spec.low_open else 'of at least'} {spec.low:g}"
+    return kind + (" or null" if spec.null else "")
+
+
 
 def _groups(channels: int) -> int:
     return min(channels // 4, 32)  # score_sde's (and pds's) GroupNorm
@@ -79,6 +144,8 @@ def config_from_diffusers(unet: dict, scheduler: dict | None, source: str) -> tu
 
     if unet.get("_class_name", UNET_CLASS) != UNET_CLASS:
         refuse(f"the model is a {unet['_class_name']}, not a {UNET_CLASS}")
+    check_schema(unet, UNET_FIELDS, source)
+    check_schema(scheduler or {}, SCHEDULER_FIELDS, source)
     if unet.get("time_embedding_type") != "fourier":
         refuse(f"time_embedding_type is {unet.get('time_embedding_type')!r}, not 'fourier'")
     down, up = list(unet.get("down_block_types") or []), list(unet.get("up_block_types") or [])
@@ -326,6 +393,9 @@ def state_dict_from_diffusers(state_dict: dict, model: NCSNpp, source: str) -> "
             out[key] = torch.tensor(sigma_ladder(m["sigma_min"], m["sigma_max"], m["num_scales"]), dtype=torch.float64)
             continue
         name, transposed = mapping[key]
+        if not given[name].is_floating_point():
+            raise PdsError(f"{source}: {name} holds {str(given[name].dtype).removeprefix('torch.')} values; "
+                           "a network's weights are floating point (a damaged or foreign file)")
         tensor = given[name].t() if transposed and given[name].ndim == 2 else given[name]
         if tuple(tensor.shape) != tuple(value.shape):
             raise PdsError(f"{source}: {name} is {list(given[name].shape)} but the config makes it "
@@ -379,12 +449,25 @@ def is_unet_config(cfg: dict) -> bool:
     return cfg.get("_class_name") == UNET_CLASS or "block_out_channels" in cfg
 
 
-def _component(index: dict, cls: str) -> str | None:
-    """The component name model_index.json gives a class ("unet"; "model" in older files)."""
+def _component(index: dict, cls: str, source: Path) -> str | None:
+    """The component name model_index.json gives a class ("unet"; "model" in older files): a
+    folder inside the pipeline, never a path (`../..`, `/abs`) that leads out of it."""
     for name, value in index.items():
         if isinstance(value, list) and len(value) == 2 and value[1] == cls:
+            if not re.fullmatch(r"[\w][\w.-]*", name) or name in (".", ".."):
+                raise PdsError(f"{source} names the {cls} folder {name!r}, which is not a folder inside the "
+                               "pipeline; pds reads a pipeline's parts from its own subfolders")
             return name
     return None
+
+
+def _inside(path: Path, root: Path, within: Path) -> Path:
+    """`path` (under `root`) if it does not lead, through links, outside `within` (root itself, or
+    the Hub cache's repo folder whose blobs a snapshot's links point to)."""
+    if os.path.lexists(path) and not path.resolve().is_relative_to(within.resolve()):
+        raise PdsError(f"{path} leads outside {root} (to {path.resolve()}); pds reads a model folder's config, "
+                       "weights and scheduler only from inside it: copy the files in")
+    return path
 
 
 def weights_in(folder: Path) -> Path | None:
@@ -394,11 +477,16 @@ def weights_in(folder: Path) -> Path | None:
     return None
 
 
-def locate_folder(root: Path) -> DiffusersFolder:
-    """The parts of a diffusers model folder or pipeline folder (flat or with unet/ + scheduler/)."""
-    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
-    unet_name = _component(index, UNET_CLASS) or "unet"
-    sched_name = _component(index, SCHEDULER_CLASS) or "scheduler"
+def locate_folder(root: Path, *, within: Path | None = None) -> DiffusersFolder:
+    """The parts of a diffusers model folder or pipeline folder (flat or with unet/ + scheduler/),
+    all inside `within` (default: `root`) whatever links the folder holds."""
+    within = within or root
+    index_path = _inside(root / "model_index.json", root, within)
+    index = read_json(index_path) if index_path.is_file() else {}
+    unet_name = _component(index, UNET_CLASS, index_path) or "unet"
+    sched_name = _component(index, SCHEDULER_CLASS, index_path) or "scheduler"
+    for name in {unet_name, sched_name}:
+        _inside(root / name, root, within)
     if (root / unet_name / "config.json").is_file():
         model_dir, layout = root / unet_name, "diffusers-pipeline"
         sched_paths = [root / sched_name / "scheduler_config.json"]
@@ -410,7 +498,7 @@ def locate_folder(root: Path) -> DiffusersFolder:
         hint = " (pass the checkpoint file inside it)" if any(root.glob("*.pth")) else ""
         raise PdsError(f"checkpoint {root} is a folder but not a diffusers model or pipeline folder: it has no "
                        f"config.json or unet/config.json{hint}")
-    config_path = model_dir / "config.json"
+    config_path = _inside(model_dir / "config.json", root, within)
     unet = read_json(config_path)
     if not is_unet_config(unet):
         pth = " (a pds/score_sde config: pass the .pth file with --config)" if "model" in unet else ""
@@ -420,7 +508,11 @@ def locate_folder(root: Path) -> DiffusersFolder:
         sharded = any(model_dir.glob("*.index.json"))
         raise PdsError(f"{model_dir} has no {' or '.join(WEIGHT_FILES)}"
                        + (" (sharded weights are not supported)" if sharded else ""))
+    _inside(weights, root, within)
     sched_path = next((p for p in sched_paths if p.is_file()), None)
+    if sched_path is not None:  # a model folder's own, or its pipeline's beside it (unet/../scheduler/)
+        beside = within == root and sched_path.parent.parent == root.parent and sched_path.parent != root
+        _inside(sched_path, root, root.parent if beside else within)
     scheduler = read_json(sched_path) if sched_path else None
     return DiffusersFolder(root, weights, unet, scheduler, layout, config_path)
 
@@ -432,7 +524,8 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     """"hf:ORG/NAME[@REVISION]" -> (repo id, revision or None)."""
     body = spec[len(HUB_PREFIX):]
     repo, _, revision = body.partition("@")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or "@" in revision or (_ and not revision):
+    names_ok = re.fullmatch(r"[\w.-]+/[\w.-]+", repo) and not any(p.startswith(".") for p in repo.split("/"))
+    if not names_ok or "@" in revision or (_ and not revision):
         raise PdsError(f"{spec!r} is not a Hub model; write hf:ORG/NAME or hf:ORG/NAME@REVISION "
                        f"(e.g. hf:google/ncsnpp-ffhq-1024)")
     return repo, revision or None
@@ -456,10 +549,15 @@ def hub_folder(spec: str) -> Path:
     except ImportError:
         raise PdsError(f"{spec} needs huggingface_hub: pip install huggingface_hub") from None
     offline = bool(constants.HF_HUB_OFFLINE)
+    cached = _cached_snapshot(huggingface_hub, repo, revision)
+    if cached is not None:
+        return cached
+    _bound_hub_calls(huggingface_hub.get_session(), float(constants.HF_HUB_ETAG_TIMEOUT))
 
     def fetch(patterns: list[str]) -> Path:
         return Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=patterns,
-                                                      local_files_only=offline))
+                                                      local_files_only=offline,
+                                                      etag_timeout=float(constants.HF_HUB_ETAG_TIMEOUT)))
 
     try:
         folder = fetch(_JSON_FILES + [f"*{WEIGHT_FILES[0]}"])
@@ -468,6 +566,32 @@ def hub_folder(spec: str) -> Path:
     except Exception as e:  # huggingface_hub's errors, named below; anything else says the same to a user
         raise PdsError(_hub_message(spec, repo, e, offline)) from None
     return folder
+
+
+def _bound_hub_calls(session, seconds: float) -> None:
+    """huggingface_hub's calls pass timeout=None (e.g. repo_info), so a server that accepts and never
+    answers hangs them. A request hook on its shared client gives every phase a timeout instead:
+    huggingface_hub's own HF_HUB_ETAG_TIMEOUT (10 s unless set)."""
+
+    def bound(request) -> None:
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {phase: min(given.get(phase) or seconds, seconds)
+                                         for phase in ("connect", "read", "write", "pool")}
+
+    hooks = session.event_hooks
+    if not any(getattr(h, "__name__", "") == bound.__name__ for h in hooks["request"]):
+        session.event_hooks = {**hooks, "request": [*hooks["request"], bound]}
+
+
+def _cached_snapshot(huggingface_hub, repo: str, revision: str | None) -> Path | None:
+    """The snapshot already in huggingface_hub's cache with a config and weights, else None: a
+    cached model opens without asking the Hub anything (as HF_HUB_OFFLINE would)."""
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo, revision=revision, local_files_only=True,
+                                                        allow_patterns=_JSON_FILES + [f"*{w}" for w in WEIGHT_FILES]))
+    except Exception:  # not cached (LocalEntryNotFoundError and kin): ask the Hub
+        return None
+    return folder if _has_weights(folder) else None
 
 
 def _has_weights(folder: Path) -> bool:

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from pdscli.errors import PdsError
 from pdscli.models import layers
-from pdscli.models.config import validate_config
+from pdscli.models.config import check_memory, validate_config
 from pdscli.models.layers import SKIP_SCALE, Combine, Downsample, Upsample, group_norm
 
 
@@ -342,8 +342,11 @@ def build_model(config: dict, *, device: str | torch.device | None = None) -> NC
     `device="meta"` builds the structure only: no memory, no init cost (shapes, parameter counts).
     """
     validate_config(config)
+    target = torch.device(device if device is not None else "cpu")
+    if target.type != "meta":
+        check_memory(config, target)
     try:
-        with torch.device(device if device is not None else "cpu"):
+        with torch.device(target):
             return NCSNpp(config)
     except ValueError as e:  # e.g. channel counts GroupNorm cannot split into groups
         raise PdsError(f"config does not describe a valid NCSN++: {e}") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 import dataclasses
 from dataclasses import dataclass
@@ -17,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from pdscli.devices import memory_bytes
 from pdscli.errors import PdsError
 from pdscli.fsutil import LOCK_NAME, FolderLock, prepare_out_dir
 from pdscli.models import builtin
+from pdscli.models.config import MAX_SCALES
 from pdscli.noise import SEED_MAX
 from pdscli.precondition import Preconditioner
 from pdscli.precondition.alpha import AlphaChoice, check_alpha, choose_alpha
@@ -99,22 +100,13 @@ def sampler_parts(run: Plan, snr: float) -> tuple[dict, list[str]]:
 def check_fits_in_memory(batch: int, shape: tuple[int, ...], device: torch.device) -> None:
     """Refuse, before allocating anything, a batch whose sampler state alone exceeds the device's memory."""
     need = STATE_COPIES * batch * math.prod(shape) * 4
-    have = _device_memory(device)
+    have = memory_bytes(device)
     if have and need > have:
         most = max(1, have // (STATE_COPIES * math.prod(shape) * 4))
         raise PdsError(
             f"a batch of {batch} samples of {'x'.join(map(str, shape))} needs at least {need / 2**30:.3g} GiB on "
             f"{device}, which has {have / 2**30:.3g} GiB; pass a smaller --batch-size (at most about {most})"
         )
-
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0  # unknown: the run's out-of-memory message is the fallback
 
 
 @contextlib.contextmanager
@@ -162,6 +154,9 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
     has_filters = flags.has_filter_files if has_filters is None else has_filters
     check_alpha(flags.alpha)  # a bad number fails before the slow model load
     teleport = parse_teleport(flags.teleport)
+    for flag, value in (("--steps", flags.steps), ("--nfe", flags.nfe), ("--num-scales", spec.num_scales)):
+        if value is not None and value > MAX_SCALES:  # a grid of 10^9 steps would take 8 GB before the first
+            raise PdsError(f"{flag} {value:,} is more than pds runs (at most {MAX_SCALES:,})")
     if not 0 <= flags.seed <= SEED_MAX:
         raise PdsError(f"--seed must be between 0 and 2^64-1 = {SEED_MAX} (the noise generator's key), got {flags.seed}")
     check_counts(steps=flags.steps, nfe=flags.nfe, speed_up=flags.speed_up)

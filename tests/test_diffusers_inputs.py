@@ -1,0 +1,163 @@
+"""diffusers folders and `hf:` names against wrong types, absurd sizes, paths that lead out of the
+folder and a Hub that never answers (docs/reliability.md). Nothing here reaches the network: the
+"Hub" is a socket on 127.0.0.1 that accepts and never replies."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_diffusers import relayout  # tests/ is on sys.path (pytest prepend mode)
+from test_sample_cli import assert_user_error
+
+from pdscli.models import diffusers
+from pdscli.models.checkpoint import load_score_model
+
+
+@pytest.fixture(scope="module")
+def exported(fixture_dir, tmp_path_factory):
+    model = load_score_model(fixture_dir / "checkpoint.pth", fixture_dir / "config.json")
+    out = tmp_path_factory.mktemp("export") / "pipeline"
+    diffusers.write_pipeline(out, model)
+    return out
+
+
+def edited(exported, dst, *, layout="pipeline", unet=None, scheduler=None):
+    folder = relayout(exported, dst, layout=layout, fmt="safetensors", names="new")
+    model_dir, sched_dir = (folder, folder) if layout == "flat" else (folder / "unet", folder / "scheduler")
+    for path, changes in ((model_dir / "config.json", unet), (sched_dir / "scheduler_config.json", scheduler)):
+        cfg = json.loads(path.read_text())
+        cfg.update(changes or {})
+        path.write_text(json.dumps(cfg))
+    return folder
+
+
+# ---------------------------------------------------------------------------- wrong types and sizes
+
+WRONG = [
+    ("unet", "norm_eps", "abc"), ("unet", "dropout", "high"), ("unet", "mid_block_scale_factor", None),
+    ("unet", "layers_per_block", None), ("unet", "layers_per_block", "abc"), ("unet", "layers_per_block", 1.7),
+    ("unet", "layers_per_block", 100000), ("unet", "center_input_sample", "no"),
+    ("scheduler", "sigma_min", "small"), ("scheduler", "correct_steps", "two"),
+    ("scheduler", "num_train_timesteps", 10**12), ("scheduler", "snr", -1),
+]
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "flat"])
+@pytest.mark.parametrize("part, field, value", WRONG, ids=[f"{f}={v}" for _, f, v in WRONG])
+def test_a_config_value_of_the_wrong_type_or_size_is_one_line_naming_the_field(exported, tmp_path, run_pds, layout,
+                                                                               part, field, value):
+    folder = edited(exported, tmp_path / "m", layout=layout, **{part: {field: value}})
+    r = run_pds("info", folder)
+    assert_user_error(r, f"{field} is {json.dumps(value)}")
+
+
+def test_weights_stored_as_integers_or_bools_are_refused(exported, tmp_path, run_pds):
+    folder = relayout(exported, tmp_path / "m", layout="pipeline", fmt="safetensors", names="new")
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["conv_in.weight"] = state["conv_in.weight"].to(torch.int8)
+    save_file(state, path)
+    assert_user_error(run_pds("info", folder), "conv_in.weight holds int8 values")
+    state["conv_in.weight"] = state["conv_in.weight"].bool()
+    save_file(state, path)
+    assert_user_error(run_pds("info", folder), "conv_in.weight holds bool values")
+
+
+# ---------------------------------------------------------------------------- paths out of the folder
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs/unet", ".."])
+def test_model_index_names_that_lead_out_of_the_folder_are_refused(exported, tmp_path, run_pds, name):
+    (tmp_path / "outside").mkdir()
+    folder = relayout(exported, tmp_path / "m", layout="pipeline", fmt="safetensors", names="new")
+    for part in ("config.json", "diffusion_pytorch_model.safetensors"):  # a whole model where the name points
+        (tmp_path / "outside" / part).write_bytes((folder / "unet" / part).read_bytes())
+    index = json.loads((folder / "model_index.json").read_text())
+    index[name] = index.pop("unet")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert_user_error(run_pds("info", folder), "model_index.json", "not a folder inside the pipeline")
+
+
+@pytest.mark.parametrize("part", ["unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                                  "scheduler/scheduler_config.json", "unet"])
+def test_links_that_lead_out_of_the_folder_are_refused(exported, tmp_path, run_pds, part):
+    folder = relayout(exported, tmp_path / "m", layout="pipeline", fmt="safetensors", names="new")
+    target = tmp_path / "elsewhere" / part
+    target.parent.mkdir(parents=True)
+    os.rename(folder / part, target)
+    (folder / part).symlink_to(target)
+    assert_user_error(run_pds("info", folder), "leads outside", str(folder))
+
+
+# ---------------------------------------------------------------------------- the Hub
+
+
+@pytest.fixture
+def silent_hub():
+    """A server that accepts connections and never answers; yields its URL."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def pds_against(hub: str, home, *args, timeout: float = 120):
+    env = {**os.environ, "HF_ENDPOINT": hub, "HF_HOME": str(home), "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "2", "HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HF_TOKEN", None)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pdscli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # a hang fails the test here
+    return proc, time.monotonic() - started
+
+
+def test_a_hub_that_never_answers_is_one_line_not_a_hang(silent_hub, tmp_path):
+    proc, _ = pds_against(silent_hub, tmp_path / "hf", "info", "hf:google/ncsnpp-ffhq-256")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "hf:google/ncsnpp-ffhq-256" in lines[0] and "--checkpoint" in lines[0]
+
+
+def test_a_cached_hub_model_opens_without_asking_the_hub(silent_hub, exported, tmp_path):
+    repo = tmp_path / "hf" / "hub" / "models--google--ncsnpp-ffhq-256"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    relayout(exported, repo / "snapshots" / commit, layout="pipeline", fmt="safetensors", names="new")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    proc, _ = pds_against(silent_hub, tmp_path / "hf", "info", "hf:google/ncsnpp-ffhq-256", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["hub"]["repo"] == "google/ncsnpp-ffhq-256"
+
+
+@pytest.mark.parametrize("name", ["hf:../..", "hf:./x", "hf:org/.."])
+def test_hub_names_that_are_paths_are_refused_without_a_local_dir_hint(run_pds, name):
+    r = run_pds("info", name)
+    assert_user_error(r, "is not a Hub model", "hf:ORG/NAME")
+    assert "--local-dir" not in r.stderr
