@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,9 +15,8 @@ import time
 
 import pytest
 import torch
+from conftest import one_line_error
 from safetensors.torch import load_file, save_file
-from test_diffusers import relayout  # tests/ is on sys.path (pytest prepend mode)
-from test_sample_cli import assert_user_error
 
 from pdscli.models import diffusers
 from pdscli.models.checkpoint import load_score_model
@@ -30,8 +30,20 @@ def exported(fixture_dir, tmp_path_factory):
     return out
 
 
+def relayout(src, dst, *, layout: str):
+    """A copy of a pipeline folder pds wrote, with unet/ + scheduler/ or flat (2022: all at the top)."""
+    shutil.copytree(src, dst)
+    if layout == "flat":
+        for path in [*(dst / "unet").iterdir(), *(dst / "scheduler").iterdir()]:
+            os.rename(path, dst / path.name)
+        index = json.loads((dst / "model_index.json").read_text())
+        index["model"] = index.pop("unet")
+        (dst / "model_index.json").write_text(json.dumps(index))
+    return dst
+
+
 def edited(exported, dst, *, layout="pipeline", unet=None, scheduler=None):
-    folder = relayout(exported, dst, layout=layout, fmt="safetensors", names="new")
+    folder = relayout(exported, dst, layout=layout)
     model_dir, sched_dir = (folder, folder) if layout == "flat" else (folder / "unet", folder / "scheduler")
     for path, changes in ((model_dir / "config.json", unet), (sched_dir / "scheduler_config.json", scheduler)):
         cfg = json.loads(path.read_text())
@@ -57,19 +69,19 @@ def test_a_config_value_of_the_wrong_type_or_size_is_one_line_naming_the_field(e
                                                                                part, field, value):
     folder = edited(exported, tmp_path / "m", layout=layout, **{part: {field: value}})
     r = run_pds("info", folder)
-    assert_user_error(r, f"{field} is {json.dumps(value)}")
+    one_line_error(r, f"{field} is {json.dumps(value)}")
 
 
 def test_weights_stored_as_integers_or_bools_are_refused(exported, tmp_path, run_pds):
-    folder = relayout(exported, tmp_path / "m", layout="pipeline", fmt="safetensors", names="new")
+    folder = relayout(exported, tmp_path / "m", layout="pipeline")
     path = folder / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(path)
     state["conv_in.weight"] = state["conv_in.weight"].to(torch.int8)
     save_file(state, path)
-    assert_user_error(run_pds("info", folder), "conv_in.weight holds int8 values")
+    one_line_error(run_pds("info", folder), "conv_in.weight holds int8 values")
     state["conv_in.weight"] = state["conv_in.weight"].bool()
     save_file(state, path)
-    assert_user_error(run_pds("info", folder), "conv_in.weight holds bool values")
+    one_line_error(run_pds("info", folder), "conv_in.weight holds bool values")
 
 
 # ---------------------------------------------------------------------------- paths out of the folder
@@ -78,24 +90,24 @@ def test_weights_stored_as_integers_or_bools_are_refused(exported, tmp_path, run
 @pytest.mark.parametrize("name", ["../outside", "/abs/unet", ".."])
 def test_model_index_names_that_lead_out_of_the_folder_are_refused(exported, tmp_path, run_pds, name):
     (tmp_path / "outside").mkdir()
-    folder = relayout(exported, tmp_path / "m", layout="pipeline", fmt="safetensors", names="new")
+    folder = relayout(exported, tmp_path / "m", layout="pipeline")
     for part in ("config.json", "diffusion_pytorch_model.safetensors"):  # a whole model where the name points
         (tmp_path / "outside" / part).write_bytes((folder / "unet" / part).read_bytes())
     index = json.loads((folder / "model_index.json").read_text())
     index[name] = index.pop("unet")
     (folder / "model_index.json").write_text(json.dumps(index))
-    assert_user_error(run_pds("info", folder), "model_index.json", "not a folder inside the pipeline")
+    one_line_error(run_pds("info", folder), "model_index.json", "not a folder inside the pipeline")
 
 
 @pytest.mark.parametrize("part", ["unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                                   "scheduler/scheduler_config.json", "unet"])
 def test_links_that_lead_out_of_the_folder_are_refused(exported, tmp_path, run_pds, part):
-    folder = relayout(exported, tmp_path / "m", layout="pipeline", fmt="safetensors", names="new")
+    folder = relayout(exported, tmp_path / "m", layout="pipeline")
     target = tmp_path / "elsewhere" / part
     target.parent.mkdir(parents=True)
     os.rename(folder / part, target)
     (folder / part).symlink_to(target)
-    assert_user_error(run_pds("info", folder), "leads outside", str(folder))
+    one_line_error(run_pds("info", folder), "leads outside", str(folder))
 
 
 # ---------------------------------------------------------------------------- the Hub
@@ -148,7 +160,7 @@ def test_a_hub_that_never_answers_is_one_line_not_a_hang(silent_hub, tmp_path):
 def test_a_cached_hub_model_opens_without_asking_the_hub(silent_hub, exported, tmp_path):
     repo = tmp_path / "hf" / "hub" / "models--google--ncsnpp-ffhq-256"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    relayout(exported, repo / "snapshots" / commit, layout="pipeline", fmt="safetensors", names="new")
+    relayout(exported, repo / "snapshots" / commit, layout="pipeline")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     proc, _ = pds_against(silent_hub, tmp_path / "hf", "info", "hf:google/ncsnpp-ffhq-256", "--json")
@@ -159,5 +171,37 @@ def test_a_cached_hub_model_opens_without_asking_the_hub(silent_hub, exported, t
 @pytest.mark.parametrize("name", ["hf:../..", "hf:./x", "hf:org/.."])
 def test_hub_names_that_are_paths_are_refused_without_a_local_dir_hint(run_pds, name):
     r = run_pds("info", name)
-    assert_user_error(r, "is not a Hub model", "hf:ORG/NAME")
+    one_line_error(r, "is not a Hub model", "hf:ORG/NAME")
     assert "--local-dir" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- absurd sizes (also score_sde configs)
+
+SMALL = ("--model", "gaussian", "--image-size", "8", "--quiet")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (("--steps", "1000000000"), "--steps 1,000,000,000"), (("--nfe", "1000000000"), "--nfe 1,000,000,000"),
+    (("--steps", "5", "--num-scales", "1000000000000"), "--num-scales"),
+], ids=["steps", "nfe", "num-scales"])
+def test_step_counts_beyond_a_million_are_refused(run_pds, tmp_path, flags, needle):
+    one_line_error(run_pds("sample", *SMALL, *flags, "--out", tmp_path / "o"), needle, "at most 1,000,000")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("num_scales", 10**12, "model.num_scales gives 1,000,000,000,000"),
+    ("num_res_blocks", 100000, "model.num_res_blocks gives 100,000"),
+    ("nf", 10**6, "channels"),
+])
+def test_absurd_score_sde_config_sizes_are_refused(run_pds, tmp_path, fixture_dir, field, value, needle):
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    cfg["model"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run_pds("info", fixture_dir / "checkpoint.pth", "--config", tmp_path / "config.json"), needle)
+
+
+def test_an_image_size_whose_activations_cannot_fit_is_refused_before_the_load(run_pds, tmp_path, exported):
+    folder = edited(exported, tmp_path / "m", unet={"sample_size": 100000})
+    r = run_pds("sample", "--checkpoint", folder, "-n", "1", "--steps", "2", "--out", tmp_path / "o", "--device", "cpu")
+    one_line_error(r, "100000x100000", "GiB of activations")
