@@ -32,7 +32,7 @@ from pdscli.images import save_png
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner, compute_statistics
 from pdscli.precondition.alpha import ALPHA_REFERENCE
-from pdscli.samplers import REGISTRY, get_sampler, pc_steps
+from pdscli.samplers import REGISTRY, get_sampler, pc_steps, sampler_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,8 @@ def measure(model, column: Column, n_steps: int, samples: int, seed: int) -> Res
     noise = SampleNoise(seed, range(samples), model.shape)
     # CPU time, not wall time: on a shared machine it is the figure that repeats.
     t0 = time.process_time()
-    x = get_sampler(column.sampler)(model.score, noise, steps, precond=column.precond, snr=model.settings.snr)
+    kw = sampler_kwargs(column.sampler, precond=column.precond, snr=model.settings.snr)
+    x = get_sampler(column.sampler)(model.score, noise, steps, **kw)
     seconds = time.process_time() - t0
     return Result(model.spectral_kl(x), [float(b) for b in model.variance_ratio_by_band(x, N_BANDS)], seconds)
 

@@ -42,7 +42,7 @@ from pdscli.evaluate.measures import mixture_quality  # noqa: E402
 from pdscli.evaluate.mixture import MixtureImageModel  # noqa: E402
 from pdscli.noise import SampleNoise  # noqa: E402
 from pdscli.precondition import alpha as AL  # noqa: E402
-from pdscli.samplers import REGISTRY, nfe_count, sampler_info  # noqa: E402
+from pdscli.samplers import REGISTRY, nfe_count, sampler_info, sampler_kwargs  # noqa: E402
 from pdscli.samplers.grids import make_steps  # noqa: E402
 from pdscli.samplers.plan import steps_for_nfe  # noqa: E402
 from pdscli.samplers.recommend import EXACT, FILTERS, NETWORK, TABLE, recommend  # noqa: E402
@@ -117,13 +117,10 @@ def measure_mixture(log, n_samples: int) -> dict:
         info = sampler_info(name)
         for nfe in MIXTURE_BUDGETS:
             n = steps_for_nfe(name, nfe)
-            steps = make_steps(info.grid, model.settings, n) if info.grid != "pc" else None
-            if steps is None:
-                from pdscli.samplers import pc_steps
-
-                steps = pc_steps(model.settings, n)
+            steps = make_steps(info.grid, model.settings, n)
             t0 = time.perf_counter()
-            out = info.fn(model.score, SampleNoise(0, range(n_samples), model.shape), steps, snr=model.settings.snr)
+            kw = sampler_kwargs(name, snr=model.settings.snr)
+            out = info.fn(model.score, SampleNoise(0, range(n_samples), model.shape), steps, **kw)
             q = mixture_quality(model, out) if torch.isfinite(out).all() else None
             rows.append({"sampler": name, "grid": info.grid, "nfe": nfe, "spent": info.nfe(n), "steps": n, **(q or {}),
                          "seconds": round(time.perf_counter() - t0, 1)})

@@ -12,10 +12,9 @@ from pdscli.evaluate import moments as M
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.precondition import Filters, Preconditioner, compute_statistics
 from pdscli.precondition import alpha as AL
-from pdscli.samplers import pc_steps
+from pdscli.samplers import get_sampler, pc_steps, sampler_kwargs
+from pdscli.samplers.plan import plan
 from pdscli.samplers.pc import pds
-from pdscli.samplers.accelerated import accel_sde, ddpm
-from pdscli.samplers.grids import geometric
 
 # The step counts the samplers issue names; the exact models: its own (3x32x32, sigma 0.01-189,
 # snr 0.075), the CIFAR-10 settings, the built-in digits' sigma range, FFHQ-1024's.
@@ -182,9 +181,10 @@ def test_reduced_model_gives_the_same_numbers(model):
             assert red == pytest.approx(full, rel=1e-10), (sampler, alpha)
 
 
-def _mc_kl(model, fn, steps, precond, batch=384, seed=11):
+def _mc_kl(model, name, steps, precond, batch=384, seed=11):
     g = torch.Generator().manual_seed(seed)
-    x = fn(model.score, lambda: torch.randn(batch, 1, 16, 16, generator=g), steps, precond=precond, snr=model.settings.snr)
+    kw = sampler_kwargs(name, precond=precond, snr=model.settings.snr)
+    x = get_sampler(name)(model.score, lambda: torch.randn(batch, 1, 16, 16, generator=g), steps, **kw)
     return model.spectral_kl(x)
 
 
@@ -194,9 +194,8 @@ def test_recursion_matches_the_sampler(model, sampler, alpha):
     """The exact recursion (no sampling) against the spectral KL of real samples at 20 steps."""
     stat = M.expected_freq_statistic(model)
     pre = None if alpha is None else Preconditioner.from_filters(Filters(freq=stat, space=None, size=16, channels=1), alpha)
-    fn, grid = {"pds": (pds, pc_steps), "ddpm": (ddpm, geometric), "accel-sde": (accel_sde, geometric)}[sampler]
     batch = 384
-    mc = _mc_kl(model, fn, grid(model.settings, 20), pre, batch)
+    mc = _mc_kl(model, sampler, plan(sampler, settings=model.settings, steps=20).steps, pre, batch)
     exact = M.recursion_spectral_kl(model, sampler, 20, alpha)
     # MC adds its own positive floor of about 1/(4 batch) and some scatter.
     assert abs(mc - exact) < 0.15 * exact + 2.5 / (4 * batch), (mc, exact)

@@ -16,7 +16,7 @@ from pdscli.images import save_png
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
 from pdscli.precondition.alpha import ALPHA_REFERENCE
-from pdscli.samplers import pc_steps
+from pdscli.samplers import pc_steps, sampler_kwargs
 from pdscli.samplers.pc import pc, pds, predictor
 
 N_SAMPLES = 128  # spectral-KL estimation floor ~ 1 / (4 n) = 0.002
@@ -41,7 +41,7 @@ def precond(model, tmp_path_factory):
 def _run(model, sampler, n_steps, precond=None, seed=1):
     steps = pc_steps(model.settings, n_steps)
     noise = SampleNoise(seed, range(N_SAMPLES), model.shape)
-    return sampler(model.score, noise, steps, precond=precond, snr=model.settings.snr)
+    return sampler(model.score, noise, steps, **sampler_kwargs(sampler.__name__, precond=precond, snr=model.settings.snr))
 
 
 @pytest.mark.parametrize("sampler", [pc, predictor])

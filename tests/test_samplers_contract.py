@@ -98,3 +98,29 @@ def test_the_private_name_scan_sees_both_forms(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("from pdscli.samplers.pc import _correct\nfrom pdscli import samplers\nsamplers._x\n")
     assert len(_private_uses(sample)) == 2
+
+
+def test_each_sampler_takes_only_its_own_keywords():
+    pc_family = {n for n, s in REGISTRY.items() if s.pc_grid}
+    for name, info in REGISTRY.items():
+        own = info.keywords - {"precond", "callback"}
+        if name in ("pc", "pds", "corrector"):
+            assert own == {"snr", "per_sample_step", "options"}, name
+        elif name == "predictor":
+            assert own == {"options"}, name  # no corrector, so no Langevin step size
+        else:
+            assert name not in pc_family and not own & {"snr", "per_sample_step", "options"}, name
+        assert {"precond", "callback"} <= info.keywords, name
+
+
+def test_sampler_kwargs_passes_a_sampler_only_what_it_takes():
+    from pdscli.samplers import sampler_kwargs
+
+    run = dict(precond=None, snr=0.2, per_sample_step=True, callback=print)
+    assert sampler_kwargs("pc", **run) == run
+    assert sampler_kwargs("predictor", **run) == {"precond": None, "callback": print}
+    assert sampler_kwargs("dpm++2m", **run) == {"precond": None, "callback": print}
+    with pytest.raises(TypeError):
+        get_sampler("ddim")(_score, lambda: torch.zeros(1, *SHAPE), pc_steps(
+            SamplingSettings(sigma_min=0.02, sigma_max=10.0, num_scales=10, snr=0.16, image_size=8, num_channels=1), 3),
+            snr=0.16)

@@ -17,7 +17,7 @@ import torch
 from pdscli.errors import PdsError
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner, compute_statistics, load_reference_npy
-from pdscli.samplers import REGISTRY, Steps, get_sampler, nfe_count, pc_steps
+from pdscli.samplers import REGISTRY, Steps, get_sampler, nfe_count, pc_steps, sampler_kwargs
 from pdscli.samplers.pc import corrector, pc, pds, predictor
 from pdscli.settings import SamplingSettings
 
@@ -176,7 +176,7 @@ def mask_files(tmp_path_factory):
 def _ours(fn, settings, *, speed_up, snr, precond=None):
     rec = Recorder()
     steps = pc_steps(settings, speed_up=speed_up)
-    out = fn(toy_model, rec, steps, precond=precond, snr=snr)
+    out = fn(toy_model, rec, steps, **sampler_kwargs(fn.__name__, precond=precond, snr=snr))
     return out, rec.draws
 
 
@@ -346,7 +346,8 @@ def test_callback_nfe_and_sigmas(name):
     steps = pc_steps(settings, 7)
     score, calls = _counting(toy_model)
     infos = []
-    out = get_sampler(name)(score, SampleNoise(0, range(2), SHAPE), steps, snr=0.16, callback=infos.append)
+    kw = sampler_kwargs(name, snr=0.16, callback=infos.append)
+    out = get_sampler(name)(score, SampleNoise(0, range(2), SHAPE), steps, **kw)
     assert out.shape == (2, *SHAPE) and out.dtype == torch.float32
     assert [info["i"] for info in infos] == list(range(7)) and all(info["n"] == 7 for info in infos)
     assert infos[-1]["nfe"] == len(calls) == nfe_count(name, 7) == REGISTRY[name].nfe_per_step * 7

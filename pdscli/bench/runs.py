@@ -23,7 +23,7 @@ from pdscli.errors import PdsError
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
 from pdscli.sample.loop import batch_count, batch_indices
-from pdscli.samplers import get_sampler
+from pdscli.samplers import get_sampler, sampler_kwargs
 from pdscli.samplers.plan import Plan, plan
 from pdscli.score import CountingScore
 
@@ -35,8 +35,8 @@ class SamplingRun:
 
     def __init__(self, score: Callable, run: Plan, precond: Preconditioner | None, *, cfg: BenchConfig,
                  model: BenchModel):
-        self.fn, self.counting, self.steps, self.precond = get_sampler(run.sampler), CountingScore(score), run.steps, precond
-        self.options = run.sampler_options()
+        self.fn, self.counting, self.steps = get_sampler(run.sampler), CountingScore(score), run.steps
+        self.options = sampler_kwargs(run.sampler, precond=precond, snr=model.settings.snr, **run.sampler_options())
         self.cfg, self.model = cfg, model
         self.times, self.outs, self.batches = [], [], 0
 
@@ -47,7 +47,7 @@ class SamplingRun:
         sync(model.device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = self.fn(self.counting, noise, self.steps, precond=self.precond, snr=model.settings.snr, **self.options)
+            x = self.fn(self.counting, noise, self.steps, **self.options)
         sync(model.device)
         if len(noise) == batch:
             self.times.append(time.perf_counter() - t0)

@@ -83,9 +83,8 @@ class StepGraphSampler:
 
     # -- the sampler signature ------------------------------------------------------------------
 
-    def __call__(self, score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None, **extra):
-        # `extra`: a sampler's own keywords (the PC family's `options`), passed through unchanged.
-        opts = dict(precond=precond, snr=snr, per_sample_step=per_sample_step, **extra)
+    def __call__(self, score, noise, steps, *, callback=None, **opts):
+        # `opts`: the sampler's own keywords (pdscli.samplers.sampler_kwargs), passed through unchanged.
         reason = self._eager_reason(noise)
         key = self._key(score, noise, steps, opts)
         if reason is None and self.failed is not None and self.failed[0] == key:
@@ -125,9 +124,9 @@ class StepGraphSampler:
 
     @staticmethod
     def _key(score, noise, steps, opts) -> tuple:
-        extra = tuple(sorted((k, repr(v)) for k, v in opts.items() if k not in ("precond", "snr", "per_sample_step")))
-        return (id(score), getattr(noise, "seed", None), len(noise), getattr(noise, "shape", None), id(steps),
-                id(opts["precond"]), float(opts["snr"]), bool(opts["per_sample_step"]), extra)
+        # The preconditioner by identity (its filters are tensors); the other keywords by value.
+        given = tuple(sorted((k, id(v) if k == "precond" else repr(v)) for k, v in opts.items()))
+        return (id(score), getattr(noise, "seed", None), len(noise), getattr(noise, "shape", None), id(steps), given)
 
     def _eager(self, reason, score, noise, steps, opts, callback):
         self.info = {"path": EAGER, "reason": reason}
@@ -220,8 +219,7 @@ class CompiledStepSampler:
         self.eager_reason: str | None = None
         self.batches = {EAGER: 0, COMPILED: 0}
 
-    def __call__(self, score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None, **extra):
-        opts = dict(precond=precond, snr=snr, per_sample_step=per_sample_step, **extra)
+    def __call__(self, score, noise, steps, *, callback=None, **opts):
         reason = self._eager_reason(noise)
         if reason is not None:
             return self._eager(reason, score, noise, steps, opts, callback)

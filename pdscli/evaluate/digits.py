@@ -25,7 +25,7 @@ import torch
 
 from pdscli.models import builtin
 from pdscli.noise import SampleNoise
-from pdscli.samplers import pc_steps, sampler_info
+from pdscli.samplers import sampler_info, sampler_kwargs
 from pdscli.samplers.grids import make_steps
 from pdscli.train.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits
 
@@ -146,12 +146,13 @@ def sample(model, *, sampler: str, steps: int, n: int, seed: int = 0, alpha: flo
     use_filters = sampler == "pds" if filters is None else filters
     precond = builtin.default_preconditioner(model.device, alpha or builtin.DEFAULT_ALPHA) if use_filters else None
     grid = grid or info.grid
-    points = pc_steps(model.settings, steps) if grid == "pc" else make_steps(grid, model.settings, steps)
+    points = make_steps(grid, model.settings, steps)
     out, t0 = [], time.perf_counter()
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
         noise = SampleNoise(seed, idx, model.settings.shape, model.device)
-        out.append(info.fn(model.score, noise, points, precond=precond, snr=model.settings.snr).clamp(0, 1).cpu())
+        kw = sampler_kwargs(sampler, precond=precond, snr=model.settings.snr)
+        out.append(info.fn(model.score, noise, points, **kw).clamp(0, 1).cpu())
     return torch.cat(out), time.perf_counter() - t0
 
 

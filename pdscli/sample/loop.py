@@ -21,7 +21,7 @@ from pdscli.images import to_numpy
 from pdscli.noise import SampleNoise
 from pdscli.sample import outputs
 from pdscli.sample.job import NonFiniteState, OutOfMemory, SampleJob
-from pdscli.samplers import sampler_info
+from pdscli.samplers import sampler_info, sampler_kwargs
 from pdscli.samplers.teleport import TeleportNoise
 from pdscli.score import CountingScore
 
@@ -112,8 +112,9 @@ def make_batch(job: SampleJob, indices: range, *, sampler_fn, score, callback=No
             noise = TeleportNoise(noise, job.data_gaussian, job.model.settings.sigma_max, job.teleport_to,
                                   stochastic=not sampler_info(job.sampler).deterministic)
         with torch.no_grad():
-            x = sampler_fn(score, noise, job.steps, precond=job.precond, snr=job.snr,
-                           per_sample_step=job.per_sample_step, callback=callback, **job.sampler_options)
+            x = sampler_fn(score, noise, job.steps, **sampler_kwargs(
+                job.sampler, precond=job.precond, snr=job.snr, per_sample_step=job.per_sample_step, callback=callback,
+                **job.sampler_options))
     except (MemoryError, RuntimeError) as e:
         if not _is_out_of_memory(e):
             raise

@@ -10,6 +10,7 @@ Imports only the base layer (errors, settings) and its own modules.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ __all__ = [
     "nfe_count",
     "pc_steps",
     "sampler_info",
+    "sampler_kwargs",
 ]
 
 
@@ -50,6 +52,12 @@ class SamplerInfo:
 
     def nfe(self, n_steps: int) -> int:
         return self.nfe_per_step * int(n_steps) + self.nfe_offset
+
+    @property
+    def keywords(self) -> frozenset[str]:
+        """The keywords `fn` takes besides score, noise and steps (its keyword-only parameters):
+        precond and callback for every sampler, snr, per_sample_step and options for the PC family."""
+        return frozenset(p.name for p in inspect.signature(self.fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
 
 
 REGISTRY: dict[str, SamplerInfo] = {
@@ -104,6 +112,13 @@ def sampler_info(name: str) -> SamplerInfo:
         return REGISTRY[name]
     except KeyError:
         raise PdsError(f"unknown sampler {name!r}; choose one of: {', '.join(REGISTRY)}") from None
+
+
+def sampler_kwargs(name: str, **available) -> dict:
+    """Of the keywords a run has (precond, snr, per_sample_step, callback, options, ...), those
+    sampler `name` takes: the one way the run, bench and graph code call a sampler."""
+    takes = sampler_info(name).keywords
+    return {k: v for k, v in available.items() if k in takes}
 
 
 def get_sampler(name: str) -> Callable:

@@ -1,9 +1,9 @@
 """DDIM/DDPM-type samplers and their provably accelerated versions (Li et al., ICML 2024,
 arXiv 2403.03852), written for variance-exploding score models.
 
-Same signature as every sampler in `pdscli.samplers`:
+The common signature of `pdscli.samplers` (no keywords of their own):
 
-    sampler(score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> x
+    sampler(score, noise, steps, *, precond=None, callback=None) -> x
 
     name        kind           score calls (n = len(steps))   update (step i: sigma_hi -> sigma_lo)
     ddim        deterministic  n                              x + (sigma_lo - sigma_hi) eps
@@ -26,8 +26,8 @@ Coefficients are computed in float64 from stable forms (at sigma ~ 1e3, abar ~ 1
 naive differences of abar and of arctan lose most digits even in float64); the state stays
 float32, as the design says.
 
-snr and per_sample_step are accepted for the common signature and unused (no Langevin step
-here). No sampler here couples the samples of a batch: an image depends on its own noise only.
+No sampler here takes snr or per_sample_step (there is no Langevin step), and none couples the
+samples of a batch: an image depends on its own noise only.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _add_correction(x: torch.Tensor, w: float, delta: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def ddim(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def ddim(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """DDIM = Euler in sigma on the probability-flow ODE dx/dsigma = eps = -sigma s(x, sigma).
     First order; n score calls."""
     no_precond("ddim", precond)
@@ -127,7 +127,7 @@ def ddim(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=
 
 
 @torch.no_grad()
-def accel_ode(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def accel_ode(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """The authors' accelerated deterministic sampler (one score call per step): the DDIM step
     plus w (eps_prev - eps), i.e. eps taken linear in abar through this step's and the previous
     step's evaluations and integrated exactly: a two-step multistep method, second order.
@@ -154,7 +154,7 @@ def accel_ode(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_
 
 
 @torch.no_grad()
-def accel_ode2(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def accel_ode2(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """Two-call accelerated deterministic step: eps at x, a DDIM step to sigma_lo, eps there, and
     the exact integral of eps linear in abar between the two (a Heun / DPM-Solver-2-type single
     step: no history, second order). 2 calls per step, 1 for the final denoise: 2n - 1."""
@@ -183,7 +183,7 @@ def accel_ode2(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample
 
 
 @torch.no_grad()
-def ddpm(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def ddpm(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """Reverse diffusion only (score_sde's predictor; the DDPM step in VE variables):
     x' = x + D M M^T s(x, sigma) + sqrt(D) M z. n calls. With M != I this is the PDS predictor,
     a heuristic: it keeps the marginals only for M M^T = I (docs/samplers.md)."""
@@ -205,7 +205,7 @@ def ddpm(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=
 
 
 @torch.no_grad()
-def accel_sde(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def accel_sde(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """The accelerated stochastic sampler (the authors' README form, one call per step): half
     the step's noise first, the score at that perturbed point, then the drift and the other
     half of the noise. The final denoise adds no noise first. n calls. With M, both draws are

@@ -1,9 +1,9 @@
 """EDM's samplers (Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of
 Diffusion-Based Generative Models", arXiv 2206.00364) and Euler ancestral, for VE score models.
 
-Same signature as every sampler in `pdscli.samplers`:
+The common signature of `pdscli.samplers` (no keywords of their own):
 
-    sampler(score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> x
+    sampler(score, noise, steps, *, precond=None, callback=None) -> x
 
     name             kind           score calls (n = len(steps))   what it is
     heun             deterministic  2n - 1                         EDM Algorithm 1: Heun on dx/dsigma = -sigma s
@@ -66,7 +66,7 @@ def _heun(score, noise, steps: Steps, callback, *, churn: float, tmin: float, tm
 
 
 @torch.no_grad()
-def heun(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def heun(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """EDM's deterministic 2nd-order Heun sampler: 2 calls per step, 1 for the final denoise (2n - 1)."""
     no_precond("heun", precond)
     return _heun(score, noise, steps, callback, churn=0.0, tmin=0.0, tmax=math.inf, s_noise=1.0)
@@ -74,7 +74,7 @@ def heun(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=
 
 @torch.no_grad()
 def edm_sde_with(score, noise, steps: Steps, *, churn: float = S_CHURN, tmin: float = S_TMIN, tmax: float = S_TMAX,
-                 s_noise: float = S_NOISE, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+                 s_noise: float = S_NOISE, precond=None, callback=None) -> torch.Tensor:
     """EDM's stochastic sampler with explicit churn settings (2n - 1 calls)."""
     no_precond("edm-sde", precond)
     return _heun(score, noise, steps, callback, churn=float(churn), tmin=float(tmin), tmax=float(tmax), s_noise=float(s_noise))
@@ -85,7 +85,7 @@ edm_sde = partial(edm_sde_with, churn=S_CHURN, tmin=S_TMIN, tmax=S_TMAX, s_noise
 
 
 @torch.no_grad()
-def euler_ancestral(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def euler_ancestral(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """Euler ancestral: per step an Euler (DDIM) step to sigma_down, then noise sigma_up z, with
     sigma_up^2 = sigma_lo^2 (sigma^2 - sigma_lo^2) / sigma^2 and sigma_down^2 = sigma_lo^2 - sigma_up^2
     (the DDPM posterior's split of sigma_lo^2). n calls."""

@@ -1,13 +1,16 @@
 """Samplers for variance-exploding score models: predictor-corrector (PC) and PDS.
 
-Every sampler has one signature, in the style of k-diffusion:
+Every sampler has one signature, in the style of k-diffusion, plus its own keywords:
 
-    sampler(score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> x
+    sampler(score, noise, steps, *, precond=None, callback=None, **own) -> x
 
 `score(x, sigma)` is the model (x [B, C, H, W] float32, sigma [B] float32), `noise()` returns a
 fresh N(0, I) batch (its first draw makes the prior), `steps` a `Steps` grid, `precond` a
-`pdscli.precondition.Preconditioner` (None = identity). The result is the denoised x of the last
-step (not clipped).
+`pdscli.precondition.Preconditioner` (None = identity), `callback(info)` is called after every
+step (`pdscli.samplers.common`). The result is the denoised x of the last step (not clipped).
+The PC family's own keywords: snr and per_sample_step (the Langevin corrector's step size; not
+`predictor`, which has no corrector) and options (below). `pdscli.samplers.sampler_kwargs`
+picks a sampler's keywords out of a run's.
 
 The PC loop follows score_sde / PDS (sampling.py, sde_lib.py of the reference) step by step:
 start x = sigma_max * M z; each step `n_steps_each` corrector steps, then one predictor step,
@@ -207,8 +210,9 @@ def _recorded(score, last: dict):
 
 @torch.no_grad()
 def _pc_loop(score, noise, steps: Steps, *, precond, snr, per_sample_step, callback, options: PCOptions):
-    snr = _check_snr(snr)
     opts = options.checked()
+    if opts.corrector != "none":  # only the corrector's steps have a size from the snr
+        snr = _check_snr(snr)
     z = noise()
     x = steps.sigma_max * (precond.noise(z) if precond is not None else z)
     x_mean = x
@@ -252,11 +256,10 @@ def pds(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=F
               options=options)
 
 
-def predictor(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None,
-              options: PCOptions | None = None) -> torch.Tensor:
+def predictor(score, noise, steps: Steps, *, precond=None, callback=None, options: PCOptions | None = None) -> torch.Tensor:
     """The predictor only (1 score evaluation per step; reverse diffusion unless `options` names
-    another); snr and per_sample_step are unused. Its samples never depend on the batch."""
-    return _pc_loop(score, noise, steps, precond=precond, snr=snr, per_sample_step=per_sample_step,
+    another): no Langevin step, so no snr. Its samples never depend on the batch."""
+    return _pc_loop(score, noise, steps, precond=precond, snr=None, per_sample_step=False,
                     callback=callback, options=(options or DEFAULT_OPTIONS).for_sampler("predictor"))
 
 

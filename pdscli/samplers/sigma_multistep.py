@@ -1,9 +1,9 @@
 """Linear multistep solvers of the VE probability-flow ODE in sigma: iPNDM, iPNDM-v and the
 gradient-estimation sampler.
 
-Same signature as every sampler in `pdscli.samplers`:
+The common signature of `pdscli.samplers` (no keywords of their own):
 
-    sampler(score, noise, steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> x
+    sampler(score, noise, steps, *, precond=None, callback=None) -> x
 
     name                 kind           score calls (n = len(steps))   update (step sigma -> sigma_lo, dt = sigma_lo - sigma)
     ipndm                deterministic  n                              Adams-Bashforth, uniform-step weights, order <= 4
@@ -141,20 +141,19 @@ def _adams(name: str, score, noise, steps: Steps, precond, callback, *, variable
 
 
 @torch.no_grad()
-def ipndm(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def ipndm(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """iPNDM: Adams-Bashforth in sigma with equal-step weights, up to 4 slopes. n calls."""
     return _adams("ipndm", score, noise, steps, precond, callback, variable=False)
 
 
 @torch.no_grad()
-def ipndm_v(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False, callback=None) -> torch.Tensor:
+def ipndm_v(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """iPNDM-v: Adams-Bashforth in sigma with the actual steps' weights, up to 4 slopes. n calls."""
     return _adams("ipndm-v", score, noise, steps, precond, callback, variable=True)
 
 
 @torch.no_grad()
-def gradient_estimation(score, noise, steps: Steps, *, precond=None, snr=0.16, per_sample_step=False,
-                        callback=None) -> torch.Tensor:
+def gradient_estimation(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """Permenter & Yuan's gradient-estimation sampler (gamma = 2). n calls."""
     no_precond("gradient-estimation", precond)
     x = steps.sigma_max * noise()
