@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from pdscli.noise import SampleNoise
-from pdscli.samplers import Steps, sampler_info
+from pdscli.samplers import Steps, sampler_info, sampler_kwargs
 from pdscli.samplers.teleport import DataGaussian, TeleportChoice, TeleportNoise
 from pdscli.score import CountingScore, ScoreModel
 
@@ -73,7 +73,7 @@ def run_candidate(model: ScoreModel, gaussian: DataGaussian, candidate: Candidat
         noise = TeleportNoise(noise, gaussian, model.settings.sigma_max, candidate.teleport.sigma_t,
                               stochastic=not info.deterministic)
     with torch.no_grad():
-        out = info.fn(score, noise, candidate.steps, snr=model.settings.snr)
+        out = info.fn(score, noise, candidate.steps, **sampler_kwargs(candidate.sampler, snr=model.settings.snr))
     return spectral_distance(out.clamp(0.0, 1.0), gaussian), score.calls
 
 
