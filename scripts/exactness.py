@@ -32,7 +32,7 @@ from pdscli.images import save_png
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner, compute_statistics
 from pdscli.precondition.alpha import ALPHA_REFERENCE
-from pdscli.samplers import REGISTRY, get_sampler, pc_steps, sampler_kwargs
+from pdscli.samplers import get_sampler, nfe_count, pc_steps, sampler_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def table(rows: list[int], columns: list[Column], cell, full: int) -> str:
     for n in rows:
         label = f"{n} (full)" if n == full else str(n)
         cells = [cell(c.results[n]) if n in c.results else "" for c in columns]
-        lines.append(f"| {label} | {REGISTRY['pc'].nfe_per_step * n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {nfe_count('pc', n)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

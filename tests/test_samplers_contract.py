@@ -15,7 +15,7 @@ import torch
 import pdscli
 from pdscli.noise import SampleNoise
 from pdscli.samplers import REGISTRY, get_sampler, pc_steps
-from pdscli.samplers.grids import make_steps
+from pdscli.samplers.plan import plan
 from pdscli.settings import SamplingSettings
 
 SHAPE = (1, 8, 8)
@@ -29,8 +29,7 @@ def _score(x, sigma):
 
 
 def _steps(name: str, settings: SamplingSettings, n: int):
-    info = REGISTRY[name]
-    return pc_steps(settings, n) if info.grid == "pc" else make_steps(info.grid, settings, n)
+    return plan(name, settings=settings, steps=n).steps
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

@@ -11,7 +11,8 @@ from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.evaluate.moments import exact_spectral_kl
 from pdscli.noise import SampleNoise
 from pdscli.precondition import Preconditioner
-from pdscli.samplers import REGISTRY, nfe_count, pc_steps
+from pdscli.samplers import REGISTRY, nfe_count
+from pdscli.samplers.plan import plan
 from pdscli.samplers.grids import SCHEDULES, geometric, make_steps
 from pdscli.samplers.plan import steps_for_nfe
 
@@ -37,12 +38,11 @@ def counted(score):
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("n", [2, 5])
 def test_nfe_is_exact_for_every_sampler(model, name, n):
-    info = REGISTRY[name]
-    steps = pc_steps(model.settings, n) if info.pc_grid else geometric(model.settings, n)
+    info, run = REGISTRY[name], plan(name, settings=model.settings, steps=n)
     score, calls = counted(model.score)
     seen = []
-    info.fn(score, SampleNoise(1, range(2), (1, 16, 16)), steps, callback=lambda i: seen.append(i["nfe"]))
-    assert len(calls) == info.nfe(n) == nfe_count(name, n)
+    info.fn(score, SampleNoise(1, range(2), (1, 16, 16)), run.steps, callback=lambda i: seen.append(i["nfe"]))
+    assert len(calls) == run.nfe == info.nfe(n) == nfe_count(name, n)
     assert seen[-1] == len(calls) and len(seen) == n
     assert seen == sorted(seen)  # the count only grows
 
