@@ -73,6 +73,13 @@ def test_default_run_and_filters_file_equal_the_cli(models, run_pds, tmp_path):
         assert np.array_equal(got.numpy(), expected)
 
 
+@pytest.mark.parametrize("teleport", ["off", "5"])
+def test_teleport_equals_the_cli(models, run_pds, tmp_path, teleport):
+    expected = cli_samples(run_pds, tmp_path / "out", "gaussian", "--sampler", "dpm++2m", "--steps", 3, "--teleport", teleport)
+    got = pdscli.sample(models["gaussian"], N, sampler="dpm++2m", steps=3, teleport=teleport, batch_size=BATCH)
+    assert np.array_equal(got.numpy(), expected)
+
+
 def test_sample_i_of_a_seed_does_not_depend_on_the_count(models):
     # The per-sample step makes a sample independent of its batch mates: then any count and batch agree.
     a = pdscli.sample(models["gaussian"], 4, sampler="pc", steps=3, per_sample_step=True, seed=1, batch_size=4)
