@@ -211,10 +211,12 @@ def pipeline_model(pipe) -> Model:
 
 def sample(pipe, n: int = 1, *, nfe: int | None = None, sampler: str | None = None, steps: int | None = None,
            schedule: str | None = None, filters: Filters | str | Path | None = None, alpha: float | str | None = None,
-           seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | SampleProgress = False) -> torch.Tensor:
+           seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | SampleProgress = False,
+           teleport: float | str | None = None) -> torch.Tensor:
     """`n` images from a `ScoreSdeVePipeline`'s network with a pds sampler, float32 [n, 3, H, W]
     in [0, 1] on the CPU: `pdscli.sample` with the same arguments (`nfe=10` alone: the sampler
     recommended for 10 network calls). The noise is pds's (sample i from seed and i), not a
     torch generator's. `pipe.numpy_to_pil(x.permute(0, 2, 3, 1).numpy())` makes PIL images."""
     return sample_model(pipeline_model(pipe), n, nfe=nfe, sampler=sampler, steps=steps, schedule=schedule,
-                        filters=_filters_of(filters), alpha=alpha, seed=seed, batch_size=batch_size, progress=progress)
+                        filters=_filters_of(filters), alpha=alpha, seed=seed, batch_size=batch_size, progress=progress,
+                        teleport=teleport)

@@ -154,7 +154,7 @@ def test_scheduler_config_and_save_round_trip(folder, filters_file, tmp_path):
 def test_sample_runs_pds_samplers_on_the_pipeline(folder):
     pipe = pipeline(folder)
     model = pdscli.load(folder, device="cpu")
-    for kwargs in ({"nfe": 6}, {"sampler": "dpm++2m", "steps": 3}):
+    for kwargs in ({"nfe": 6}, {"sampler": "dpm++2m", "steps": 3, "teleport": "off"}):
         got = pds_diffusers.sample(pipe, B, **kwargs)
         expected = pdscli.sample(model, B, **kwargs)  # the same weights in pds's own network
         assert got.shape == (B, 3, SIZE, SIZE) and inside(expected.numpy()) > 0.1
