@@ -25,7 +25,7 @@ import torch
 
 from pdscli.models import builtin
 from pdscli.noise import SampleNoise
-from pdscli.samplers import sampler_info, sampler_kwargs
+from pdscli.samplers import fitted, sampler_info, sampler_kwargs
 from pdscli.samplers.grids import make_steps
 from pdscli.train.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits
 
@@ -140,13 +140,16 @@ def failures(m: dict) -> list[str]:
 def sample(model, *, sampler: str, steps: int, n: int, seed: int = 0, alpha: float | None = None,
            batch_size: int = 128, grid: str | None = None, filters: bool | None = None) -> tuple[torch.Tensor, float]:
     """n samples [n, 1, 16, 16] clipped to [0, 1] with any registered `sampler` at `steps` steps on
-    `grid` (default: the sampler's own), and the seconds taken. filters: use the built-in model's
+    `grid` (default: the sampler's own; `stats`: fitted to the model's filters), and the seconds taken. filters: use the built-in model's
     PDS filters (default: for pds only)."""
     info = sampler_info(sampler)
     use_filters = sampler == "pds" if filters is None else filters
     precond = builtin.default_preconditioner(model.device, alpha or builtin.DEFAULT_ALPHA) if use_filters else None
     grid = grid or info.grid
-    points = make_steps(grid, model.settings, steps)
+    if grid == fitted.STATS_GRID:  # fitted to the built-in filters' statistics, as --schedule stats does
+        points = fitted.grid_for_filters(sampler, builtin.default_filters(), model.settings, steps)
+    else:
+        points = make_steps(grid, model.settings, steps)
     out, t0 = [], time.perf_counter()
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))

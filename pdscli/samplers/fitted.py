@@ -41,6 +41,8 @@ import numpy as np
 import torch
 
 from pdscli.errors import PdsError
+from pdscli.fsutil import atomic_write_json
+from pdscli.samplers import sampler_info
 from pdscli.samplers.grids import Steps, edm, geometric, steps_from_levels
 
 STATS_GRID = "stats"  # the --schedule name
@@ -212,8 +214,6 @@ def fitted_steps(name: str, sampler, spectrum: Spectrum, settings, n: int, *, dr
     """The fitted grid of n levels for sampler `name`, from the cache or fitted now (and cached).
 
     A cache that cannot be read or written is skipped: the grid is then fitted for this run only."""
-    from pdscli.fsutil import atomic_write_json
-
     folder = cache_dir() if cache is None else Path(cache)
     key = f"v{FIT_VERSION}-{name}-{n}-{float(settings.sigma_min):.6g}-{float(settings.sigma_max):.6g}-{spectrum.key()}"
     path = folder / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
@@ -236,8 +236,6 @@ def fitted_steps(name: str, sampler, spectrum: Spectrum, settings, n: int, *, dr
 def grid_for_filters(sampler: str, filters, settings, n: int) -> Steps:
     """`--schedule stats`: the fitted grid of n levels for registered `sampler`, from PDS filters'
     frequency statistic (images in [0, 1], the model's data range)."""
-    from pdscli.samplers import sampler_info
-
     if filters is None or getattr(filters, "freq", None) is None:
         raise PdsError(f"--schedule {STATS_GRID} needs a frequency statistic: filters from `pds filters` hold one")
     info = sampler_info(sampler)
