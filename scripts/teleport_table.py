@@ -94,6 +94,77 @@ def run(model, gaussian, sampler: str, nfe: int, sigma_t: float | None, samples:
     return info.fn(model.score, start, geometric(st.replace(sigma_max=sigma_t), n))
 
 
+def user_check(model_name: str, budgets, *, samples: int, own: int, work: Path) -> list[dict]:
+    """As a user would: PNGs of the model's own samples (`pds sample --nfe 50`), `pds filters` on them,
+    then `pds sample --nfe N --masks FILE` for each budget; the samples judged against the exact model."""
+    import subprocess
+
+    import numpy as np
+
+    from pdscli.evaluate.measures import mixture_quality
+
+    def pds(*args) -> dict:
+        done = subprocess.run([sys.executable, "-m", "pdscli", *map(str, args), "--json"], check=True,
+                              capture_output=True, text=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    pds("sample", "--model", model_name, "--nfe", 50, "-n", own, "-b", 256, "--out", work / "own", "--force", "--quiet")
+    pds("filters", work / "own", "--size", 32, "--out", work / "own.npz", "--force")
+    model = GaussianImageModel() if model_name == "gaussian" else MixtureImageModel()
+    rows = []
+    for nfe in budgets:
+        for teleport in ("auto", "off"):
+            out = work / f"n{nfe}-{teleport}"
+            record = pds("sample", "--model", model_name, "--nfe", nfe, "--masks", work / "own.npz", "--teleport", teleport,
+                         "-n", samples, "-b", 512, "--out", out, "--force", "--quiet")
+            with np.load(out / "samples.npz") as z:
+                x = torch.from_numpy(z["samples"])
+            if model_name == "gaussian":
+                q = {"kl": model.spectral_kl(x)}
+            else:
+                m = mixture_quality(model, x)
+                q = {"kl": m["mean_mode_kl"], "tv": m["mode_tv"]}
+            rows.append({"model": model_name, "nfe": nfe, "teleport": teleport, "sampler": record["sampler"],
+                         "sigma_t": (record.get("teleport") or {}).get("sigma_t"), **q})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def cell(row: dict) -> str:
+    if "passes" in row:
+        return f"{row['hf']:.2f} / {row['confident']:.0%}{'' if row['passes'] else ' ✗'}"
+    if "tv" in row:
+        return f"{row['kl']:.1e} / {row['tv']:.2f}"
+    return f"{row['kl']:.1e}"
+
+
+WHAT = {
+    "gaussian": "spectral KL (sampled)",
+    "mixture": "per-mode KL / mode TV",
+    "builtin": "high-frequency energy (data = 1) / confidently classified; ✗: fails the digit check",
+}
+
+
+def markdown(record: dict) -> str:
+    """The measured tables as markdown, one per model: rows sampler x budget, columns the target level."""
+    out = []
+    for run in record["runs"]:
+        rows = run["rows"]
+        model = rows[0]["model"]
+        ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None}, reverse=True)
+        head = ["sampler", "NFE", "from sigma_max", *(f"{r:g} x spread" for r in ratios)]
+        out += [f"**{model}** ({WHAT[model]}; {run['samples']} samples): `{run['command']}`", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        cells: dict = {}
+        for r in rows:
+            cells.setdefault((r["sampler"], r["nfe"]), {})[r["ratio"]] = cell(r)
+        for (sampler, nfe), by_ratio in cells.items():
+            line = [sampler, str(nfe), by_ratio.get(None, ""), *(by_ratio.get(r, "") for r in ratios)]
+            out.append("| " + " | ".join(line) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=512)
@@ -102,7 +173,21 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="gaussian,mixture", help="gaussian, mixture, builtin")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None, help="print the tables of a JSON this script wrote, and stop")
+    ap.add_argument("--user-check", default=None, metavar="MODEL",
+                    help="gaussian or mixture: statistics from PNGs of the model's own samples, then pds sample --nfe")
+    ap.add_argument("--work", type=Path, default=Path("teleport-check"), help="--user-check's working folder")
     args = ap.parse_args(argv)
+    if args.user_check:
+        rows = user_check(args.user_check, list(map(int, args.budgets.split(","))), samples=args.samples, own=1024,
+                          work=args.work)
+        if args.out:
+            atomic_write_text(args.out, json.dumps({"command": "python scripts/teleport_table.py "
+                                                    + " ".join(argv or sys.argv[1:]), "rows": rows}, indent=1) + "\n")
+        return 0
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     torch.set_num_threads(1)
     rows = []
     chosen = args.models.split(",")
@@ -122,8 +207,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(json.dumps(row), f"{time.perf_counter() - t0:.1f}s", flush=True)
     if args.out:
-        record = {"command": "python scripts/teleport_table.py " + " ".join(argv or sys.argv[1:]),
-                  "samples": args.samples, "rows": rows}
+        record = {"runs": [{"command": "python scripts/teleport_table.py " + " ".join(argv or sys.argv[1:]),
+                            "samples": args.samples, "rows": rows}]}
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
 

@@ -107,16 +107,21 @@ def spread(gaussian: DataGaussian) -> float:
 
 
 # --teleport auto: sigma_t = ratio * spread per sampler, for budgets up to the first number of
-# each pair (the first pair whose bound is >= the run's NFE applies; past the last, no teleport).
-# Read off docs/data/teleport.json (scripts/teleport_table.py): the ratio best on both exact models
-# (the Gaussian's KL, the mixture's per-mode KL without a worse mode TV), kept only where it beats
-# sampling from sigma_max.
-# dpm++2m, 512 samples, ratio: Gaussian KL / mixture per-mode KL and mode TV against from sigma_max:
-#   5 NFE, 0.25: 2.9e-3 / 7.9e-3, 0.09 against 6.0e-2 / 0.12, 0.69 (0.15 is better on the Gaussian, worse on TV)
-#   8-10 NFE, 0.4: 6.1e-4 / 1.8e-3, 0.02 against 9.4e-4 / 3.5e-3, 0.06 (at 10)
-#   15-20 NFE, 0.6: 5.1e-4 / 1.7e-3, 0.01 against 5.6e-4 / 1.7e-3, 0.02 (at 20); past 20 both sit at the floor.
-AUTO_RATIOS: dict[str, tuple[tuple[int, float], ...]] = {
+# each pair (the first pair whose bound is >= the run's NFE applies; None there, and past the last
+# pair, means no teleport). Read off docs/data/teleport.json (scripts/teleport_table.py; the
+# tables are in docs/samplers.md, "Teleportation"): the ratio that is better than sampling from
+# sigma_max on every model measured (the Gaussian's KL, the mixture's per-mode KL and mode TV, the
+# built-in network's leftover high-frequency energy), the best of those on the mixture's mode TV.
+# For example dpm++2m at 5 NFE, 0.25: KL 2.9e-3 against 6.0e-2 on the Gaussian, per-mode KL
+# 7.9e-3 and mode TV 0.09 against 0.12 and 0.69 on the mixture (lower ratios win on the Gaussian
+# and lose modes on the mixture).
+AUTO_RATIOS: dict[str, tuple[tuple[int, float | None], ...]] = {
     "dpm++2m": ((5, 0.25), (10, 0.4), (20, 0.6)),
+    "dpm++3m": ((8, None), (10, 0.6), (15, 1.0)),
+    "heun": ((20, 0.6),),
+    "ipndm": ((5, 0.25), (8, 0.4), (10, 0.6)),
+    # 6-9 NFE: worse on the Gaussian at every ratio measured.
+    "dpm++2m-sde": ((5, 1.0), (9, None), (20, 0.6)),
 }
 
 
