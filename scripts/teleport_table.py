@@ -165,6 +165,17 @@ def markdown(record: dict) -> str:
     return "\n".join(out)
 
 
+BEGIN, END = "<!-- teleport_table.py: begin -->", "<!-- teleport_table.py: end -->"
+
+
+def write_block(doc: Path, tables: str) -> None:
+    """Replace what stands between the markers in `doc` (generated; edit the JSON or this script, not the block)."""
+    text = doc.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(doc, f"{head}{BEGIN}\n{tables}\n{END}{tail}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=512)
@@ -174,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None, help="print the tables of a JSON this script wrote, and stop")
+    ap.add_argument("--write-doc", type=Path, default=None, metavar="MD",
+                    help="with --markdown: put the tables between MD's teleport_table.py markers instead of printing them")
     ap.add_argument("--user-check", default=None, metavar="MODEL",
                     help="gaussian or mixture: statistics from PNGs of the model's own samples, then pds sample --nfe")
     ap.add_argument("--work", type=Path, default=Path("teleport-check"), help="--user-check's working folder")
@@ -186,7 +199,11 @@ def main(argv=None) -> int:
                                                     + " ".join(argv or sys.argv[1:]), "rows": rows}, indent=1) + "\n")
         return 0
     if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+        tables = markdown(json.loads(args.markdown.read_text()))
+        if args.write_doc is None:
+            print(tables)
+        else:
+            write_block(args.write_doc, tables)
         return 0
     torch.set_num_threads(1)
     rows = []
