@@ -108,7 +108,7 @@ def user_check(model_name: str, budgets, *, samples: int, own: int, work: Path) 
                               capture_output=True, text=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    pds("sample", "--model", model_name, "--nfe", 50, "-n", own, "-b", 256, "--out", work / "own", "--force", "--quiet")
+    pds("sample", "--model", model_name, "--nfe", 50, "-n", own, "-b", 256, "--out", work / "own", "--force")
     pds("filters", work / "own", "--size", 32, "--out", work / "own.npz", "--force")
     model = GaussianImageModel() if model_name == "gaussian" else MixtureImageModel()
     rows = []
@@ -116,7 +116,7 @@ def user_check(model_name: str, budgets, *, samples: int, own: int, work: Path) 
         for teleport in ("auto", "off"):
             out = work / f"n{nfe}-{teleport}"
             record = pds("sample", "--model", model_name, "--nfe", nfe, "--masks", work / "own.npz", "--teleport", teleport,
-                         "-n", samples, "-b", 512, "--out", out, "--force", "--quiet")
+                         "-n", samples, "-b", 512, "--out", out, "--force")
             with np.load(out / "samples.npz") as z:
                 x = torch.from_numpy(z["samples"])
             if model_name == "gaussian":
