@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from pdscli import flag_rules
 from pdscli.errors import PdsError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -13,33 +14,27 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """`auto` | `cpu` | `cuda` | `cuda:i` -> a usable torch.device, or a one-line error."""
-    spec = (spec or "auto").strip().lower()
+    spec = flag_rules.device(spec or "auto")
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise PdsError(f"--device {spec}: no CUDA GPU is visible to torch (torch {torch.__version__})")
-        dev = torch.device(spec)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise PdsError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible")
-        return dev
-    raise PdsError(f"--device must be auto, cpu, cuda or cuda:N, not {spec!r}")
+    # cuda or cuda:N (the rule admits nothing else)
+    if not torch.cuda.is_available():
+        raise PdsError(f"--device {spec}: no CUDA GPU is visible to torch (torch {torch.__version__})")
+    dev = torch.device(spec)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PdsError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev
 
 
 def resolve_precision(name: str) -> torch.dtype:
-    try:
-        return PRECISIONS[name.lower()]
-    except KeyError:
-        raise PdsError(f"--precision must be one of {', '.join(PRECISIONS)}, not {name!r}") from None
+    return PRECISIONS[flag_rules.one_of("--precision", name, PRECISIONS)]
 
 
 def set_threads(n: int) -> None:
     """--threads: torch's intra-op CPU threads."""
-    if n < 1:
-        raise PdsError(f"--threads must be at least 1, got {n}")
-    torch.set_num_threads(n)
+    torch.set_num_threads(flag_rules.whole_number("--threads", n, 1))
 
 
 # -- TF32 ------------------------------------------------------------------------------------
@@ -58,8 +53,7 @@ def set_tf32(policy: str = DEFAULT_TF32) -> dict:
     off: IEEE float32 for both; on: TF32 for both; torch: leave torch's settings as they are.
     The flags are process-wide (torch has no per-model switch).
     """
-    if policy not in TF32_POLICIES:
-        raise PdsError(f"--tf32 must be one of {', '.join(TF32_POLICIES)}, not {policy!r}")
+    policy = flag_rules.one_of("--tf32", policy, TF32_POLICIES)
     if policy != "torch":
         on = policy == "on"
         torch.backends.cuda.matmul.allow_tf32 = on

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pdscli import flag_rules
 from pdscli.errors import PdsError
 from pdscli.evaluate import moments as M
 from pdscli.evaluate.analytic import GaussianImageModel
@@ -130,8 +131,8 @@ def test_resolve_alpha(model):
     for bad in ("five", "-1", "nan", "inf"):
         with pytest.raises(PdsError, match="--alpha"):
             AL.resolve_alpha(bad, st, 50)
-        with pytest.raises(PdsError, match="--alpha"):
-            AL.check_alpha(bad)
+        with pytest.raises(PdsError, match="--alpha must be a positive number or auto, not"):
+            flag_rules.alpha(bad)
 
 
 def test_choose_alpha_switches_off_and_says_why(model):
@@ -164,9 +165,10 @@ def test_one_default_alpha_everywhere():
     from pdscli.sample.setup import SampleFlags
 
     assert builtin.DEFAULT_ALPHA == AL.ALPHA_REFERENCE == 5.0
-    assert float(BenchConfig.alpha) == AL.ALPHA_REFERENCE
     assert AL.default_alpha_flag("pds") == f"{AL.ALPHA_REFERENCE:g}"
-    assert SampleFlags.alpha is None  # unset: the sampler's default, from this module
+    # Unset in both commands: the sampler's default, from this module.
+    assert SampleFlags.alpha is None and BenchConfig.alpha is None
+    assert AL.resolve_alpha(BenchConfig.alpha, None, 10) == AL.ALPHA_REFERENCE
 
 
 # -- the exact yardstick agrees with the samplers ------------------------------------------------

@@ -15,6 +15,7 @@ from pdscli.bench import backends, latency, quality, report as bench_report, tim
 from pdscli.bench.config import NETWORK_BACKENDS, BenchConfig
 from pdscli.bench.model import BenchModel
 from pdscli.errors import PdsError
+from pdscli.sample.model import ModelSpec
 
 from conftest import QUICK, tiny_network_config
 
@@ -278,7 +279,7 @@ def test_gpu_backends_use_cuda_events(run_pds, fixture_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--backends", "eager,warp-drive"], "unknown 'warp-drive'"),
-    (["--batch-sizes", "1,x"], "--batch-sizes takes comma-separated whole numbers"),
+    (["--batch-sizes", "1,x"], "--batch-sizes must be a whole number"),
     (["--batch-sizes", "0"], "at least 1"),
     (["--skip", "lunch"], "--skip: unknown 'lunch'"),
     (["--samplers", "pc,magic"], "unknown sampler 'magic'"),
@@ -287,8 +288,8 @@ def test_gpu_backends_use_cuda_events(run_pds, fixture_dir, tmp_path):
     (["--preset", "cifar10"], "--config / --preset describe a --checkpoint"),
     (["--model", "gaussian", "--reference", "."], "--reference is for network models"),
     (["--model", "gaussian", "--engine", "x.onnx"], "choose one model"),
-    (["--alpha", "strong"], "--alpha must be a number or 'auto'"),
-    (["--image-size", "64"], "--image-size / --channels apply to --model gaussian"),
+    (["--alpha", "strong"], "--alpha must be a positive number or auto, not 'strong'"),
+    (["--image-size", "64", "--quiet"], "--image-size 64 does not match the model"),
     (["--model", "gaussian", "--plot", "out.gif"], "--plot writes .png, .pdf, .svg"),
     (["--repeats", "0"], "--repeats"),
 ])
@@ -349,7 +350,7 @@ def test_backend_plan_reasons():
 
     settings = SamplingSettings(0.01, 50.0, 1000, 0.16, 8, 3)
     net = BenchModel("network", lambda x, s: x, settings, torch.device("cpu"), "n")
-    cfg = BenchConfig(model=None, quick=False).resolved()
+    cfg = BenchConfig(quick=False).resolved()
     plan = dict(backends.backend_plan(cfg, net))
     assert list(plan) == list(NETWORK_BACKENDS)
     assert plan["eager"] is None and plan["bf16"] is None
@@ -443,7 +444,8 @@ def tiny_network(fixture_dir, tmp_path):
     from pdscli.bench.model import open_bench_model
 
     def make(seed=0):
-        cfg = BenchConfig(config=tiny_network_config(fixture_dir, tmp_path), random_weights=True, seed=seed).resolved()
+        cfg = BenchConfig(spec=ModelSpec(config=tiny_network_config(fixture_dir, tmp_path), random_weights=True),
+                          seed=seed).resolved()
         return open_bench_model(cfg, torch.device("cpu"))
 
     return make

@@ -58,3 +58,40 @@ def test_the_json_printer_is_strict_and_indented(capsys):
     text = capsys.readouterr().out
     assert json.loads(text) == {"path": "a/b", "nan": None, "inf": [None, 1.5], "n": 2}
     assert text.startswith('{\n  "path"') and text.endswith("}\n")
+
+
+def _help_text(run_pds, command: str) -> str:
+    """`pds COMMAND --help` as one line of words (no box drawing, no line breaks)."""
+    r = run_pds(command, "--help")
+    assert r.exit_code == 0, r.stderr
+    return " ".join(r.stdout.replace("│", " ").split())
+
+
+def test_help_lists_the_registries_choices(run_pds):
+    from pdscli.bench.config import KNOWN_BACKENDS
+    from pdscli.devices import PRECISIONS
+    from pdscli.engines.export import FORMATS
+    from pdscli.models.config import PRESET_NAMES
+    from pdscli.samplers import REGISTRY
+    from pdscli.samplers.grids import SCHEDULES
+
+    sample, export = _help_text(run_pds, "sample"), _help_text(run_pds, "export")
+    bench, info = _help_text(run_pds, "bench"), _help_text(run_pds, "info")
+    assert f"One of {', '.join(REGISTRY)} " in sample
+    assert all(name in sample for name in SCHEDULES) and ", ".join(PRECISIONS) in sample
+    assert all(f"{name}: " in export for name in FORMATS)
+    assert ", ".join(KNOWN_BACKENDS) in bench and ", ".join(PRESET_NAMES) in info
+
+
+def test_no_help_text_keeps_a_placeholder(run_pds):
+    from pdscli.cli.choices import CHOICES
+
+    for command in app.registered_commands:
+        text = _help_text(run_pds, command.name)
+        assert not [name for name in CHOICES if "{" + name + "}" in text], command.name
+
+
+def test_a_misspelt_format_lists_every_choice(run_pds, tmp_path):
+    r = run_pds("export", "--preset", "cifar10", "--random-weights", "--format", "onxx", "--out", tmp_path / "m.onnx")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: --format must be one of onnx, trt, diffusers, not 'onxx'"

@@ -180,8 +180,9 @@ def test_bench_opens_the_mixture_and_measures_mode_proportions():
     from pdscli.bench.model import open_bench_model
     from pdscli.bench.preconditioner import bench_filters
     from pdscli.bench.quality import MixtureQuality, make_quality
+    from pdscli.sample.model import ModelSpec
 
-    cfg = BenchConfig(model="mixture", image_size=8, channels=1, quick=True).resolved()
+    cfg = BenchConfig(spec=ModelSpec(model="mixture", image_size=8, channels=1), quick=True).resolved()
     model = open_bench_model(cfg, torch.device("cpu"))
     assert model.name == "mixture" and model.shape == (1, 8, 8)
     quality = make_quality(model, None, 0)

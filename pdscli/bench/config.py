@@ -5,19 +5,17 @@ modules below trust a resolved BenchConfig."""
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pdscli.bench.fid import check_fid_flags
 from pdscli.bench.plot import PLOT_FORMATS, require_matplotlib
+from pdscli import flag_rules
 from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import prepare_out_file
 from pdscli.images import image_files
-from pdscli.precondition.alpha import ALPHA_REFERENCE, resolve_alpha
-from pdscli.sample.model import check_filter_flags
+from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags
 from pdscli.samplers import get_sampler
-from pdscli.settings import SamplingSettings
 
 NETWORK_BACKENDS = (
     "eager", "bf16", "fp16", "compile", "cuda-graph",
@@ -39,8 +37,6 @@ BACKEND_HELP = {
     ENGINE: "the --engine file on its own backend",
 }
 PARTS = ("nfe", "overhead", "e2e", "samplers")
-MODELS = ("gaussian", "mixture", "builtin")
-EXACT_MODELS = ("gaussian", "mixture")  # analytic scores
 
 # Full runs are sized for a GPU; --quick is a smoke test of a minute or less on a CPU.
 DEFAULTS = {"batch_sizes": [1, 8, 32], "warmup": 3, "repeats": 20, "speed_up": 10.0, "e2e_repeats": 3,
@@ -55,17 +51,7 @@ QUICK_BACKENDS = ("eager", ANALYTIC, ENGINE)
 class BenchConfig:
     """Everything `pds bench` was asked; None = the default (full or --quick)."""
 
-    model: str | None = None
-    checkpoint: Path | None = None
-    config: Path | None = None
-    preset: str | None = None
-    random_weights: bool = False
-    engine: Path | None = None
-    engine_backend: str | None = None
-    image_size: int | None = None
-    channels: int | None = None
-    trust_checkpoint: bool = False
-    device: str = "auto"
+    spec: ModelSpec = field(default_factory=ModelSpec)  # the model, as `pds sample` names it (checked there)
     backends: list[str] | None = None
     batch_sizes: list[int] | None = None
     warmup: int | None = None
@@ -74,7 +60,7 @@ class BenchConfig:
     full_steps: int | None = None
     speed_up: float | None = None
     steps: int | None = None
-    alpha: str = f"{ALPHA_REFERENCE:g}"
+    alpha: str | None = None  # None: the pds sampler's default (pdscli.precondition.alpha), as in `pds sample`
     masks: Path | None = None
     samplers: list[str] | None = None
     nfe: list[int] | None = None
@@ -99,8 +85,7 @@ class BenchConfig:
         if self.is_resolved:
             return self
         cfg = copy.copy(self)
-        if cfg.steps is not None and cfg.speed_up is not None:
-            raise PdsError("--steps and --speed-up exclude each other: give PDS's step count or the speed-up")
+        check_run_flags(cfg)
         table = QUICK if cfg.quick else DEFAULTS
         for name, value in table.items():
             if getattr(cfg, name) is None:
@@ -117,28 +102,25 @@ class BenchConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "is_resolved"}
+        fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
+                  if k not in ("is_resolved", "spec")}
+        return {**self.spec.to_dict(), **fields}
 
     @property
     def default_model(self) -> str | None:
         """The --model to run: no model flag at all means the built-in digits network (what
         `pds sample` uses too)."""
-        if self.checkpoint or self.engine or self.random_weights or self.model:
-            return self.model
-        return "builtin"
+        return "builtin" if self.spec.uses_builtin else self.spec.model
 
 
 def parse_ints(text: str | None, flag: str) -> list[int] | None:
     """"1,8,32" -> [1, 8, 32]; each at least 1, no repeats."""
     if text is None:
         return None
-    try:
-        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
-    except ValueError:
-        raise PdsError(f"{flag} takes comma-separated whole numbers like 1,8,32, not {text!r}") from None
-    if not values or min(values) < 1:
-        raise PdsError(f"{flag} needs numbers of at least 1, got {text!r}")
-    return sorted(set(values))
+    words = [v for v in str(text).replace(" ", "").split(",") if v]
+    if not words:
+        raise flag_rules.refusal(flag, "comma-separated whole numbers like 1,8,32", text)
+    return sorted({flag_rules.whole_number(flag, v, 1) for v in words})
 
 
 def parse_names(text: str | None, flag: str, every: tuple[str, ...] | None = None) -> list[str] | None:
@@ -160,53 +142,40 @@ def _check_known(names: list[str] | None, flag: str, known: tuple[str, ...]) -> 
         raise PdsError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
 
 
+def check_run_flags(cfg: BenchConfig) -> None:
+    """The flags `pds sample` has too, by its rules (pdscli.flag_rules), typed in place."""
+    cfg.alpha = flag_rules.alpha(cfg.alpha)
+    cfg.seed = flag_rules.seed(cfg.seed)
+    if cfg.steps is not None:
+        cfg.steps = flag_rules.steps(cfg.steps)
+    if cfg.speed_up is not None:
+        cfg.speed_up = flag_rules.speed_up(cfg.speed_up)
+    flag_rules.steps_or_speed_up(cfg.steps, cfg.speed_up)
+    check_filter_flags(cfg.masks, None, None)
+
+
 def check_config(cfg: BenchConfig) -> None:
-    """The cheap checks, before any model is loaded. (--threads, --image-size and --channels
-    are ranges the command line checks.)"""
-    _check_model_flags(cfg)
+    """The bench's own flags, cheap, before any model is loaded (the model's were checked when its
+    ModelSpec was made, the shared ones by check_run_flags)."""
     _check_known(cfg.backends, "--backends", KNOWN_BACKENDS)
     _check_known(cfg.skip, "--skip", PARTS)
-    if cfg.warmup < 0 or cfg.repeats < 1 or cfg.e2e_repeats < 1:
-        raise PdsError(f"--warmup must be >= 0 and --repeats/--e2e-repeats >= 1, got {cfg.warmup}, {cfg.repeats}, {cfg.e2e_repeats}")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise PdsError(f"--steps must be at least 1, got {cfg.steps}")
-    if cfg.speed_up is not None and not (math.isfinite(cfg.speed_up) and cfg.speed_up >= 1):
-        raise PdsError(f"--speed-up must be at least 1, got {cfg.speed_up:g}")
-    if cfg.full_steps is not None and cfg.full_steps < 1:
-        raise PdsError(f"--full-steps must be at least 1, got {cfg.full_steps}")
-    if cfg.e2e_batch is not None and cfg.e2e_batch < 1:
-        raise PdsError(f"--e2e-batch must be at least 1, got {cfg.e2e_batch}")
-    if cfg.quality_samples < 2 or cfg.reference_limit < 2:
-        raise PdsError("--quality-samples and --reference-limit need at least 2 images (variances are measured)")
-    if cfg.e2e_backend is not None and cfg.e2e_backend not in KNOWN_BACKENDS:
-        raise PdsError(f"--e2e-backend must be one of {', '.join(KNOWN_BACKENDS)}, not {cfg.e2e_backend!r}")
+    flag_rules.whole_number("--warmup", cfg.warmup, 0)
+    for flag, value in (("--threads", cfg.threads), ("--repeats", cfg.repeats), ("--e2e-repeats", cfg.e2e_repeats),
+                        ("--full-steps", cfg.full_steps), ("--e2e-batch", cfg.e2e_batch)):
+        if value is not None:
+            flag_rules.whole_number(flag, value, 1)
+    # Variances are measured: one image is not enough.
+    flag_rules.whole_number("--quality-samples", cfg.quality_samples, 2)
+    flag_rules.whole_number("--reference-limit", cfg.reference_limit, 2)
+    if cfg.e2e_backend is not None:
+        flag_rules.one_of("--e2e-backend", cfg.e2e_backend, KNOWN_BACKENDS)
     for name in cfg.samplers or []:
         get_sampler(name)  # unknown names fail here, listing the choices
-    # The value is checked now; "auto" is resolved per step count later.
-    resolve_alpha(cfg.alpha, SamplingSettings(0.01, 1.0, 10, 0.1, 2, 1), 10)
     if cfg.reference is not None:
+        if cfg.spec.model in ANALYTIC_MODELS:
+            raise PdsError("--reference is for network models: the analytic model's quality figure is exact already")
         image_files(cfg.reference)  # a missing or empty folder fails before the model load
-    check_filter_flags(cfg.masks, None, None)
-    check_fid_flags(cfg.fid_ref, cfg.fid_features, cfg.model)
-
-
-def _check_model_flags(cfg: BenchConfig) -> None:
-    given = [f for f, v in (("--checkpoint", cfg.checkpoint), ("--engine", cfg.engine), ("--model", cfg.model),
-                            ("--random-weights", cfg.random_weights)) if v]
-    if len(given) > 1:
-        raise PdsError(f"choose one model: {' and '.join(given)} exclude each other")
-    if cfg.model is not None and cfg.model not in MODELS:
-        raise PdsError(f"--model must be one of {', '.join(MODELS)}, not {cfg.model!r}")
-    if cfg.random_weights and not (cfg.preset or cfg.config):
-        raise PdsError("--random-weights builds an architecture: pass --preset NAME or --config FILE")
-    if (cfg.preset or cfg.config) and not (cfg.checkpoint or cfg.random_weights):
-        raise PdsError("--config / --preset describe a --checkpoint, or an architecture with --random-weights")
-    if cfg.engine_backend and not cfg.engine:
-        raise PdsError("--engine-backend applies to --engine files only")
-    if (cfg.image_size or cfg.channels) and cfg.model not in EXACT_MODELS and not cfg.engine:
-        raise PdsError("--image-size / --channels apply to --model gaussian / mixture (or an --engine without metadata)")
-    if cfg.reference is not None and cfg.model in EXACT_MODELS:
-        raise PdsError("--reference is for network models: the analytic model's quality figure is exact already")
+    check_fid_flags(cfg.fid_ref, cfg.fid_features, cfg.spec.model)
 
 
 def check_outputs(out: Path | None, plot: Path | None, force: bool) -> None:

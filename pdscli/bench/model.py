@@ -3,6 +3,7 @@ a network call is timed on, and the model's FLOPs per call."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.evaluate.mixture import MixtureImageModel
 from pdscli.models import build_model, builtin
 from pdscli.models.network import Network, open_network
-from pdscli.sample.model import ModelSpec, open_model
+from pdscli.sample.model import GAUSSIAN_CHANNELS, GAUSSIAN_SIZE, check_shape_flags, open_model
 from pdscli.settings import SamplingSettings
 
 NETWORK = "network"
@@ -50,28 +51,31 @@ class BenchModel:
 
 
 def open_bench_model(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    model = cfg.default_model
-    if cfg.engine:
+    model, spec = cfg.default_model, cfg.spec
+    if spec.engine:
         return _open_engine(cfg, device)
     if model == "gaussian":
         return _open_gaussian(cfg, device)
     if model == "mixture":
         return _open_mixture(cfg, device)
     if model == "builtin":
-        return _network_from_checkpoint(builtin.WEIGHTS, builtin.CONFIG, None, False, device, name=builtin.NAME)
-    if cfg.random_weights:
-        return _open_random(cfg, device)
-    return _network_from_checkpoint(cfg.checkpoint, cfg.config, cfg.preset, cfg.trust_checkpoint, device)
+        opened = _network_from_checkpoint(builtin.WEIGHTS, builtin.CONFIG, None, False, device, name=builtin.NAME)
+    elif spec.random_weights:
+        opened = _open_random(cfg, device)
+    else:
+        opened = _network_from_checkpoint(spec.checkpoint, spec.config, spec.preset, spec.trust_checkpoint, device)
+    check_shape_flags(spec, opened.settings, opened.name)
+    return opened
 
 
 def _open_gaussian(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    g = GaussianImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
+    g = GaussianImageModel(cfg.spec.image_size or GAUSSIAN_SIZE, cfg.spec.channels or GAUSSIAN_CHANNELS, device=device)
     return BenchModel(ANALYTIC, g.score, g.settings, device, "gaussian", gaussian=g,
                       info={"description": g.describe()})
 
 
 def _open_mixture(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    m = MixtureImageModel(cfg.image_size or 32, cfg.channels or 3, device=device)
+    m = MixtureImageModel(cfg.spec.image_size or GAUSSIAN_SIZE, cfg.spec.channels or GAUSSIAN_CHANNELS, device=device)
     return BenchModel(ANALYTIC, m.score, m.settings, device, "mixture", mixture=m, info={"description": m.describe()})
 
 
@@ -83,7 +87,7 @@ def _network_from_checkpoint(path, config, preset, trust, device, *, name=None) 
 
 
 def _open_random(cfg: BenchConfig, device: torch.device) -> BenchModel:
-    return random_network_model(device, config=cfg.config, preset=cfg.preset, seed=cfg.seed)
+    return random_network_model(device, config=cfg.spec.config, preset=cfg.spec.preset, seed=cfg.seed)
 
 
 def random_network_model(device: torch.device, *, config: Path | dict | None = None, preset: str | None = None,
@@ -104,10 +108,9 @@ def _network_model(network: Network, device: torch.device, name: str, info: dict
 
 def _open_engine(cfg: BenchConfig, device: torch.device) -> BenchModel:
     # An engine file opens as `pds sample` opens it; the shape flags fill in missing metadata.
-    sm = open_model(ModelSpec(engine=cfg.engine, engine_backend=cfg.engine_backend, image_size=cfg.image_size,
-                              channels=cfg.channels, device=str(device)))
+    sm = open_model(dataclasses.replace(cfg.spec, device=str(device)))
     return BenchModel(ENGINE, sm.score, sm.settings, device, sm.name,
-                      info={"engine": str(cfg.engine), "sha256": sm.sha256, **sm.info})
+                      info={"engine": str(cfg.spec.engine), "sha256": sm.sha256, **sm.info})
 
 
 def weights_digest(model: BenchModel) -> str:

@@ -45,7 +45,7 @@ from pdscli.machine import describe_machine, load_average
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every requested part; returns the report (JSON-ready: plain dicts, lists, numbers)."""
     cfg = cfg.resolved()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.spec.device)
     cache = ExportCache(cfg.cache_dir, log)
     try:
         with torch_threads(cfg.threads):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 
 import typer
+from typer.core import TyperCommand
 
 from pdscli import __version__
+from pdscli.cli.choices import fill
 from pdscli.console import err_console
 
 app = typer.Typer(
@@ -39,6 +41,16 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ):
     pass
+
+
+class Command(TyperCommand):
+    """Every pds command: its help names the choices of its flags from the registries (cli.choices)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        self.help, self.epilog = fill(self.help), fill(self.epilog)
+        for param in self.params:
+            param.help = fill(getattr(param, "help", None))
+        return super().format_help(ctx, formatter)
 
 
 @contextlib.contextmanager

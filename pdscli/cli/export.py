@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import app, interruptible
+from pdscli.cli.app import Command, app, interruptible
 from pdscli.cli.output import print_json, print_line, stderr_log
 
 BATCH = "Batch (TensorRT profile; ONNX files are always dynamic)"
@@ -28,7 +28,7 @@ EPILOG = (
 
 
 @app.command(
-    "export",
+    "export", cls=Command,
     help=(
         "Export a score network to ONNX (inputs x [B,C,H,W] and sigma [B], output score; sampling settings in "
         "the metadata) or build a TensorRT engine from it, at fp32, fp16 or bf16."
@@ -43,8 +43,8 @@ def export(
     raw_weights: bool = typer.Option(False, "--raw-weights", help="Export the raw weights instead of the EMA ones.",
                                      rich_help_panel=options.MODEL),
     trust_checkpoint: options.TrustCheckpoint = False,
-    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | trt (TensorRT engine, needs `pip install \"pds\\[trt]\"` and a GPU) | diffusers (a ScoreSdeVePipeline folder: unet/ + scheduler/, safetensors).", rich_help_panel=options.OUTPUT),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16: written into the graph; the time embedding and normalisation stay fp32.", rich_help_panel=options.OUTPUT),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="{formats}.", rich_help_panel=options.OUTPUT),
+    precision: str = typer.Option("fp32", "--precision", help="{precisions}: written into the graph; the time embedding and normalisation stay fp32.", rich_help_panel=options.OUTPUT),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default engines/<checkpoint or preset>-<precision>.onnx|.plan).", rich_help_panel=options.OUTPUT),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file (a TensorRT engine that is up to date is kept anyway).", rich_help_panel=options.OUTPUT),
     device: options.Device = "auto",

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import app
+from pdscli.cli.app import Command, app
 from pdscli.cli.output import print_json, print_line
 from pdscli.console import err_console
 
@@ -30,7 +30,7 @@ EPILOG = (
 
 
 @app.command(
-    "fid",
+    "fid", cls=Command,
     help="FID and KID of generated images against real ones (a folder, a samples.npz or saved statistics).",
     epilog=EPILOG,
 )

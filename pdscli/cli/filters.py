@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import app, interruptible
+from pdscli.cli.app import Command, app, interruptible
 from pdscli.cli.output import print_json, print_line
 from pdscli.errors import PdsError
 
@@ -23,7 +23,7 @@ EPILOG = (
 
 
 @app.command(
-    "filters",
+    "filters", cls=Command,
     help=(
         "Compute PDS filters (frequency and space statistics) from a folder of images "
         "(PNG, JPEG, WebP, BMP, TIFF; recursive), resized and centre-cropped to the model's size."

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import app
+from pdscli.cli.app import Command, app
 from pdscli.cli.output import print_json
 from pdscli.console import console
 
@@ -17,13 +17,13 @@ EPILOG = (
     "  pds info checkpoint.pth --config my_config.json --json\n\n"
     "  pds info checkpoint.pth --preset cifar10 --raw-weights\n\n"
     "  pds info hf:google/ncsnpp-ffhq-256      (a diffusers pipeline from the Hugging Face Hub)\n\n"
-    "Presets: cifar10, cifar10-deep, celebahq-256, ffhq-256, bedroom, church, ffhq-1024. "
+    "Presets: {presets}. "
     "Without --config or --preset, the preset whose shapes and noise levels fit the file is used."
 )
 
 
 @app.command(
-    "info",
+    "info", cls=Command,
     help="Show a score_sde checkpoint's config, parameter count, noise levels, steps, snr, weights and sha256.",
     epilog=EPILOG,
 )

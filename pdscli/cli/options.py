@@ -13,10 +13,13 @@ Conventions every command follows:
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from pdscli import flag_rules
 
 MODEL, OUTPUT = "Model", "Output"
 
@@ -27,12 +30,12 @@ Checkpoint = Annotated[Optional[Path], typer.Option(
 Config = Annotated[Optional[Path], typer.Option(
     "--config", help="Config of the checkpoint (.json / score_sde .py).", rich_help_panel=MODEL)]
 Preset = Annotated[Optional[str], typer.Option(
-    "--preset", help="Named config of an official checkpoint, e.g. cifar10, ffhq-256.", rich_help_panel=MODEL)]
+    "--preset", help="Named config of an official checkpoint: {presets}.", rich_help_panel=MODEL)]
 Engine = Annotated[Optional[Path], typer.Option(
     "--engine", help="Exported engine: .onnx, or a TensorRT .plan / .engine.", rich_help_panel=MODEL)]
 EngineBackend = Annotated[Optional[str], typer.Option(
     "--engine-backend", "--backend",
-    help="How --engine runs: cpu, cuda or tensorrt (default: the best the device has). --backend is the old name.",
+    help="How --engine runs: {engine_backends} (auto, the default: the best the device has). --backend is the old name.",
     rich_help_panel=MODEL)]
 TrustCheckpoint = Annotated[bool, typer.Option(
     "--trust-checkpoint", help="Allow a checkpoint that needs full pickle loading (runs code from the file).",
@@ -41,18 +44,18 @@ RandomWeights = Annotated[bool, typer.Option(
     "--random-weights", help="No checkpoint: the --preset / --config architecture with random weights.",
     rich_help_panel=MODEL)]
 ImageSize = Annotated[Optional[int], typer.Option(
-    "--image-size", min=1, help="Image side of an analytic model (default 32).", rich_help_panel=MODEL)]
+    "--image-size", parser=partial(flag_rules.whole_number, "--image-size"), metavar="N", help="Image side of an analytic model (default 32).", rich_help_panel=MODEL)]
 Channels = Annotated[Optional[int], typer.Option(
-    "--channels", min=1, help="Channels of an analytic model (default 3).", rich_help_panel=MODEL)]
+    "--channels", parser=partial(flag_rules.whole_number, "--channels"), metavar="N", help="Channels of an analytic model (default 3).", rich_help_panel=MODEL)]
 Device = Annotated[str, typer.Option(
-    "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL)]
+    "--device", parser=flag_rules.device, help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL)]
 Tf32 = Annotated[str, typer.Option(
     "--tf32",
     help="TF32 tensor cores for float32 convolutions and matmuls on a GPU: off (IEEE float32, the default), on, "
          "or torch (torch's own default: convolutions only). Recorded in run.json and bench reports.",
     rich_help_panel=MODEL)]
 Threads = Annotated[Optional[int], typer.Option(
-    "--threads", min=1,
+    "--threads", parser=partial(flag_rules.whole_number, "--threads"), metavar="N",
     help="CPU threads for torch (default: torch's, one per core). On a busy machine 1 is often much faster for small models.",
     rich_help_panel=MODEL)]
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from pdscli import flag_rules
 from pdscli.cli import options
-from pdscli.cli.app import app
+from pdscli.cli.app import Command, app
 from pdscli.cli.output import print_json, print_line
 from pdscli.console import err_console
 
@@ -33,7 +35,7 @@ Model = Annotated[Optional[str], typer.Option(
     "unless told otherwise), `gaussian` (exact analytic score) or `mixture` (exact score of a mixture of "
     "Gaussians).", rich_help_panel=options.MODEL)]
 Precision = Annotated[Optional[str], typer.Option(
-    "--precision", help="fp32 | fp16 | bf16, the network only (sampler state stays fp32). Default fp32, or the engine's own.",
+    "--precision", help="{precisions}: the network only (sampler state stays fp32). Default fp32, or the engine's own.",
     rich_help_panel=options.MODEL)]
 
 
@@ -42,7 +44,7 @@ def _opt(*names: str, help: str, panel: str = SAMPLER, **kw):
 
 
 @app.command(
-    "sample",
+    "sample", cls=Command,
     help=(
         "Sample images from a score model with the PDS (preconditioned) or vanilla predictor-corrector "
         "sampler, or an accelerated one. Model: --checkpoint with --config/--preset, --engine, or --model "
@@ -67,26 +69,24 @@ def sample(
     masks: Annotated[Optional[Path], _opt("--masks", help="Filters .npz made by `pds filters`.")] = None,
     freq_mask: Annotated[Optional[Path], _opt("--freq-mask", help="Reference freq_mask.npy [C,H,W].")] = None,
     space_mask: Annotated[Optional[Path], _opt("--space-mask", help="Reference space_mask.npy [C,H,W].")] = None,
-    alpha: Annotated[Optional[str], _opt("--alpha", help=(
+    alpha: Annotated[Optional[str], _opt("--alpha", parser=flag_rules.alpha, metavar="A|auto", help=(
         "Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number, or `auto`: calibrated per "
         "sampler and step count so that filters are never worse than none on the exact model, and off (with a "
-        "warning) where nothing helps. auto keeps filters on where measured to help: pds at 3-256 steps, ddpm "
-        "4-497, accel-sde 5-49 (for sigma 0.01-378; docs/samplers.md). Default: 5 (the reference's) for pds, "
+        "warning) where nothing helps. auto keeps filters on where measured to help: {alpha_ranges}; "
+        "docs/samplers.md. Default: 5 (the reference's) for pds, "
         "predictor and corrector; auto for ddpm and accel-sde, whose filters hurt at many steps. ddim, accel-ode "
         "and accel-ode2 take no filters."))] = None,
     sampler: Annotated[Optional[str], _opt("--sampler", help=(
-        "pc, pds, predictor, corrector, or one on its own grid: ddim, accel-ode, accel-ode2, ddpm, accel-sde, "
-        "dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, heun, edm-sde, euler-a (docs/samplers.md). "
-        "Default: pds with filters, else pc; with --nfe, the recommended one for the budget."))] = None,
-    steps: Annotated[Optional[int], _opt("--steps", min=1, help="Number of steps (default: the model's num_scales).")] = None,
-    nfe: Annotated[Optional[int], _opt("--nfe", min=1, help=(
+        "One of {samplers} (docs/samplers.md). Default: pds with filters, else pc; with --nfe, the recommended one for the budget."))] = None,
+    steps: Annotated[Optional[int], _opt("--steps", parser=flag_rules.steps, metavar="N", help="Number of steps (default: the model's num_scales).")] = None,
+    nfe: Annotated[Optional[int], _opt("--nfe", parser=partial(flag_rules.whole_number, "--nfe"), metavar="N", help=(
         "Budget of network calls per image: the sampler takes the most steps that fit. Without --sampler, the "
         "recommended sampler and grid for the budget (docs/samplers.md); run.json says which and why."))] = None,
     schedule: Annotated[Optional[str], _opt("--schedule", help=(
-        "Step grid: pc (the reference's; default for pc/pds/predictor/corrector), geometric (log-uniform; the "
-        "default for the others), edm (Karras rho 7) or stats (fitted to the filters' statistics for this sampler "
-        "and step count, cached; the filters then only make the grid)."))] = None,
-    speed_up: Annotated[Optional[float], _opt("--speed-up", help=(
+        "Step grid, one of {schedules}. Default: pc (the reference's) for pc, pds, predictor and corrector; "
+        "each other sampler's own measured-best grid (docs/samplers.md). stats fits the grid to the filters' "
+        "statistics for this sampler and step count (cached; the filters then only make the grid)."))] = None,
+    speed_up: Annotated[Optional[float], _opt("--speed-up", parser=flag_rules.speed_up, metavar="K", help=(
         "Run int(num_scales / k) steps for any k > 0, e.g. 2.5 (the reference's speed-up, eps times k too)."))] = None,
     teleport: Annotated[Optional[str], _opt("--teleport", help=(
         "Start below sigma_max at no network call: the Gaussian with the data's mean and spectrum carries the prior "
@@ -94,10 +94,10 @@ def sample(
         "ones). auto (the default): sigma_t from a measured table per sampler and budget when statistics are at hand "
         "(filters from `pds filters`, the built-in model's, an exact model's own), else off. off, or a noise level. "
         "Not for the PC family or preconditioned samplers; run.json records sigma_t and why."))] = None,
-    snr: Annotated[Optional[float], _opt("--snr", help="Corrector signal-to-noise ratio (default: the model's).")] = None,
-    sigma_min: Annotated[Optional[float], _opt("--sigma-min", help="Override the model's sigma_min.")] = None,
-    sigma_max: Annotated[Optional[float], _opt("--sigma-max", help="Override the model's sigma_max.")] = None,
-    num_scales: Annotated[Optional[int], _opt("--num-scales", min=1, help="Override the model's num_scales.")] = None,
+    snr: Annotated[Optional[float], _opt("--snr", parser=partial(flag_rules.positive_number, "--snr"), metavar="X", help="Corrector signal-to-noise ratio (default: the model's).")] = None,
+    sigma_min: Annotated[Optional[float], _opt("--sigma-min", parser=partial(flag_rules.positive_number, "--sigma-min"), metavar="X", help="Override the model's sigma_min.")] = None,
+    sigma_max: Annotated[Optional[float], _opt("--sigma-max", parser=partial(flag_rules.positive_number, "--sigma-max"), metavar="X", help="Override the model's sigma_max.")] = None,
+    num_scales: Annotated[Optional[int], _opt("--num-scales", parser=partial(flag_rules.whole_number, "--num-scales"), metavar="N", help="Override the model's num_scales.")] = None,
     per_sample_step: Annotated[bool, _opt("--per-sample-step", help=(
         "Corrector step size per sample. Default: the reference's batch-mean step size (for fidelity), which couples "
         "the samples of a batch, so images then depend on --batch-size; with this flag a seed gives the same images "
@@ -106,9 +106,9 @@ def sample(
         "On a GPU: capture each whole step (score call and sampler update) in CUDA graphs after one eager batch, and "
         "replay them for every batch of the same size; eager where that cannot be done (run.json says which path ran)."),
         panel=RUN)] = False,
-    num_samples: Annotated[int, _opt("--num-samples", "-n", min=1, help="How many images.", panel=RUN)] = 16,
-    batch_size: Annotated[int, _opt("--batch-size", "-b", min=1, help="Images per batch.", panel=RUN)] = 16,
-    seed: Annotated[int, _opt("--seed", min=0, help="Run seed (0 or more); sample i's noise is a function of (seed, i), whatever the batch.",
+    num_samples: Annotated[int, _opt("--num-samples", "-n", parser=partial(flag_rules.whole_number, "--num-samples"), metavar="N", help="How many images.", panel=RUN)] = 16,
+    batch_size: Annotated[int, _opt("--batch-size", "-b", parser=partial(flag_rules.whole_number, "--batch-size"), metavar="N", help="Images per batch.", panel=RUN)] = 16,
+    seed: Annotated[int, _opt("--seed", parser=flag_rules.seed, metavar="N", help="Run seed (0 or more); sample i's noise is a function of (seed, i), whatever the batch.",
                               panel=RUN)] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=options.OUTPUT)] = Path("samples"),
     force: Annotated[bool, typer.Option("--force", help=(

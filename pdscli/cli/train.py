@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import app, interruptible
+from pdscli.cli.app import Command, app, interruptible
 from pdscli.cli.output import print_json, print_line
 from pdscli.errors import PdsError
 
@@ -25,7 +25,7 @@ EPILOG = (
 
 
 @app.command(
-    "train",
+    "train", cls=Command,
     help=(
         "Train an NCSN++ score model with score_sde's continuous VE denoising score matching, on a folder of "
         "images or the built-in `digits` data set (scikit-learn's, no download). Small and CPU-friendly; "

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pdscli import flag_rules
 from pdscli.errors import PdsError
 
 ALPHA_REFERENCE = 5.0  # the reference implementation's fixed alpha: the default of every command
@@ -174,25 +175,24 @@ def auto_alpha(n_steps: int, num_scales: int | None = None, *, sigma_min: float 
     return float(min(ALPHA_MAX, 1.0 + 1.0 / e))
 
 
+def auto_step_range(sampler: str, sigma_min: float = 0.01, sigma_max: float = 378.0,
+                    most: int = 4096) -> tuple[int, int] | None:
+    """The fewest and most steps (up to `most`) at which auto keeps `sampler`'s filter on for this
+    sigma range, or None where it never does (what --alpha's help says)."""
+    if not _table(sampler):
+        return None
+    on = [n for n in range(MIN_STEPS, most + 1)
+          if auto_excess(n, sigma_min, sigma_max, sampler) > 1.0 / (ALPHA_MAX - 1.0)]
+    return (on[0], on[-1]) if on else None
+
+
 def _is_auto(value) -> bool:
     return isinstance(value, str) and value.strip().lower() == "auto"
 
 
-def check_alpha(value) -> None:
-    """Fail now (before a slow model load) on an --alpha that is neither a positive number nor auto."""
-    if value is None or _is_auto(value):
-        return
-    parse_alpha(value)
-
-
 def parse_alpha(value) -> float:
-    try:
-        alpha = float(value)
-    except (TypeError, ValueError):
-        raise PdsError(f"--alpha must be a number or 'auto', got {value!r}") from None
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise PdsError(f"--alpha must be a positive number or 'auto', got {value!r}")
-    return alpha
+    """A numeric --alpha (auto and None are the callers' to resolve), by the flag's one rule."""
+    return float(flag_rules.alpha(value))
 
 
 def resolve_alpha(value, settings, n_steps: int, sampler: str = "pds") -> float:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pdscli import flag_rules
 from pdscli.devices import resolve_device, resolve_precision
 from pdscli.engines import open_engine
 from pdscli.errors import PdsError
@@ -36,9 +37,11 @@ _ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive; an .npy starts with b"\x
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where the score comes from: at most one of checkpoint / engine / model (none = the built-in model).
+    """Where the score comes from: at most one of checkpoint / engine / model / random_weights
+    (none = the built-in model). `pds sample` and `pds bench` both describe their model with one.
 
-    The sigma/snr fields override the model's own settings when not None.
+    The sigma/snr fields override the model's own settings when not None. A ModelSpec is checked
+    when it is made (`check_spec`): whoever holds one can trust its fields.
     """
 
     checkpoint: Path | None = None
@@ -47,6 +50,7 @@ class ModelSpec:
     engine: Path | None = None
     engine_backend: str | None = None
     model: str | None = None  # "gaussian" | "mixture" | "builtin"
+    random_weights: bool = False  # the --preset / --config architecture with seeded random weights (pds bench)
     image_size: int | None = None
     channels: int | None = None
     trust_checkpoint: bool = False
@@ -57,28 +61,49 @@ class ModelSpec:
     num_scales: int | None = None
     snr: float | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "device", flag_rules.device(self.device))
+        if self.model is not None:
+            object.__setattr__(self, "model", flag_rules.one_of("--model", self.model, MODEL_NAMES))
+        check_spec(self)
+
     @property
     def uses_builtin(self) -> bool:
         """No model flag (or --model builtin) means the built-in model."""
-        return self.model == "builtin" or not (self.checkpoint or self.engine or self.model)
+        return self.model == "builtin" or not (self.checkpoint or self.engine or self.model or self.random_weights)
 
     def overrides(self) -> dict:
         """The settings flags that were given (for SamplingSettings.replace / engine metadata)."""
         given = {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "num_scales": self.num_scales, "snr": self.snr}
         return {k: v for k, v in given.items() if v is not None}
 
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
 
 def check_spec(spec: ModelSpec) -> None:
-    """The cheap checks of the model flags, callable before anything slow happens."""
-    sources = [flag for flag, given in (("--checkpoint", spec.checkpoint), ("--engine", spec.engine), ("--model", spec.model)) if given]
+    """The model flags' rules, all cheap (no file is opened): one source, the flags that go with
+    it, and each value in its range (pdscli.flag_rules)."""
+    sources = [flag for flag, given in (("--checkpoint", spec.checkpoint), ("--engine", spec.engine),
+                                        ("--model", spec.model), ("--random-weights", spec.random_weights)) if given]
     if len(sources) > 1:
         raise PdsError(f"choose one model: {' and '.join(sources)} exclude each other")
-    if (spec.config or spec.preset) and not spec.checkpoint:
-        raise PdsError("--config / --preset describe a --checkpoint; pass one (an engine carries its own settings)")
-    if spec.model and spec.model not in MODEL_NAMES:
-        raise PdsError(f"--model must be one of {', '.join(MODEL_NAMES)}, not {spec.model!r}")
+    if spec.model is not None:
+        flag_rules.one_of("--model", spec.model, MODEL_NAMES)
+    if spec.random_weights and not (spec.preset or spec.config):
+        raise PdsError("--random-weights builds an architecture: pass --preset NAME or --config FILE")
+    if (spec.config or spec.preset) and not (spec.checkpoint or spec.random_weights):
+        raise PdsError("--config / --preset describe a --checkpoint (or an architecture with --random-weights); "
+                       "an engine carries its own settings")
     if spec.engine_backend and not spec.engine:
         raise PdsError("--engine-backend applies to --engine files only")
+    for flag, value in (("--image-size", spec.image_size), ("--channels", spec.channels),
+                        ("--num-scales", spec.num_scales)):
+        if value is not None:
+            flag_rules.whole_number(flag, value, 1)
+    for flag, value in (("--sigma-min", spec.sigma_min), ("--sigma-max", spec.sigma_max), ("--snr", spec.snr)):
+        if value is not None:
+            flag_rules.positive_number(flag, value)
     if spec.precision:
         resolve_precision(spec.precision)
     if spec.model in ANALYTIC_MODELS and spec.precision and spec.precision.lower() != "fp32":
@@ -87,7 +112,6 @@ def check_spec(spec: ModelSpec) -> None:
 
 def open_model(spec: ModelSpec) -> ScoreModel:
     """The ScoreModel a spec names, with the flag overrides applied to its settings."""
-    check_spec(spec)
     device = resolve_device(spec.device)
     overrides = spec.overrides()
     if spec.engine:
@@ -98,7 +122,10 @@ def open_model(spec: ModelSpec) -> ScoreModel:
     if spec.checkpoint:
         model = open_checkpoint(spec.checkpoint, spec.config, spec.preset, device=device,
                                 precision=spec.precision or "fp32", trust_checkpoint=spec.trust_checkpoint)
-        _check_shape_flags(spec, model)
+        check_shape_flags(spec, model.settings, model.name)
+    elif spec.random_weights:
+        raise PdsError("--random-weights makes noise, not images: sample from a --checkpoint (pds bench and pds "
+                       "export take random weights)")
     elif spec.model == "gaussian":
         model = analytic.gaussian_score_model(spec.image_size or GAUSSIAN_SIZE, spec.channels or GAUSSIAN_CHANNELS,
                                               device=device)
@@ -107,18 +134,20 @@ def open_model(spec: ModelSpec) -> ScoreModel:
         model = mixture_score_model(spec.image_size or GAUSSIAN_SIZE, spec.channels or GAUSSIAN_CHANNELS, device=device)
     else:
         model = builtin.default_score_model(device)
-        _check_shape_flags(spec, model)
+        check_shape_flags(spec, model.settings, model.name)
     if overrides:
         model = dataclasses.replace(model, settings=model.settings.replace(**overrides))
     return model
 
 
-def _check_shape_flags(spec: ModelSpec, model: ScoreModel) -> None:
-    s = model.settings
-    for flag, given, actual in (("--image-size", spec.image_size, s.image_size), ("--channels", spec.channels, s.num_channels)):
+def check_shape_flags(spec: ModelSpec, settings: SamplingSettings, name: str) -> None:
+    """--image-size / --channels set an analytic model's shape and fill in an engine's missing
+    metadata; for a network they must match what it makes."""
+    for flag, given, actual in (("--image-size", spec.image_size, settings.image_size),
+                                ("--channels", spec.channels, settings.num_channels)):
         if given is not None and given != actual:
-            raise PdsError(f"{flag} {given} does not match the model ({model.name} makes "
-                           f"{s.num_channels}x{s.image_size}x{s.image_size} images)")
+            raise PdsError(f"{flag} {given} does not match the model ({name} makes "
+                           f"{settings.num_channels}x{settings.image_size}x{settings.image_size} images)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,8 +195,8 @@ def _is_zip(path: Path) -> bool:
 def open_filters(masks: Path | None = None, freq_mask: Path | None = None, space_mask: Path | None = None, *,
                  settings: SamplingSettings, use_builtin: bool = False) -> tuple[Filters | None, FiltersInfo | None]:
     """Filters from a `pds filters` .npz, the reference's .npy pair or (use_builtin) the built-in
-    model's own, checked against the model's shape; (None, None) if none."""
-    check_filter_flags(masks, freq_mask, space_mask)
+    model's own, checked against the model's shape; (None, None) if none. The flags were checked
+    when their holder was made (check_filter_flags)."""
     if masks:
         filters, files = load_filters(masks), [masks]
     elif freq_mask or space_mask:

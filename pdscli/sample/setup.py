@@ -1,4 +1,5 @@
-"""Flags -> a checked SampleJob. Every `pds sample` flag is checked once: by Typer (ranges) or here.
+"""Flags -> a checked SampleJob. Every `pds sample` flag is checked once, where its typed holder is
+made: SampleFlags (the run, pdscli.flag_rules) and ModelSpec (the model, pdscli.sample.model).
 
 `build_job` checks what it can before the slow model load (folder rules, sampler, schedule,
 numbers), opens the model and the filters (pdscli.sample.model checks their flags), builds the
@@ -16,17 +17,17 @@ from pathlib import Path
 
 import torch
 
+from pdscli import flag_rules
 from pdscli.devices import memory_bytes
 from pdscli.errors import PdsError
 from pdscli.fsutil import LOCK_NAME, FolderLock, prepare_out_dir
 from pdscli.models import builtin
 from pdscli.models.config import MAX_SCALES
-from pdscli.noise import SEED_MAX
 from pdscli.precondition import Preconditioner
-from pdscli.precondition.alpha import AlphaChoice, check_alpha, choose_alpha
+from pdscli.precondition.alpha import AlphaChoice, choose_alpha
 from pdscli.sample.job import SampleJob
 from pdscli.sample.pilot import Candidate, choose_by_pilot
-from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, data_gaussian, open_filters, open_model, refresh_hint
+from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags, data_gaussian, open_filters, open_model, refresh_hint
 from pdscli.samplers import Steps, fitted, sampler_info
 from pdscli.samplers.pc import corrector_stalls
 from pdscli.samplers.plan import Plan, check_counts, grid_name, nfe_for, plan, steps_for_nfe
@@ -59,6 +60,21 @@ class SampleFlags:
     resume: bool = False
     step_graphs: bool = False
     teleport: str | None = None  # "auto" (None), "off" or a noise level (pdscli.samplers.teleport)
+
+    def __post_init__(self):
+        """The run flags' one check (pdscli.flag_rules, shared with pds bench): whoever makes a
+        SampleFlags, the command line or the API, gets the same answer, and what holds one trusts it."""
+        checked = {"alpha": flag_rules.alpha(self.alpha), "seed": flag_rules.seed(self.seed),
+                   "num_samples": flag_rules.steps(self.num_samples, "--num-samples"),
+                   "batch_size": flag_rules.steps(self.batch_size, "--batch-size")}
+        for name, rule in (("steps", flag_rules.steps), ("speed_up", flag_rules.speed_up),
+                           ("nfe", lambda v: flag_rules.steps(v, "--nfe"))):
+            if getattr(self, name) is not None:
+                checked[name] = rule(getattr(self, name))
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        check_counts(steps=self.steps, nfe=self.nfe, speed_up=self.speed_up)
+        check_filter_flags(self.masks, self.freq_mask, self.space_mask)
 
     @property
     def has_filter_files(self) -> bool:
@@ -152,16 +168,10 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
     """Check the sampling flags (no model needed) and choose the sampler, grid and filters.
     `has_filters`: filters were given (default: filter files among the flags)."""
     has_filters = flags.has_filter_files if has_filters is None else has_filters
-    check_alpha(flags.alpha)  # a bad number fails before the slow model load
     teleport = parse_teleport(flags.teleport)
     for flag, value in (("--steps", flags.steps), ("--nfe", flags.nfe), ("--num-scales", spec.num_scales)):
         if value is not None and value > MAX_SCALES:  # a grid of 10^9 steps would take 8 GB before the first
             raise PdsError(f"{flag} {value:,} is more than pds runs (at most {MAX_SCALES:,})")
-    if not 0 <= flags.seed <= SEED_MAX:
-        raise PdsError(f"--seed must be between 0 and 2^64-1 = {SEED_MAX} (the noise generator's key), got {flags.seed}")
-    check_counts(steps=flags.steps, nfe=flags.nfe, speed_up=flags.speed_up)
-    if flags.speed_up is not None and not (math.isfinite(flags.speed_up) and flags.speed_up > 0):
-        raise PdsError(f"--speed-up must be a positive number, got {flags.speed_up:g}")
     budget = None
     if flags.nfe is not None:
         flags, budget = _apply_budget(spec, flags, has_filters=has_filters)
