@@ -142,6 +142,11 @@ def _check_known(names: list[str] | None, flag: str, known: tuple[str, ...]) -> 
         raise PdsError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
 
 
+# The bench's own counts and their least values (quality figures measure variances: 2 images at least).
+_COUNTS = {"warmup": 0, "threads": 1, "repeats": 1, "e2e_repeats": 1, "full_steps": 1, "e2e_batch": 1,
+           "quality_samples": 2, "reference_limit": 2}
+
+
 def check_run_flags(cfg: BenchConfig) -> None:
     """The flags `pds sample` has too, by its rules (pdscli.flag_rules), typed in place."""
     cfg.alpha = flag_rules.alpha(cfg.alpha)
@@ -159,14 +164,9 @@ def check_config(cfg: BenchConfig) -> None:
     ModelSpec was made, the shared ones by check_run_flags)."""
     _check_known(cfg.backends, "--backends", KNOWN_BACKENDS)
     _check_known(cfg.skip, "--skip", PARTS)
-    flag_rules.whole_number("--warmup", cfg.warmup, 0)
-    for flag, value in (("--threads", cfg.threads), ("--repeats", cfg.repeats), ("--e2e-repeats", cfg.e2e_repeats),
-                        ("--full-steps", cfg.full_steps), ("--e2e-batch", cfg.e2e_batch)):
-        if value is not None:
-            flag_rules.whole_number(flag, value, 1)
-    # Variances are measured: one image is not enough.
-    flag_rules.whole_number("--quality-samples", cfg.quality_samples, 2)
-    flag_rules.whole_number("--reference-limit", cfg.reference_limit, 2)
+    for name, least in _COUNTS.items():
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, flag_rules.whole_number("--" + name.replace("_", "-"), getattr(cfg, name), least))
     if cfg.e2e_backend is not None:
         flag_rules.one_of("--e2e-backend", cfg.e2e_backend, KNOWN_BACKENDS)
     for name in cfg.samplers or []:

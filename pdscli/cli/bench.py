@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from pdscli import flag_rules
 from pdscli.cli import options
 from pdscli.cli.app import Command, app
 from pdscli.cli.output import print_json, stderr_log
@@ -64,24 +62,24 @@ def bench(
     threads: options.Threads = None,
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure, or all (default: all that apply, fp16 only on a GPU; --quick: eager only).", rich_help_panel=MEASURE),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default 1,8,32; --quick 1,8).", rich_help_panel=MEASURE),
-    warmup: Optional[int] = typer.Option(None, "--warmup", parser=partial(flag_rules.whole_number, "--warmup", least=0), metavar="N", help="Untimed calls before timing (default 3; --quick 1).", rich_help_panel=MEASURE),
-    repeats: Optional[int] = typer.Option(None, "--repeats", parser=partial(flag_rules.whole_number, "--repeats"), metavar="N", help="Timed calls per measurement (default 20; --quick 3).", rich_help_panel=MEASURE),
+    warmup: Optional[str] = typer.Option(None, "--warmup", metavar="N", help="Untimed calls before timing (default 3; --quick 1).", rich_help_panel=MEASURE),
+    repeats: Optional[str] = typer.Option(None, "--repeats", metavar="N", help="Timed calls per measurement (default 20; --quick 3).", rich_help_panel=MEASURE),
     skip: Optional[str] = typer.Option(None, "--skip", help="Parts to leave out: {bench_parts}.", rich_help_panel=MEASURE),
     quick: bool = typer.Option(False, "--quick", help="Smoke run: batches 1,8, 3 repeats, vanilla at <= 40 steps, PDS at half, 16 quality samples.", rich_help_panel=MEASURE),
-    speed_up: Optional[float] = typer.Option(None, "--speed-up", parser=flag_rules.speed_up, metavar="K", help="PDS runs full-steps / k steps (default 10; --quick 2).", rich_help_panel=SAMPLING),
-    steps: Optional[int] = typer.Option(None, "--steps", parser=flag_rules.steps, metavar="N", help="PDS step count instead of --speed-up.", rich_help_panel=SAMPLING),
-    full_steps: Optional[int] = typer.Option(None, "--full-steps", parser=partial(flag_rules.whole_number, "--full-steps"), metavar="N", help="Vanilla PC's step count (default: the model's num_scales; --quick: at most 40).", rich_help_panel=SAMPLING),
-    alpha: Optional[str] = typer.Option(None, "--alpha", parser=flag_rules.alpha, metavar="A|auto", help="PDS filter strength, a number or auto (default: the pds sampler's, as in pds sample; pdscli.precondition.alpha).", rich_help_panel=SAMPLING),
+    speed_up: Optional[str] = typer.Option(None, "--speed-up", metavar="K", help="PDS runs full-steps / k steps (default 10; --quick 2).", rich_help_panel=SAMPLING),
+    steps: Optional[str] = typer.Option(None, "--steps", metavar="N", help="PDS step count instead of --speed-up.", rich_help_panel=SAMPLING),
+    full_steps: Optional[str] = typer.Option(None, "--full-steps", metavar="N", help="Vanilla PC's step count (default: the model's num_scales; --quick: at most 40).", rich_help_panel=SAMPLING),
+    alpha: Optional[str] = typer.Option(None, "--alpha", metavar="A|auto", help="PDS filter strength, a number or auto (default: the pds sampler's, as in pds sample; pdscli.precondition.alpha).", rich_help_panel=SAMPLING),
     masks: Optional[Path] = typer.Option(None, "--masks", help="PDS filters .npz (from `pds filters`). Default: exact (gaussian), the built-in's, from --reference, else synthetic (timing only).", rich_help_panel=SAMPLING),
     samplers: Optional[str] = typer.Option(None, "--samplers", help="Compare samplers at equal NFE budgets, e.g. pc,pds,ddim,accel-ode.", rich_help_panel=SAMPLING),
     nfe: Optional[str] = typer.Option(None, "--nfe", help="NFE budgets for --samplers (default 20,50,100; --quick 10,20).", rich_help_panel=SAMPLING),
     e2e_backend: Optional[str] = typer.Option(None, "--e2e-backend", help="Backend of the sampling runs (default eager / analytic / engine).", rich_help_panel=SAMPLING),
-    e2e_batch: Optional[int] = typer.Option(None, "--e2e-batch", parser=partial(flag_rules.whole_number, "--e2e-batch"), metavar="N", help="Batch of the sampling runs (default: the largest --batch-sizes).", rich_help_panel=SAMPLING),
-    e2e_repeats: Optional[int] = typer.Option(None, "--e2e-repeats", parser=partial(flag_rules.whole_number, "--e2e-repeats"), metavar="N", help="Timed batches per sampling run, at least (default 3; --quick 1).", rich_help_panel=SAMPLING),
-    seed: int = typer.Option(0, "--seed", parser=flag_rules.seed, metavar="N", help="Seed of the inputs and the sampling noise.", rich_help_panel=SAMPLING),
-    quality_samples: Optional[int] = typer.Option(None, "--quality-samples", parser=partial(flag_rules.whole_number, "--quality-samples", least=2), metavar="N", help="Images per quality figure (default 256; --quick 16).", rich_help_panel=QUALITY),
+    e2e_batch: Optional[str] = typer.Option(None, "--e2e-batch", metavar="N", help="Batch of the sampling runs (default: the largest --batch-sizes).", rich_help_panel=SAMPLING),
+    e2e_repeats: Optional[str] = typer.Option(None, "--e2e-repeats", metavar="N", help="Timed batches per sampling run, at least (default 3; --quick 1).", rich_help_panel=SAMPLING),
+    seed: str = typer.Option(0, "--seed", metavar="N", help="Seed of the inputs and the sampling noise.", rich_help_panel=SAMPLING),
+    quality_samples: Optional[str] = typer.Option(None, "--quality-samples", metavar="N", help="Images per quality figure (default 256; --quick 16).", rich_help_panel=QUALITY),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Folder of real images: a spectral quality statistic for a network model.", rich_help_panel=QUALITY),
-    reference_limit: Optional[int] = typer.Option(None, "--reference-limit", parser=partial(flag_rules.whole_number, "--reference-limit", least=2), metavar="N", help="Reference images read, at most (default 2000; --quick 200).", rich_help_panel=QUALITY),
+    reference_limit: Optional[str] = typer.Option(None, "--reference-limit", metavar="N", help="Reference images read, at most (default 2000; --quick 200).", rich_help_panel=QUALITY),
     fid_ref: Optional[Path] = typer.Option(None, "--fid-ref", help="FID / KID of every sampling run against this reference: a folder of images at the model's size, or statistics from `pds fid --save-stats` (fast). Needs pip install \"pds\\[eval]\" (docs/evaluation.md).", rich_help_panel=QUALITY),
     fid_features: Optional[Path] = typer.Option(None, "--fid-features", help="--fid-ref's feature network file, as `pds fid --features` (default: torch-fidelity's Inception).", rich_help_panel=QUALITY),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the full report (every timing, settings, machine) as JSON to FILE.", rich_help_panel=OUTPUT),

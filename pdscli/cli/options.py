@@ -1,6 +1,9 @@
 """Option blocks shared by the commands, declared once: the same flag has the same name, type and
 help in every command that takes it. Use as `checkpoint: options.Checkpoint = None`.
 
+Numbers come in as the text typed: the object they go into (a ModelSpec, SampleFlags, BenchConfig)
+checks each by its one rule (pdscli.flag_rules), so every refusal has one wording.
+
 Conventions every command follows:
 - `--json`: a flag. The command's result as one JSON document on stdout, and nothing else on
   stdout (progress and messages go to stderr or are off).
@@ -13,13 +16,11 @@ Conventions every command follows:
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pdscli import flag_rules
 
 MODEL, OUTPUT = "Model", "Output"
 
@@ -43,19 +44,19 @@ TrustCheckpoint = Annotated[bool, typer.Option(
 RandomWeights = Annotated[bool, typer.Option(
     "--random-weights", help="No checkpoint: the --preset / --config architecture with random weights.",
     rich_help_panel=MODEL)]
-ImageSize = Annotated[Optional[int], typer.Option(
-    "--image-size", parser=partial(flag_rules.whole_number, "--image-size"), metavar="N", help="Image side of an analytic model (default 32).", rich_help_panel=MODEL)]
-Channels = Annotated[Optional[int], typer.Option(
-    "--channels", parser=partial(flag_rules.whole_number, "--channels"), metavar="N", help="Channels of an analytic model (default 3).", rich_help_panel=MODEL)]
+ImageSize = Annotated[Optional[str], typer.Option(
+    "--image-size", metavar="N", help="Image side of an analytic model (default 32).", rich_help_panel=MODEL)]
+Channels = Annotated[Optional[str], typer.Option(
+    "--channels", metavar="N", help="Channels of an analytic model (default 3).", rich_help_panel=MODEL)]
 Device = Annotated[str, typer.Option(
-    "--device", parser=flag_rules.device, help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL)]
+    "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=MODEL)]
 Tf32 = Annotated[str, typer.Option(
     "--tf32",
     help="TF32 tensor cores for float32 convolutions and matmuls on a GPU: off (IEEE float32, the default), on, "
          "or torch (torch's own default: convolutions only). Recorded in run.json and bench reports.",
     rich_help_panel=MODEL)]
-Threads = Annotated[Optional[int], typer.Option(
-    "--threads", parser=partial(flag_rules.whole_number, "--threads"), metavar="N",
+Threads = Annotated[Optional[str], typer.Option(
+    "--threads", metavar="N",
     help="CPU threads for torch (default: torch's, one per core). On a busy machine 1 is often much faster for small models.",
     rich_help_panel=MODEL)]
 

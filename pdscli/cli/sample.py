@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pdscli import flag_rules
 from pdscli.cli import options
 from pdscli.cli.app import Command, app
 from pdscli.cli.output import print_json, print_line
@@ -69,7 +67,7 @@ def sample(
     masks: Annotated[Optional[Path], _opt("--masks", help="Filters .npz made by `pds filters`.")] = None,
     freq_mask: Annotated[Optional[Path], _opt("--freq-mask", help="Reference freq_mask.npy [C,H,W].")] = None,
     space_mask: Annotated[Optional[Path], _opt("--space-mask", help="Reference space_mask.npy [C,H,W].")] = None,
-    alpha: Annotated[Optional[str], _opt("--alpha", parser=flag_rules.alpha, metavar="A|auto", help=(
+    alpha: Annotated[Optional[str], _opt("--alpha", metavar="A|auto", help=(
         "Filter strength: filter = alpha / (m + alpha - 1); larger = weaker. A number, or `auto`: calibrated per "
         "sampler and step count so that filters are never worse than none on the exact model, and off (with a "
         "warning) where nothing helps. auto keeps filters on where measured to help: {alpha_ranges}; "
@@ -78,15 +76,15 @@ def sample(
         "and accel-ode2 take no filters."))] = None,
     sampler: Annotated[Optional[str], _opt("--sampler", help=(
         "One of {samplers} (docs/samplers.md). Default: pds with filters, else pc; with --nfe, the recommended one for the budget."))] = None,
-    steps: Annotated[Optional[int], _opt("--steps", parser=flag_rules.steps, metavar="N", help="Number of steps (default: the model's num_scales).")] = None,
-    nfe: Annotated[Optional[int], _opt("--nfe", parser=partial(flag_rules.whole_number, "--nfe"), metavar="N", help=(
+    steps: Annotated[Optional[str], _opt("--steps", metavar="N", help="Number of steps (default: the model's num_scales).")] = None,
+    nfe: Annotated[Optional[str], _opt("--nfe", metavar="N", help=(
         "Budget of network calls per image: the sampler takes the most steps that fit. Without --sampler, the "
         "recommended sampler and grid for the budget (docs/samplers.md); run.json says which and why."))] = None,
     schedule: Annotated[Optional[str], _opt("--schedule", help=(
         "Step grid, one of {schedules}. Default: pc (the reference's) for pc, pds, predictor and corrector; "
         "each other sampler's own measured-best grid (docs/samplers.md). stats fits the grid to the filters' "
         "statistics for this sampler and step count (cached; the filters then only make the grid)."))] = None,
-    speed_up: Annotated[Optional[float], _opt("--speed-up", parser=flag_rules.speed_up, metavar="K", help=(
+    speed_up: Annotated[Optional[str], _opt("--speed-up", metavar="K", help=(
         "Run int(num_scales / k) steps for any k > 0, e.g. 2.5 (the reference's speed-up, eps times k too)."))] = None,
     teleport: Annotated[Optional[str], _opt("--teleport", help=(
         "Start below sigma_max at no network call: the Gaussian with the data's mean and spectrum carries the prior "
@@ -94,10 +92,10 @@ def sample(
         "ones). auto (the default): sigma_t from a measured table per sampler and budget when statistics are at hand "
         "(filters from `pds filters`, the built-in model's, an exact model's own), else off. off, or a noise level. "
         "Not for the PC family or preconditioned samplers; run.json records sigma_t and why."))] = None,
-    snr: Annotated[Optional[float], _opt("--snr", parser=partial(flag_rules.positive_number, "--snr"), metavar="X", help="Corrector signal-to-noise ratio (default: the model's).")] = None,
-    sigma_min: Annotated[Optional[float], _opt("--sigma-min", parser=partial(flag_rules.positive_number, "--sigma-min"), metavar="X", help="Override the model's sigma_min.")] = None,
-    sigma_max: Annotated[Optional[float], _opt("--sigma-max", parser=partial(flag_rules.positive_number, "--sigma-max"), metavar="X", help="Override the model's sigma_max.")] = None,
-    num_scales: Annotated[Optional[int], _opt("--num-scales", parser=partial(flag_rules.whole_number, "--num-scales"), metavar="N", help="Override the model's num_scales.")] = None,
+    snr: Annotated[Optional[str], _opt("--snr", metavar="X", help="Corrector signal-to-noise ratio (default: the model's).")] = None,
+    sigma_min: Annotated[Optional[str], _opt("--sigma-min", metavar="X", help="Override the model's sigma_min.")] = None,
+    sigma_max: Annotated[Optional[str], _opt("--sigma-max", metavar="X", help="Override the model's sigma_max.")] = None,
+    num_scales: Annotated[Optional[str], _opt("--num-scales", metavar="N", help="Override the model's num_scales.")] = None,
     per_sample_step: Annotated[bool, _opt("--per-sample-step", help=(
         "Corrector step size per sample. Default: the reference's batch-mean step size (for fidelity), which couples "
         "the samples of a batch, so images then depend on --batch-size; with this flag a seed gives the same images "
@@ -106,9 +104,9 @@ def sample(
         "On a GPU: capture each whole step (score call and sampler update) in CUDA graphs after one eager batch, and "
         "replay them for every batch of the same size; eager where that cannot be done (run.json says which path ran)."),
         panel=RUN)] = False,
-    num_samples: Annotated[int, _opt("--num-samples", "-n", parser=partial(flag_rules.whole_number, "--num-samples"), metavar="N", help="How many images.", panel=RUN)] = 16,
-    batch_size: Annotated[int, _opt("--batch-size", "-b", parser=partial(flag_rules.whole_number, "--batch-size"), metavar="N", help="Images per batch.", panel=RUN)] = 16,
-    seed: Annotated[int, _opt("--seed", parser=flag_rules.seed, metavar="N", help="Run seed (0 or more); sample i's noise is a function of (seed, i), whatever the batch.",
+    num_samples: Annotated[str, _opt("--num-samples", "-n", metavar="N", help="How many images.", panel=RUN)] = 16,
+    batch_size: Annotated[str, _opt("--batch-size", "-b", metavar="N", help="Images per batch.", panel=RUN)] = 16,
+    seed: Annotated[str, _opt("--seed", metavar="N", help="Run seed (0 or more); sample i's noise is a function of (seed, i), whatever the batch.",
                               panel=RUN)] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=options.OUTPUT)] = Path("samples"),
     force: Annotated[bool, typer.Option("--force", help=(

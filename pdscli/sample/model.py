@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,9 +63,14 @@ class ModelSpec:
     snr: float | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "device", flag_rules.device(self.device))
+        typed = {"device": flag_rules.device(self.device)}
         if self.model is not None:
-            object.__setattr__(self, "model", flag_rules.one_of("--model", self.model, MODEL_NAMES))
+            typed["model"] = flag_rules.one_of("--model", self.model, MODEL_NAMES)
+        for name, rule in _NUMBER_RULES.items():
+            if getattr(self, name) is not None:
+                typed[name] = rule(getattr(self, name))
+        for name, value in typed.items():
+            object.__setattr__(self, name, value)
         check_spec(self)
 
     @property
@@ -81,9 +87,20 @@ class ModelSpec:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+# The numbers a ModelSpec holds, each by its flag's rule (pdscli.flag_rules).
+_NUMBER_RULES = {
+    "image_size": partial(flag_rules.whole_number, "--image-size"),
+    "channels": partial(flag_rules.whole_number, "--channels"),
+    "num_scales": partial(flag_rules.whole_number, "--num-scales"),
+    "sigma_min": partial(flag_rules.positive_number, "--sigma-min"),
+    "sigma_max": partial(flag_rules.positive_number, "--sigma-max"),
+    "snr": partial(flag_rules.positive_number, "--snr"),
+}
+
+
 def check_spec(spec: ModelSpec) -> None:
-    """The model flags' rules, all cheap (no file is opened): one source, the flags that go with
-    it, and each value in its range (pdscli.flag_rules)."""
+    """The model flags' rules that join several flags, all cheap (no file is opened): one source,
+    and the flags that go with it."""
     sources = [flag for flag, given in (("--checkpoint", spec.checkpoint), ("--engine", spec.engine),
                                         ("--model", spec.model), ("--random-weights", spec.random_weights)) if given]
     if len(sources) > 1:
@@ -97,13 +114,6 @@ def check_spec(spec: ModelSpec) -> None:
                        "an engine carries its own settings")
     if spec.engine_backend and not spec.engine:
         raise PdsError("--engine-backend applies to --engine files only")
-    for flag, value in (("--image-size", spec.image_size), ("--channels", spec.channels),
-                        ("--num-scales", spec.num_scales)):
-        if value is not None:
-            flag_rules.whole_number(flag, value, 1)
-    for flag, value in (("--sigma-min", spec.sigma_min), ("--sigma-max", spec.sigma_max), ("--snr", spec.snr)):
-        if value is not None:
-            flag_rules.positive_number(flag, value)
     if spec.precision:
         resolve_precision(spec.precision)
     if spec.model in ANALYTIC_MODELS and spec.precision and spec.precision.lower() != "fp32":
