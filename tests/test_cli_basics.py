@@ -95,3 +95,13 @@ def test_a_misspelt_format_lists_every_choice(run_pds, tmp_path):
     r = run_pds("export", "--preset", "cifar10", "--random-weights", "--format", "onxx", "--out", tmp_path / "m.onnx")
     assert r.exit_code == 2
     assert r.stderr.strip() == "error: --format must be one of onnx, trt, diffusers, not 'onxx'"
+
+
+def test_the_command_line_loads_without_torch():
+    """`pds --help` stays fast: the registries the help texts name are read only when shown."""
+    import subprocess
+    import sys
+
+    code = "import sys, pdscli.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -5,15 +5,10 @@ when a command's help is shown (cli.app.Command), and only then are the registri
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from rich.markup import escape
-
-
-def _samplers() -> str:
-    from pdscli.samplers import REGISTRY
-
-    return ", ".join(REGISTRY)
 
 
 def _schedules() -> str:
@@ -23,52 +18,10 @@ def _schedules() -> str:
     return ", ".join((REFERENCE_GRID, *SCHEDULES))
 
 
-def _precisions() -> str:
-    from pdscli.devices import PRECISIONS
-
-    return ", ".join(PRECISIONS)
-
-
-def _presets() -> str:
-    from pdscli.models.config import PRESET_NAMES
-
-    return ", ".join(PRESET_NAMES)
-
-
-def _models() -> str:
-    from pdscli.sample.model import MODEL_NAMES
-
-    return ", ".join(MODEL_NAMES)
-
-
 def _formats() -> str:
     from pdscli.engines.export import FORMATS
 
     return "; ".join(f"{name}: {what}" for name, what in FORMATS.items())
-
-
-def _engine_backends() -> str:
-    from pdscli.engines.onnx_engine import BACKENDS
-
-    return ", ".join(BACKENDS)
-
-
-def _tf32() -> str:
-    from pdscli.devices import TF32_POLICIES
-
-    return ", ".join(TF32_POLICIES)
-
-
-def _bench_backends() -> str:
-    from pdscli.bench.config import KNOWN_BACKENDS
-
-    return ", ".join(KNOWN_BACKENDS)
-
-
-def _bench_parts() -> str:
-    from pdscli.bench.config import PARTS
-
-    return ", ".join(PARTS)
 
 
 def _alpha_ranges() -> str:
@@ -83,10 +36,24 @@ def _alpha_ranges() -> str:
     return f"{', '.join(spans)} steps (for sigma {lo:g}-{hi:g})"
 
 
+# Sets that are a registry's names: (module, attribute).
+REGISTRIES = {
+    "samplers": ("pdscli.samplers", "REGISTRY"),
+    "precisions": ("pdscli.devices", "PRECISIONS"),
+    "presets": ("pdscli.models.config", "PRESET_NAMES"),
+    "engine_backends": ("pdscli.engines.onnx_engine", "BACKENDS"),
+    "bench_backends": ("pdscli.bench.config", "KNOWN_BACKENDS"),
+    "bench_parts": ("pdscli.bench.config", "PARTS"),
+}
+
+
+def _names(module: str, attribute: str) -> Callable[[], str]:
+    return lambda: ", ".join(getattr(importlib.import_module(module), attribute))
+
+
 CHOICES: dict[str, Callable[[], str]] = {
-    "samplers": _samplers, "schedules": _schedules, "precisions": _precisions, "presets": _presets,
-    "models": _models, "formats": _formats, "engine_backends": _engine_backends, "tf32": _tf32,
-    "bench_backends": _bench_backends, "bench_parts": _bench_parts, "alpha_ranges": _alpha_ranges,
+    **{name: _names(*where) for name, where in REGISTRIES.items()},
+    "schedules": _schedules, "formats": _formats, "alpha_ranges": _alpha_ranges,
 }
 
 

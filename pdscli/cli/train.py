@@ -97,10 +97,12 @@ def summary(result) -> dict:
 def _sigma_max(value: str | None):
     if value is None or value == "auto":
         return value
+    from pdscli.flag_rules import refusal
+
     try:
         return float(value)
     except ValueError:
-        raise PdsError(f"--sigma-max must be a number or `auto`, not {value!r}") from None
+        raise refusal("--sigma-max", "a positive number or auto", value) from None
 
 
 

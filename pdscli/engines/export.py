@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pdscli import flag_rules
 from pdscli.devices import PRECISIONS, resolve_device
 from pdscli.engines.cache import manifest_path, why_not_reusable
 from pdscli.engines.contract import BatchProfile
@@ -96,11 +97,7 @@ def _remove_engine(engine: Path) -> None:
 
 def check_format(fmt: str, precision: str) -> tuple[str, str]:
     """--format and --precision, lower-cased and checked."""
-    fmt, precision = fmt.lower(), precision.lower()
-    if fmt not in FORMATS:
-        raise PdsError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if precision not in PRECISIONS:
-        raise PdsError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    fmt, precision = flag_rules.one_of("--format", fmt, FORMATS), flag_rules.one_of("--precision", precision, PRECISIONS)
     if fmt == "diffusers" and precision != "fp32":
         raise PdsError("--format diffusers writes float32 weights (diffusers casts at load time); drop --precision")
     return fmt, precision
@@ -112,6 +109,8 @@ def run_export(*, checkpoint=None, config=None, preset=None, fmt="onnx", precisi
     """Export a network (checkpoint, or a preset's / config's architecture with random weights) and
     return a summary: {"format", "path", "size_bytes", ...}."""
     fmt, precision = check_format(fmt, precision)
+    sigmas = flag_rules.whole_number("--check-sigmas", sigmas)
+    tolerance = None if tolerance is None else flag_rules.positive_number("--tolerance", tolerance)
     if fmt == "diffusers":
         return export_diffusers(checkpoint, config, preset, random_weights=random_weights, weights=weights,
                                 trust_checkpoint=trust_checkpoint, out=out, force=force)

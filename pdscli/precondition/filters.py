@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from rich.markup import escape
 
+from pdscli import flag_rules
 from pdscli.console import err_console
 from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import DiskFull, atomic_group, prepare_out_file
@@ -72,16 +73,15 @@ def folder_statistics(folder, *, size: int, channels: int = 3, limit: int | None
     is called after each chunk.
     """
     folder = Path(folder)
-    if size < 1:
-        raise PdsError(f"--size must be at least 1, got {size}")
+    flag_rules.whole_number("--size", size, 1)
     if channels not in (1, 3):
-        raise PdsError(f"--channels must be 1 or 3, got {channels}")
-    if limit is not None and limit < 1:
-        raise PdsError(f"--limit must be at least 1, got {limit}")
+        raise flag_rules.refusal("--channels", "1 or 3", channels)
+    if limit is not None:
+        flag_rules.whole_number("--limit", limit, 1)
     files = image_files(folder)
     files = files[:limit] if limit else files
-    if workers is not None and workers < 1:
-        raise PdsError(f"--workers must be at least 1, got {workers}")
+    if workers is not None:
+        flag_rules.whole_number("--workers", workers, 1)
     workers = workers or min(8, os.cpu_count() or 1)
 
     skipped: list = []

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pdscli import flag_rules
 from pdscli.devices import resolve_device
 from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import atomic_path, atomic_write_json, prepare_out_dir
@@ -268,14 +269,14 @@ class TrainOptions:
         """The checks that need no data and no config: fail before anything slow happens."""
         for flag, value in (("--iters", self.iters), ("--batch-size", self.batch_size), ("--image-size", self.image_size),
                             ("--save-every", self.save_every), ("--log-every", self.log_every)):
-            if value is not None and value < 1:
-                raise PdsError(f"{flag} must be at least 1, got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise PdsError(f"--lr must be positive, got {self.lr}")
+            if value is not None:
+                flag_rules.whole_number(flag, value, 1)
+        if self.lr is not None:
+            flag_rules.positive_number("--lr", self.lr)
         if self.channels is not None and self.channels not in (1, 3):
-            raise PdsError(f"--channels must be 1 or 3, got {self.channels}")
+            raise flag_rules.refusal("--channels", "1 or 3", self.channels)
         if self.sigma_max is not None and self.sigma_max != "auto" and not float(self.sigma_max) > 0:
-            raise PdsError(f"--sigma-max must be positive or `auto`, got {self.sigma_max}")
+            raise flag_rules.refusal("--sigma-max", "a positive number or auto", self.sigma_max)
         if self.force and self.resume:
             raise PdsError("--force and --resume exclude each other: --force starts over, --resume continues")
         return self
