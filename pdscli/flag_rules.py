@@ -108,8 +108,3 @@ def alpha(value) -> str | None:
     if not (math.isfinite(number) and number > 0):
         raise refusal("--alpha", "a positive number or auto", value)
     return text
-
-
-def steps_or_speed_up(n_steps: int | None, k: float | None) -> None:
-    if n_steps is not None and k is not None:
-        raise PdsError("--steps and --speed-up exclude each other: give the number of steps or the speed-up")

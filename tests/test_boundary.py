@@ -149,12 +149,12 @@ def test_bench_runs_the_predictor_and_corrector_the_config_names(corrector, nfe_
     from pdscli.bench.runs import SamplingRun
     from pdscli.evaluate.analytic import GaussianImageModel
     from pdscli.sample.model import ModelSpec
-    from pdscli.samplers import pc_steps
+    from pdscli.samplers.plan import plan
 
     g = GaussianImageModel(8, 1)
     settings = dataclasses.replace(g.settings, corrector=corrector)
     model = BenchModel("analytic", g.score, settings, torch.device("cpu"), "gaussian", gaussian=g)
     cfg = BenchConfig(spec=ModelSpec(model="gaussian"), e2e_batch=2, quick=True).resolved()
-    run = SamplingRun(g.score, "pc", pc_steps(settings, 5), None, cfg=cfg, model=model)
+    run = SamplingRun(g.score, plan("pc", settings=settings, steps=5), None, cfg=cfg, model=model)
     run.run_batch(0, 2)
     assert run.result()["nfe"] == 5 * nfe_per_step

@@ -16,6 +16,7 @@ from pdscli.fsutil import prepare_out_file
 from pdscli.images import image_files
 from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags
 from pdscli.samplers import get_sampler
+from pdscli.samplers.plan import check_counts
 
 NETWORK_BACKENDS = (
     "eager", "bf16", "fp16", "compile", "cuda-graph",
@@ -155,7 +156,7 @@ def check_run_flags(cfg: BenchConfig) -> None:
         cfg.steps = flag_rules.steps(cfg.steps)
     if cfg.speed_up is not None:
         cfg.speed_up = flag_rules.speed_up(cfg.speed_up)
-    flag_rules.steps_or_speed_up(cfg.steps, cfg.speed_up)
+    check_counts(steps=cfg.steps, speed_up=cfg.speed_up)
     check_filter_flags(cfg.masks, None, None)
 
 
