@@ -278,10 +278,10 @@ def test_gpu_backends_use_cuda_events(run_pds, fixture_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backends", "eager,warp-drive"], "unknown 'warp-drive'"),
+    (["--backends", "eager,warp-drive"], "--backends must be one of eager, bf16"),
     (["--batch-sizes", "1,x"], "--batch-sizes must be a whole number"),
     (["--batch-sizes", "0"], "at least 1"),
-    (["--skip", "lunch"], "--skip: unknown 'lunch'"),
+    (["--skip", "lunch"], "--skip must be one of nfe, overhead, e2e, samplers, not 'lunch'"),
     (["--samplers", "pc,magic"], "unknown sampler 'magic'"),
     (["--steps", "10", "--speed-up", "4"], "exclude each other"),
     (["--random-weights"], "--random-weights builds an architecture"),

@@ -137,12 +137,6 @@ def parse_names(text: str | None, flag: str, every: tuple[str, ...] | None = Non
     return list(dict.fromkeys(names))
 
 
-def _check_known(names: list[str] | None, flag: str, known: tuple[str, ...]) -> None:
-    unknown = [n for n in names or [] if n not in known]
-    if unknown:
-        raise PdsError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
-
-
 # The bench's own counts and their least values (quality figures measure variances: 2 images at least).
 _COUNTS = {"warmup": 0, "threads": 1, "repeats": 1, "e2e_repeats": 1, "full_steps": 1, "e2e_batch": 1,
            "quality_samples": 2, "reference_limit": 2}
@@ -163,8 +157,10 @@ def check_run_flags(cfg: BenchConfig) -> None:
 def check_config(cfg: BenchConfig) -> None:
     """The bench's own flags, cheap, before any model is loaded (the model's were checked when its
     ModelSpec was made, the shared ones by check_run_flags)."""
-    _check_known(cfg.backends, "--backends", KNOWN_BACKENDS)
-    _check_known(cfg.skip, "--skip", PARTS)
+    for name in cfg.backends or []:
+        flag_rules.one_of("--backends", name, KNOWN_BACKENDS)
+    for name in cfg.skip:
+        flag_rules.one_of("--skip", name, PARTS)
     for name, least in _COUNTS.items():
         if getattr(cfg, name) is not None:
             setattr(cfg, name, flag_rules.whole_number("--" + name.replace("_", "-"), getattr(cfg, name), least))

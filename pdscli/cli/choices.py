@@ -12,10 +12,10 @@ from rich.markup import escape
 
 
 def _schedules() -> str:
-    from pdscli.sample.setup import REFERENCE_GRID
-    from pdscli.samplers.grids import SCHEDULES
+    from pdscli.samplers import fitted
+    from pdscli.samplers.grids import GRIDS
 
-    return ", ".join((REFERENCE_GRID, *SCHEDULES))
+    return ", ".join((*GRIDS, fitted.STATS_GRID))
 
 
 def _formats() -> str:
