@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pdscli.errors import PdsError
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file-size limit, full as far as the write goes
 LOCK_NAME = ".pds-lock"  # in an output folder: held by the run writing there
 
 

@@ -167,8 +167,7 @@ def export_diffusers(checkpoint=None, config=None, preset=None, *, random_weight
     """A diffusers pipeline folder, written only after pds read it back to the same tensors."""
     out = Path(out) if out is not None else default_out(
         source_stem(checkpoint, config, preset, random_weights), "fp32", "diffusers")
-    if out.exists() and not force:  # checked before the (slow) load too
-        raise PdsError(f"{out} exists; pass --force to replace it")
+    diffusers.check_pipeline_out(out, force=force)  # checked before the (slow) load too
     if config is not None or preset is not None:  # refused before the (slow) load when the config says so
         why = diffusers.exportable(resolve_config(config, preset)[0])
         if why:

@@ -24,6 +24,7 @@ official model; otherwise `group_count_differences` says where diffusers compute
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from pdscli.errors import PdsError, first_line
+from pdscli.fsutil import DiskFull, atomic_write_bytes, is_disk_full
 from pdscli.models.ncsnpp import NCSNpp, sigma_ladder
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -619,37 +621,41 @@ def _hub_message(spec: str, repo: str, error: Exception, offline: bool) -> str:
 # ---------------------------------------------------------------------------- writing
 
 
+PIPELINE_FILES = ("model_index.json", "unet/config.json", f"unet/{WEIGHT_FILES[0]}", "scheduler/scheduler_config.json")
+
+
 def write_pipeline(out: Path, model: NCSNpp, *, force: bool = False, check: Callable[[Path], None] | None = None) -> dict:
     """Write `model` as a ScoreSdeVePipeline folder (unet/ + scheduler/, safetensors), atomically.
 
-    Everything goes into a temporary folder beside `out`, which is renamed to `out` at the end;
-    an existing `out` is replaced only with `force` (and only once the new folder is complete).
+    Everything goes into a temporary folder beside `out` (named with this process's id, so that
+    a later export removes what a killed one left), which then takes `out`'s place in one step.
+    An existing `out` is replaced only with `force`, and only if it holds nothing but a pipeline's
+    files: nothing a user keeps there is deleted. A full disk is one line (DiskFull).
     `check(folder)` runs on the finished temporary folder first; raising there writes nothing.
     Returns {"path", "files", "size_bytes", "warnings"}.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     out = Path(out)
     unet_cfg, sched_cfg = config_to_diffusers(model.config)
-    if out.exists() and not force:
-        raise PdsError(f"{out} exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise PdsError(f"{out} exists and is not a folder")
+    check_pipeline_out(out, force=force)
+    remove_stale_exports(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(out) from None
         raise PdsError(f"cannot write beside {out}: {e.strerror}") from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())
-        (tmp / "unet").mkdir()
-        (tmp / "scheduler").mkdir()
         index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": DIFFUSERS_VERSION,
                  "scheduler": ["diffusers", SCHEDULER_CLASS], "unet": ["diffusers", UNET_CLASS]}
-        for path, obj in ((tmp / "model_index.json", index), (tmp / "unet" / "config.json", unet_cfg),
-                          (tmp / "scheduler" / "scheduler_config.json", sched_cfg)):
-            path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        save_file(state_dict_to_diffusers(model), str(tmp / "unet" / WEIGHT_FILES[0]), metadata={"format": "pt"})
+        weights = safetensors_bytes(state_dict_to_diffusers(model), metadata={"format": "pt"})
+        contents = dict(zip(PIPELINE_FILES, [_json_bytes(index), _json_bytes(unet_cfg), weights, _json_bytes(sched_cfg)]))
+        for name, data in contents.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
+            atomic_write_bytes(tmp / name, data)
         if check is not None:
             check(tmp)
         _replace_folder(tmp, out)
@@ -662,19 +668,88 @@ def write_pipeline(out: Path, model: NCSNpp, *, force: bool = False, check: Call
                          for d in [group_count_differences(model.config)] if d]}
 
 
+def check_pipeline_out(out: Path, *, force: bool) -> None:
+    """Before any work: `out` may be made, or (with `force`) replaced as a whole because it holds
+    only what an export wrote. The current folder or one above it cannot take a new folder's place."""
+    here = Path.cwd().resolve()
+    if out.name in ("", ".", "..") or here.is_relative_to(out.resolve()):
+        raise PdsError(f"--out {out} is the current folder or above it; an export replaces its folder as a whole: "
+                       "name a new folder, e.g. --out ncsnpp-diffusers")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise PdsError(f"{out} exists; pass --force to replace it")
+    if out.is_symlink() or not out.is_dir():
+        raise PdsError(f"{out} exists and is not a folder" + (" (a symbolic link)" if out.is_symlink() else ""))
+    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                     if str(p.relative_to(out)) not in {*PIPELINE_FILES, "unet", "scheduler"})
+    if foreign:
+        raise PdsError(f"--force replaces only a pipeline folder pds wrote, and {out} also holds {foreign[0]}"
+                       f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; move them out, or use "
+                       "another --out")
+
+
+def remove_stale_exports(out: Path) -> list[Path]:
+    """Remove the temporary folders (`.NAME.PID.*.tmp`, `.NAME.PID.*.old`) that killed exports to
+    `out` left beside it: those whose process is gone. Returns the folders removed."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(\d+)\.\w+\.(tmp|old)$")
+    parent = out.parent if out.parent.is_dir() else None
+    for p in parent.iterdir() if parent else ():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
 def _replace_folder(tmp: Path, out: Path) -> None:
+    """`tmp` takes `out`'s place. An existing `out` is swapped with `tmp` in one step where the
+    kernel can (renameat2 RENAME_EXCHANGE), so that no moment is without an `out`; the old one is
+    then removed from its new name."""
     if not out.exists():
         os.replace(tmp, out)
         return
-    # A folder cannot be renamed over a non-empty one: move the old one aside first, drop it last.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / out.name)
+    if exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    # No exchange here: move the old one aside first (a folder named for this process, which a
+    # later export removes if this one is killed between the renames), drop it last.
+    old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
+    os.replace(out, old)
     try:
         os.replace(tmp, out)
     except BaseException:
-        os.replace(old / out.name, out)
+        os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False
 
 
 def _umask() -> int:

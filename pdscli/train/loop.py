@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from pdscli import flag_rules
 from pdscli.devices import resolve_device
 from pdscli.errors import PdsError, first_line
-from pdscli.fsutil import atomic_path, atomic_write_json, prepare_out_dir
+from pdscli.fsutil import atomic_path, atomic_write_json, atomic_write_text, open_regular, prepare_out_dir
 from pdscli.models import build_model, load_config, validate_config
 from pdscli.models.checkpoint import load_file, load_score_model, save_checkpoint, save_safetensors
 from pdscli.noise import sample_seed
@@ -429,8 +430,10 @@ class _LossLog:
         if resume_step is not None and path.is_file():
             # Steps after the checkpoint are trained again: drop their records instead of doubling them.
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        self.file = open(path, "a" if resume_step is not None else "w")
+            atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        # Appended to as training goes (not atomic), so opened without following a link planted at its name.
+        mode = os.O_APPEND if resume_step is not None else os.O_TRUNC
+        self.file = os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | mode, what="loss log"), "a")
         self.every, self.seconds_before = every, seconds_before
         self.window: list[float] = []
         self.records: list[tuple[int, float]] = []
