@@ -4,35 +4,39 @@ May import anything in the package; nothing imports it (it is the top of the gra
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-import typer
-from rich.markup import escape
+try:  # Ctrl-C while the command line starts (torch alone takes seconds to import): one line, no traceback
+    import importlib
+    import signal
+    import threading
 
-from pdscli.cli.app import app
-from pdscli.console import err_console
-from pdscli.errors import PdsError
+    import typer
+    from rich.markup import escape
 
-try:  # recent Typer carries its own copy of click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover - older Typer uses click itself
-    from click import exceptions as click_errors
+    from pdscli.cli.app import app, interruption_reported, report_interruption
+    from pdscli.console import err_console
+    from pdscli.errors import PdsError
 
-# Each module registers its command(s) on `app` when imported.
-COMMAND_MODULES = ("info", "sample", "filters", "export", "bench", "train", "fid")
+    try:  # recent Typer carries its own copy of click
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover - older Typer uses click itself
+        from click import exceptions as click_errors
 
+    # Each module registers its command(s) on `app` when imported.
+    COMMAND_MODULES = ("info", "sample", "filters", "export", "bench", "train", "fid")
 
-def _register_commands() -> None:
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"pdscli.cli.{name}")
-
-
-_register_commands()
+    for _name in COMMAND_MODULES:
+        importlib.import_module(f"pdscli.cli.{_name}")
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors (ours and Typer's usage errors) become one line on stderr and exit code 2."""
+    handler = signal.getsignal(signal.SIGINT)
+    interruption_reported(reset=True)
     try:
         # Not standalone: usage errors come here as exceptions, to be printed as one line like ours.
         code = app(args=argv, prog_name="pds", standalone_mode=False)
@@ -48,14 +52,19 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(e.exit_code)
     except typer.Abort:
-        err_console.print("interrupted", highlight=False)
+        report_interruption()
         sys.exit(130)
     except PdsError as e:
         # escape: messages quote user text and brackets (`pip install "pds[trt]"`, `x [B,C,H,W]`), never markup.
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted", highlight=False)
+        report_interruption()
         sys.exit(130)
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+    if code == 130:  # Typer's silent exit for a Ctrl-C no command reported
+        report_interruption()
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -9,7 +9,7 @@ from typer.core import TyperCommand
 
 from pdscli import __version__
 from pdscli.cli.choices import fill
-from pdscli.console import err_console
+from pdscli.console import err_console, ignore_further_interrupts
 
 app = typer.Typer(
     name="pds",
@@ -53,12 +53,30 @@ class Command(TyperCommand):
         return super().format_help(ctx, formatter)
 
 
+_interruption = {"reported": False}
+
+
+def report_interruption(message: str = "interrupted") -> None:
+    """The one line a Ctrl-C gets (once per command), with further Ctrl-C ignored while the
+    command ends. Typer turns a Ctrl-C it sees into a silent exit 130; `main` then says it here."""
+    ignore_further_interrupts()
+    if not _interruption["reported"]:
+        err_console.print(message, highlight=False, soft_wrap=True, markup=False)
+        _interruption["reported"] = True
+
+
+def interruption_reported(reset: bool = False) -> bool:
+    reported = _interruption["reported"]
+    if reset:
+        _interruption["reported"] = False
+    return reported
+
+
 @contextlib.contextmanager
 def interruptible(hint: str = ""):
-    """Ctrl-C inside a command: "interrupted" (and `hint`) on stderr and exit code 130. Typer would
-    otherwise turn it into a silent exit 130 (`main` runs the app not standalone)."""
+    """Ctrl-C inside a command: "interrupted" (and `hint`) on stderr and exit code 130."""
     try:
         yield
     except KeyboardInterrupt:
-        err_console.print(f"interrupted{'; ' + hint if hint else ''}", highlight=False, soft_wrap=True, markup=False)
+        report_interruption(f"interrupted{'; ' + hint if hint else ''}")
         raise typer.Exit(130) from None

@@ -8,9 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from pdscli.cli import options
-from pdscli.cli.app import Command, app
+from pdscli.cli.app import Command, app, report_interruption
 from pdscli.cli.output import print_json, print_line
-from pdscli.console import err_console
 
 SAMPLER, RUN = "Sampler", "Run"
 
@@ -146,7 +145,7 @@ def sample(
             else:
                 record = run(build_job(spec, flags), progress=SampleBars(bars))
     except RunInterrupted as e:
-        err_console.print(str(e), highlight=False, soft_wrap=True, markup=False)
+        report_interruption(str(e))
         raise typer.Exit(e.exit_code) from None
     finally:
         dist.close()

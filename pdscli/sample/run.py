@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from pdscli.console import err_console
+from pdscli.console import err_console, ignore_further_interrupts
 from pdscli.fsutil import DiskFull, FolderLock
 from pdscli.sample import outputs
 from pdscli.sample.distributed import Dist
@@ -97,6 +97,7 @@ def run(job: SampleJob, *, progress: SampleProgress | None = None, sampler_fn=No
         try:
             stats = sample_batches(job, mine, sampler_fn=sampler_fn, progress=shown)
         except KeyboardInterrupt:
+            ignore_further_interrupts()  # counting and reporting must finish; `pds` restores the handler
             written = sum(1 for i in outputs.indices_on_disk(job.out) if i < job.num_samples)
             raise RunInterrupted(written, job.num_samples) from None
         except DiskFull as e:
