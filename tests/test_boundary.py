@@ -40,6 +40,8 @@ CASES = [
     (["--steps", "12"], ACCEPT),
     (["--steps", "0"], REFUSE),
     (["--steps", "2.5"], REFUSE),
+    (["--steps", "1000000"], ACCEPT),
+    (["--steps", "1000001"], REFUSE),
     (["--steps", "10", "--speed-up", "2"], REFUSE),
     (["--nfe", "5"], ACCEPT),
     (["--nfe", "0"], REFUSE),

@@ -181,11 +181,11 @@ SMALL = ("--model", "gaussian", "--image-size", "8", "--quiet")
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (("--steps", "1000000000"), "--steps 1,000,000,000"), (("--nfe", "1000000000"), "--nfe 1,000,000,000"),
+    (("--steps", "1000000000"), "--steps must be"), (("--nfe", "1000000000"), "--nfe must be"),
     (("--steps", "5", "--num-scales", "1000000000000"), "--num-scales"),
 ], ids=["steps", "nfe", "num-scales"])
 def test_step_counts_beyond_a_million_are_refused(run_pds, tmp_path, flags, needle):
-    one_line_error(run_pds("sample", *SMALL, *flags, "--out", tmp_path / "o"), needle, "at most 1,000,000")
+    one_line_error(run_pds("sample", *SMALL, *flags, "--out", tmp_path / "o"), needle, "a whole number from 1 to 1000000")
     assert not (tmp_path / "o").exists()
 
 

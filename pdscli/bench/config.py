@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from pdscli.bench.fid import check_fid_flags
@@ -14,7 +15,7 @@ from pdscli import flag_rules
 from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import prepare_out_file
 from pdscli.images import image_files
-from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags
+from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags, scale_count
 from pdscli.samplers import get_sampler
 from pdscli.samplers.plan import check_counts
 
@@ -115,13 +116,14 @@ class BenchConfig:
 
 
 def parse_ints(text: str | None, flag: str) -> list[int] | None:
-    """"1,8,32" -> [1, 8, 32]; each at least 1, no repeats."""
+    """"1,8,32" -> [1, 8, 32]; each at least 1 (--nfe: a step count, as `pds sample --nfe`), no repeats."""
     if text is None:
         return None
     words = [v for v in str(text).replace(" ", "").split(",") if v]
     if not words:
         raise flag_rules.refusal(flag, "comma-separated whole numbers like 1,8,32", text)
-    return sorted({flag_rules.whole_number(flag, v, 1) for v in words})
+    count = partial(scale_count, flag=flag) if flag == "--nfe" else partial(flag_rules.whole_number, flag, least=1)
+    return sorted({count(v) for v in words})
 
 
 def parse_names(text: str | None, flag: str, every: tuple[str, ...] | None = None) -> list[str] | None:
@@ -138,7 +140,7 @@ def parse_names(text: str | None, flag: str, every: tuple[str, ...] | None = Non
 
 
 # The bench's own counts and their least values (quality figures measure variances: 2 images at least).
-_COUNTS = {"warmup": 0, "threads": 1, "repeats": 1, "e2e_repeats": 1, "full_steps": 1, "e2e_batch": 1,
+_COUNTS = {"warmup": 0, "threads": 1, "repeats": 1, "e2e_repeats": 1, "e2e_batch": 1,
            "quality_samples": 2, "reference_limit": 2}
 
 
@@ -147,7 +149,7 @@ def check_run_flags(cfg: BenchConfig) -> None:
     cfg.alpha = flag_rules.alpha(cfg.alpha)
     cfg.seed = flag_rules.seed(cfg.seed)
     if cfg.steps is not None:
-        cfg.steps = flag_rules.steps(cfg.steps)
+        cfg.steps = scale_count(cfg.steps)
     if cfg.speed_up is not None:
         cfg.speed_up = flag_rules.speed_up(cfg.speed_up)
     check_counts(steps=cfg.steps, speed_up=cfg.speed_up)
@@ -161,6 +163,8 @@ def check_config(cfg: BenchConfig) -> None:
         flag_rules.one_of("--backends", name, KNOWN_BACKENDS)
     for name in cfg.skip:
         flag_rules.one_of("--skip", name, PARTS)
+    if cfg.full_steps is not None:
+        cfg.full_steps = scale_count(cfg.full_steps, "--full-steps")
     for name, least in _COUNTS.items():
         if getattr(cfg, name) is not None:
             setattr(cfg, name, flag_rules.whole_number("--" + name.replace("_", "-"), getattr(cfg, name), least))

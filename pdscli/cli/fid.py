@@ -39,10 +39,10 @@ def fid(
     reference: Path = typer.Argument(..., help="Real images: a folder, a samples.npz, or a statistics .npz from --save-stats.", show_default=False),
     features: Optional[Path] = typer.Option(None, "--features", help="Feature network file: a local copy of torch-fidelity's Inception weights, or a pds stand-in network (docs/evaluation.md). Default: the Inception weights torch-fidelity downloads.", rich_help_panel=options.MODEL),
     device: options.Device = "auto",
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per feature-network call.", rich_help_panel=MEASURE),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image decoding threads (default: CPU count, at most 8).", rich_help_panel=MEASURE),
-    kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, help="KID: random subsets averaged.", rich_help_panel=MEASURE),
-    kid_subset_size: Optional[int] = typer.Option(None, "--kid-subset-size", min=2, help="KID: images per subset (default 1000, or the smaller set's count).", rich_help_panel=MEASURE),
+    batch_size: str = typer.Option("64", "--batch-size", metavar="N", help="Images per feature-network call.", rich_help_panel=MEASURE),
+    workers: Optional[str] = typer.Option(None, "--workers", metavar="N", help="Image decoding threads (default: CPU count, at most 8).", rich_help_panel=MEASURE),
+    kid_subsets: str = typer.Option("100", "--kid-subsets", metavar="N", help="KID: random subsets averaged.", rich_help_panel=MEASURE),
+    kid_subset_size: Optional[str] = typer.Option(None, "--kid-subset-size", metavar="N", help="KID: images per subset (default 1000, or the smaller set's count).", rich_help_panel=MEASURE),
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write REFERENCE's statistics to this .npz, for later runs.", rich_help_panel=options.OUTPUT),
     force: options.Force = False,
     quiet: options.Quiet = False,
@@ -50,6 +50,13 @@ def fid(
 ):
     from pdscli.api import fid as measure
     from pdscli.cli.progress import Progress
+    from pdscli.flag_rules import whole_number
+
+    # The command line's text, by the flags' one rule (the library takes typed numbers).
+    counts = {"batch_size": whole_number("--batch-size", batch_size),
+              "kid_subsets": whole_number("--kid-subsets", kid_subsets),
+              "workers": None if workers is None else whole_number("--workers", workers),
+              "kid_subset_size": None if kid_subset_size is None else whole_number("--kid-subset-size", kid_subset_size, 2)}
 
     with Progress(enabled=not quiet) as bars:
         lanes = {}  # one bar per image set: the measurement calls progress(label, done, total)
@@ -59,9 +66,8 @@ def fid(
                 lanes[label] = bars.counter(label)
             lanes[label](done, total)
 
-        result = measure(samples, reference, features=features, device=device, batch_size=batch_size, workers=workers,
-                         kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, save_stats=save_stats, force=force,
-                         progress=progress)
+        result = measure(samples, reference, features=features, device=device, save_stats=save_stats, force=force,
+                         progress=progress, **counts)
     if as_json:
         print_json(result)
         return

@@ -25,6 +25,7 @@ from pdscli.evaluate.mixture import MixtureImageModel, mixture_score_model
 from pdscli.fsutil import sha256_file
 from pdscli.models import builtin
 from pdscli.models.checkpoint import open_checkpoint
+from pdscli.models.config import MAX_SCALES
 from pdscli.precondition import Filters, load_filters, load_reference_npy
 from pdscli.samplers.teleport import DataGaussian
 from pdscli.score import ScoreModel
@@ -87,11 +88,17 @@ class ModelSpec:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+def scale_count(value, flag: str = "--steps") -> int:
+    """A count of steps or noise levels (--steps, --nfe, --num-scales, bench's --full-steps): 1 to
+    MAX_SCALES, since a grid of 10^9 steps would take 8 GB before the first step."""
+    return flag_rules.whole_number(flag, value, 1, MAX_SCALES + 1)
+
+
 # The numbers a ModelSpec holds, each by its flag's rule (pdscli.flag_rules).
 _NUMBER_RULES = {
     "image_size": partial(flag_rules.whole_number, "--image-size"),
     "channels": partial(flag_rules.whole_number, "--channels"),
-    "num_scales": partial(flag_rules.whole_number, "--num-scales"),
+    "num_scales": partial(scale_count, flag="--num-scales"),
     "sigma_min": partial(flag_rules.positive_number, "--sigma-min"),
     "sigma_max": partial(flag_rules.positive_number, "--sigma-max"),
     "snr": partial(flag_rules.positive_number, "--snr"),

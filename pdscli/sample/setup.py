@@ -22,12 +22,11 @@ from pdscli.devices import memory_bytes
 from pdscli.errors import PdsError
 from pdscli.fsutil import LOCK_NAME, FolderLock, prepare_out_dir
 from pdscli.models import builtin
-from pdscli.models.config import MAX_SCALES
 from pdscli.precondition import Preconditioner
 from pdscli.precondition.alpha import AlphaChoice, choose_alpha
 from pdscli.sample.job import SampleJob
 from pdscli.sample.pilot import Candidate, choose_by_pilot
-from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags, data_gaussian, open_filters, open_model, refresh_hint
+from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags, scale_count, data_gaussian, open_filters, open_model, refresh_hint
 from pdscli.samplers import Steps, fitted, sampler_info
 from pdscli.samplers.pc import corrector_stalls
 from pdscli.samplers.plan import Plan, check_counts, grid_name, nfe_for, plan, steps_for_nfe
@@ -67,8 +66,8 @@ class SampleFlags:
         checked = {"alpha": flag_rules.alpha(self.alpha), "seed": flag_rules.seed(self.seed),
                    "num_samples": flag_rules.steps(self.num_samples, "--num-samples"),
                    "batch_size": flag_rules.steps(self.batch_size, "--batch-size")}
-        for name, rule in (("steps", flag_rules.steps), ("speed_up", flag_rules.speed_up),
-                           ("nfe", lambda v: flag_rules.steps(v, "--nfe"))):
+        for name, rule in (("steps", scale_count), ("speed_up", flag_rules.speed_up),
+                           ("nfe", lambda v: scale_count(v, "--nfe"))):
             if getattr(self, name) is not None:
                 checked[name] = rule(getattr(self, name))
         for name, value in checked.items():
@@ -169,9 +168,6 @@ def choose_sampler(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool | N
     `has_filters`: filters were given (default: filter files among the flags)."""
     has_filters = flags.has_filter_files if has_filters is None else has_filters
     teleport = parse_teleport(flags.teleport)
-    for flag, value in (("--steps", flags.steps), ("--nfe", flags.nfe), ("--num-scales", spec.num_scales)):
-        if value is not None and value > MAX_SCALES:  # a grid of 10^9 steps would take 8 GB before the first
-            raise PdsError(f"{flag} {value:,} is more than pds runs (at most {MAX_SCALES:,})")
     budget = None
     if flags.nfe is not None:
         flags, budget = _apply_budget(spec, flags, has_filters=has_filters)
