@@ -26,7 +26,8 @@ renders them into docs/samplers.md):
     sampler at 5-20 NFE: mode TV and the weight-averaged per-mode spectral KL; N exact draws give the
     sampling floor. The samplers that trail on the Gaussian at every budget are left out here.
 pds itself is measured in the same harness: its samplers on the geometric and edm grids, and
-the grids fitted to the data statistics (`--schedule stats`, pdscli.samplers.fitted); on the
+the grids fitted to the data statistics (`--schedule stats`, pdscli.samplers.fitted) and
+`--teleport auto` (pdscli.samplers.teleport, the samplers and budgets it teleports); on the
 Gaussian also on ComfyUI's AYS and GITS tables (read from its scheduler nodes' files as data).
 One thread; the Gaussian part takes ~15 minutes, the mixture part ~20 on a shared 2-core machine.
 """
@@ -62,6 +63,7 @@ from pdscli.evaluate.moments import exact_second_moments, kl_of_moments  # noqa:
 from pdscli.evaluate.mixture import MixtureImageModel  # noqa: E402
 from pdscli.noise import SampleNoise  # noqa: E402
 from pdscli.samplers import REGISTRY, fitted  # noqa: E402
+from pdscli.samplers.teleport import DataGaussian, TeleportNoise, auto_ratio, spread  # noqa: E402
 from pdscli.samplers.grids import Steps, make_steps, steps_from_levels  # noqa: E402
 from pdscli.samplers.plan import steps_for_nfe  # noqa: E402
 
@@ -304,6 +306,35 @@ def table_grid(kind: str, settings, n: int) -> Steps:
     return steps_from_levels(torch.as_tensor(mapped[:-1].copy()), settings.sigma_max)
 
 
+def data_gaussian(model) -> DataGaussian:
+    """The model's Gaussian approximation, as `pds sample` builds it for an exact model."""
+    gauss = model.moment_matched() if hasattr(model, "moment_matched") else model
+    return DataGaussian(torch.full(gauss.shape, gauss.mean, dtype=torch.float64), gauss.lam)
+
+
+def teleported(model, name: str, n: int, nfe: int) -> Callable | None:
+    """pds `name` as `--teleport auto` runs it at this budget (None: auto does not teleport it):
+    x_T carried to sigma_t by the data's Gaussian, then the log-uniform grid from sigma_t.
+
+    The Gaussian part measures a centred copy of the model (mean 0) with impulses, and the bias
+    with the real one: the teleport's mean follows the score it is given."""
+    ratio = auto_ratio(name, nfe)
+    if ratio is None:
+        return None
+    gaussian = data_gaussian(model)
+    centred = DataGaussian(torch.zeros_like(gaussian.mean), gaussian.spectrum)
+    sigma_t = ratio * spread(gaussian)
+    steps = make_steps("geometric", model.settings.replace(sigma_max=sigma_t), n)
+    info = REGISTRY[name]
+
+    def run(score, noise, _steps, **kw):
+        g = gaussian if score == model.score else centred
+        start = TeleportNoise(noise, g, model.settings.sigma_max, sigma_t, stochastic=not info.deterministic)
+        return info.fn(score, start, steps, **kw)
+
+    return run
+
+
 def pds_steps(model, name: str, grid: str, n: int) -> Steps:
     """pds's grid: a named schedule, AYS / GITS, or `stats`, fitted to the model's second-order statistics."""
     if grid in ("ays", "gits"):
@@ -317,9 +348,9 @@ def measure(model, measure_fn, peer_list, sources, grids, log, skip=frozenset(),
     rows = []
     settings = model.settings
     extra = [g for g in ("ays", "gits") if g in TABLES and len(grids) > 1]  # the grid comparison: Gaussian only
-    for grid in [*grids, *extra, "stats"]:
+    for grid in [*grids, *extra, "stats", "teleport"]:
         for peer in peer_list:
-            if grid in ("ays", "gits", "stats"):
+            if grid in ("ays", "gits", "stats", "teleport"):
                 break
             run, cache = peer.sampler(), {}
             for nfe in budgets:
@@ -336,15 +367,21 @@ def measure(model, measure_fn, peer_list, sources, grids, log, skip=frozenset(),
                              "levels": n, **m, "seconds": round(time.perf_counter() - t0, 2)})
             log(f"{peer.library} {peer.name} {grid}: " + " ".join(_short(r) for r in rows if r["sampler"] == peer.name
                                                                    and r["grid"] == grid))
-        for name in STATS_SAMPLERS if grid in ("ays", "gits", "stats") else [n for n in PDS_SAMPLERS if n not in skip]:
+        for name in STATS_SAMPLERS if grid in ("ays", "gits", "stats", "teleport") else [n for n in PDS_SAMPLERS if n not in skip]:
             info = REGISTRY[name]
-            for nfe in [b for b in budgets if b in TABLE_BUDGETS] if grid in ("ays", "gits", "stats") else budgets:
+            for nfe in [b for b in budgets if b in TABLE_BUDGETS] if grid in ("ays", "gits", "stats", "teleport") else budgets:
                 try:
                     n = steps_for_nfe(name, nfe)
                 except Exception:  # the budget is below the sampler's fewest steps
                     continue
                 t0 = time.perf_counter()
-                m = measure_fn(model, info.fn, pds_steps(model, name, grid, n), not info.deterministic)
+                if grid == "teleport":
+                    run = teleported(model, name, n, nfe)
+                    if run is None:
+                        continue
+                    m = measure_fn(model, run, make_steps("geometric", settings, n), not info.deterministic)
+                else:
+                    m = measure_fn(model, info.fn, pds_steps(model, name, grid, n), not info.deterministic)
                 rows.append({"library": "pds", "sampler": name, "grid": grid, "nfe": nfe, "spent": info.nfe(n),
                              "levels": n, **m, "seconds": round(time.perf_counter() - t0, 2)})
             log(f"pds {name} {grid}: " + " ".join(_short(r) for r in rows if r["library"] == "pds" and r["sampler"] == name

@@ -284,7 +284,9 @@ def render_peers(g: dict | None, mx: dict | None) -> str:
              "levels that fit, on k-diffusion's own grid functions (log-uniform = `get_sigmas_exponential`, "
              "Karras = `get_sigmas_karras`, rho 7). pds grids: `geometric` (log-uniform), `edm` (Karras), "
              "`stats` (`--schedule stats`, fitted to the data's second-order statistics: "
-             "`pdscli.samplers.fitted`)."), "", "Peers and their source versions:", ""]
+             "`pdscli.samplers.fitted`), `teleport` (`--teleport auto`: x_T carried to sigma_t by the data's "
+             "Gaussian, then log-uniform from sigma_t; the samplers and budgets auto teleports)."), "",
+            "Peers and their source versions:", ""]
     for lib, src in meta["sources"].items():
         out.append(f"- **{lib}** {src['version']}: {src['source']}")
     out.append("")
@@ -294,12 +296,12 @@ def render_peers(g: dict | None, mx: dict | None) -> str:
         floor = part["floor"][key]
         lines = [f"**{title}**: the best of each (lower is better; values at or below the floor {fmt(floor)} rank as "
                  "the floor); ratio = pds / best peer.", "",
-                 "| NFE | best peer | pds without statistics | ratio | pds with statistics (`--schedule stats`) | ratio |",
+                 "| NFE | best peer | pds without statistics | ratio | pds with statistics (`--schedule stats` or `--teleport auto`) | ratio |",
                  "|---|---|---|---|---|---|"]
         for nfe in budgets:
             peer = _best(rows, nfe, key, lambda r: r["library"] != "pds", floor)
             plain = _best(rows, nfe, key, lambda r: r["library"] == "pds" and r["grid"] in WITHOUT_STATS, floor)
-            stats = _best(rows, nfe, key, lambda r: r["library"] == "pds" and r["grid"] == "stats", floor)
+            stats = _best(rows, nfe, key, lambda r: r["library"] == "pds" and r["grid"] in ("stats", "teleport"), floor)
 
             def cell(r):
                 if r is None:
