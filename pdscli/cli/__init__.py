@@ -16,7 +16,8 @@ try:  # Ctrl-C while the command line starts (torch alone takes seconds to impor
 
     from pdscli.cli.app import app, interruption_reported, report_interruption
     from pdscli.console import err_console
-    from pdscli.errors import PdsError
+    from pdscli.devices import is_out_of_memory
+    from pdscli.errors import PdsError, first_line
 
     try:  # recent Typer carries its own copy of click
         from typer._click import exceptions as click_errors
@@ -31,6 +32,19 @@ try:  # Ctrl-C while the command line starts (torch alone takes seconds to impor
 except KeyboardInterrupt:
     sys.stderr.write("interrupted\n")
     raise SystemExit(130) from None
+
+
+# What to make smaller when a command runs out of memory.
+SMALLER = {"filters": "a smaller --size (or fewer images, --limit)", "train": "a smaller --batch-size",
+           "bench": "smaller --batch-sizes", "fid": "a smaller --batch-size", "sample": "a smaller --batch-size",
+           "export": "a smaller --max-batch"}
+
+
+def out_of_memory_line(argv: list[str] | None, error: BaseException) -> str:
+    command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+    detail = first_line(error, 120) if str(error) else type(error).__name__
+    hint = SMALLER.get(command, "smaller sizes")
+    return f"out of memory in pds {command} ({detail}); pass {hint}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         report_interruption()
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:  # out of memory anywhere a command did not say so itself
+        if not is_out_of_memory(e):
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(out_of_memory_line(argv, e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)

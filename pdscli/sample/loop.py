@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from pdscli.devices import is_out_of_memory
 from pdscli.engines.graph_step import StepGraphSampler
 from pdscli.images import to_numpy
 from pdscli.noise import SampleNoise
@@ -94,14 +95,6 @@ def _finite_check(indices: range) -> Callable[[dict], None]:
     return check
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):  # torch.OutOfMemoryError in torch >= 2.5
-        return True
-    # The CPU allocator raises a plain RuntimeError.
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
-
-
 def make_batch(job: SampleJob, indices: range, *, sampler_fn, score, callback=None) -> torch.Tensor:
     """Planned batch `indices` as the sampler returns it (not clipped): sample i's noise from
     (seed, i), the job's grid, preconditioner and parts. Out of memory and NaN/Inf in the output
@@ -116,7 +109,7 @@ def make_batch(job: SampleJob, indices: range, *, sampler_fn, score, callback=No
                 job.sampler, precond=job.precond, snr=job.snr, per_sample_step=job.per_sample_step, callback=callback,
                 **job.sampler_options))
     except (MemoryError, RuntimeError) as e:
-        if not _is_out_of_memory(e):
+        if not is_out_of_memory(e):
             raise
         raise OutOfMemory(
             f"out of memory on {job.model.device} making a batch of {len(indices)} samples "

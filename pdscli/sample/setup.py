@@ -117,10 +117,13 @@ def check_fits_in_memory(batch: int, shape: tuple[int, ...], device: torch.devic
     need = STATE_COPIES * batch * math.prod(shape) * 4
     have = memory_bytes(device)
     if have and need > have:
-        most = max(1, have // (STATE_COPIES * math.prod(shape) * 4))
+        most = have // (STATE_COPIES * math.prod(shape) * 4)
+        # A smaller batch helps only if one sample fits; else the image size (or the device) must change.
+        fix = (f"pass a smaller --batch-size (at most about {most})" if most >= 1 else
+               "even one sample does not fit: use a smaller image size or a device with more memory")
         raise PdsError(
             f"a batch of {batch} samples of {'x'.join(map(str, shape))} needs at least {need / 2**30:.3g} GiB on "
-            f"{device}, which has {have / 2**30:.3g} GiB; pass a smaller --batch-size (at most about {most})"
+            f"{device}, which has {have / 2**30:.3g} GiB; {fix}"
         )
 
 
