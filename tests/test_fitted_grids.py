@@ -112,3 +112,18 @@ def test_the_stats_schedule_refuses_what_it_cannot_do(run_pds, tmp_path, extra, 
     r = run_pds(*args)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_refuses_a_stats_grid_fitted_to_other_filters(run_pds, tmp_path, monkeypatch):
+    from pdscli.precondition import Filters
+
+    monkeypatch.setenv("PDS_CACHE_DIR", str(tmp_path / "cache"))
+    first = _filters_file(tmp_path / "a.npz")
+    other = tmp_path / "b.npz"
+    gauss = GaussianImageModel(8, 3, power=2.0)  # another spectrum: another fitted grid
+    Filters(freq=expected_freq_statistic(gauss), space=None, size=8, channels=3, count=10).save(other)
+    args = [*SMALL[:-2], "--out", tmp_path / "o", "--sampler", "ipndm", "--steps", "5", "--schedule", "stats"]
+    assert run_pds(*args, "-n", "2", "--masks", first).exit_code == 0
+    r = run_pds(*args, "-n", "3", "--masks", other, "--resume")
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr
+    assert run_pds(*args, "-n", "3", "--masks", first, "--resume").exit_code == 0

@@ -14,7 +14,7 @@ from pdscli.errors import PdsError
 from pdscli.noise import NOISE_VERSION
 from pdscli.precondition import Preconditioner
 from pdscli.sample.model import FiltersInfo
-from pdscli.samplers import Steps
+from pdscli.samplers import Steps, fitted
 from pdscli.samplers.teleport import DataGaussian, TeleportChoice
 from pdscli.score import ScoreModel
 
@@ -113,6 +113,8 @@ class SampleJob:
         }
         if self.coupled_batches:
             record["batch_size"] = self.batch_size
+        if self.schedule == fitted.STATS_GRID:  # the fitted levels follow the filters and the fit: hold the grid itself
+            record["levels"] = [float(s) for s in self.steps.sigma]
         if self.teleport_to is not None:  # absent otherwise, so runs made before teleportation still resume
             record["teleport"] = {"from": float(self.model.settings.sigma_max), "to": self.teleport_to}
         return record
