@@ -118,8 +118,8 @@ def test_config_round_trip(fixture_model):
 def test_absent_fields_take_diffusers_defaults(fixture_model):
     unet, scheduler = diffusers.config_to_diffusers(fixture_model.config)
     quiet = {k: v for k, v in unet.items() if k != "attention_head_dim"}
-    _, warnings = diffusers.config_from_diffusers(quiet, scheduler, "cfg")
-    assert any("heads of 8" in w for w in warnings)  # diffusers' default 8 would be multi-head
+    with pytest.raises(PdsError, match="heads of 8"):  # diffusers' default 8 would be multi-head: refused
+        diffusers.config_from_diffusers(quiet, scheduler, "cfg")
     # norm_num_groups defaults to 32 in diffusers: 32 groups on the fixture's 16-channel output head.
     with pytest.raises(PdsError, match="norm_num_groups 32"):
         diffusers.config_from_diffusers({k: v for k, v in unet.items() if k != "norm_num_groups"}, scheduler, "cfg")

@@ -84,6 +84,53 @@ def test_weights_stored_as_integers_or_bools_are_refused(exported, tmp_path, run
     one_line_error(run_pds("info", folder), "conv_in.weight holds bool values")
 
 
+# ---------------------------------------------------------------------------- what the scheduler and attention mean
+
+
+@pytest.mark.parametrize("correct, nfe", [(3, 2 * (3 + 1)), (0, 2)])
+def test_the_schedulers_corrector_steps_are_honoured(exported, tmp_path, run_pds, correct, nfe):
+    folder = edited(exported, tmp_path / "m", scheduler={"correct_steps": correct})
+    r = run_pds("sample", "--checkpoint", folder, "--steps", "2", "-n", "1", "--out", tmp_path / "o", "--quiet",
+                "--device", "cpu")
+    assert r.exit_code == 0 and "corrector steps" not in r.stderr, r.stderr
+    record = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert record["nfe"]["per_sample"] == nfe  # predictor + `correct` Langevin steps per step, as the pipeline runs
+
+
+def test_sampling_eps_is_said_and_num_scales_reproduces_the_pipelines_grid(exported, tmp_path, run_pds):
+    from diffusers import ScoreSdeVeScheduler
+
+    from pdscli.samplers import pc_steps
+
+    folder = edited(exported, tmp_path / "m", scheduler={"sampling_eps": 1e-3})
+    r = run_pds("info", folder)
+    assert r.exit_code == 0 and "sampling_eps 0.001 is not used" in r.stderr, r.stderr
+    settings = load_score_model(exported).settings
+    n = 50
+    pipeline = ScoreSdeVeScheduler(num_train_timesteps=settings.num_scales, sigma_min=settings.sigma_min,
+                                   sigma_max=settings.sigma_max)
+    pipeline.set_timesteps(n)
+    pipeline.set_sigmas(n)
+    import dataclasses
+
+    same = pc_steps(dataclasses.replace(settings, num_scales=n), n)  # --num-scales N --steps N
+    torch.testing.assert_close(same.sigma.float(), pipeline.sigmas.float(), rtol=1e-6, atol=0)
+    other = pc_steps(settings, n)  # --steps N alone: score_sde's eps rule, another last step
+    assert not torch.allclose(other.sigma.float(), pipeline.sigmas.float(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("heads", ["absent", 16])  # the attention levels have 32 channels
+def test_attention_that_diffusers_splits_into_heads_is_refused_alike(exported, tmp_path, run_pds, heads):
+    folder = edited(exported, tmp_path / "m")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    if heads == "absent":
+        del config["attention_head_dim"]
+    else:
+        config["attention_head_dim"] = heads
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    one_line_error(run_pds("info", folder), "attention_head_dim", "single head")
+
+
 # ---------------------------------------------------------------------------- paths out of the folder
 
 

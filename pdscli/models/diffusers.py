@@ -187,13 +187,16 @@ def config_from_diffusers(unet: dict, scheduler: dict | None, source: str) -> tu
     groups = unet.get("norm_num_groups", 32)
     if groups is not None and (groups != _groups(boc[-1]) or groups != _groups(nf)):
         refuse(f"norm_num_groups {groups} differs from score_sde's min(C // 4, 32) in the middle block or the output")
-    heads = unet.get("attention_head_dim")
-    if heads is not None and any(heads != c for c, a in zip(boc + [boc[-1]], attn + [True]) if a):
-        refuse(f"attention_head_dim {heads} makes multi-head attention; NCSN++ has one head")
-    early = []
+    # One policy for attention: pds computes NCSN++'s single head, so every config for which
+    # diffusers computes several heads is refused, an absent field (diffusers' default, heads of 8
+    # channels) as much as an explicit head size below the channel count.
     if "attention_head_dim" not in unet:
-        early.append(f"{source}: attention_head_dim is not set, so diffusers would split attention into heads of 8 "
-                     f"channels; pds computes NCSN++'s single-head attention")
+        refuse("attention_head_dim is absent, so diffusers splits attention into heads of 8 channels; pds computes "
+               "NCSN++'s single head: set it to null if the model was trained single-head (as score_sde's were)")
+    heads = unet["attention_head_dim"]
+    if heads is not None and any(heads != c for c, a in zip(boc + [boc[-1]], attn + [True]) if a):
+        refuse(f"attention_head_dim {heads} makes multi-head attention; pds computes NCSN++'s single head")
+    early = []
 
     sched = dict(SCHEDULER_DEFAULTS, **(scheduler or {}))
     if sched.get("_class_name", SCHEDULER_CLASS) != SCHEDULER_CLASS:
@@ -202,9 +205,10 @@ def config_from_diffusers(unet: dict, scheduler: dict | None, source: str) -> tu
         f"{source}: no scheduler config; using {SCHEDULER_CLASS}'s defaults (sigma {SCHEDULER_DEFAULTS['sigma_min']:g}"
         f" .. {SCHEDULER_DEFAULTS['sigma_max']:g}, {SCHEDULER_DEFAULTS['num_train_timesteps']} steps, snr "
         f"{SCHEDULER_DEFAULTS['snr']:g})"]
-    if int(sched["correct_steps"]) != 1:
-        warnings.append(f"{source}: the scheduler asks for {sched['correct_steps']} corrector steps per step; "
-                        f"pds's PC samplers take 1")
+    if not math.isclose(float(sched["sampling_eps"]), SCHEDULER_DEFAULTS["sampling_eps"], rel_tol=1e-9):
+        warnings.append(f"{source}: sampling_eps {sched['sampling_eps']:g} is not used: pds's reference grid ends at "
+                        "t = 1e-5 x num_scales / steps, as score_sde's (README, Weights from the Hugging Face Hub)")
+    correct = int(sched["correct_steps"])  # the pipeline's Langevin steps before each predictor step
     cfg = {
         "model": {"name": "ncsnpp", **IMPLIED, "nf": nf, "ch_mult": [c // nf for c in boc],
                   "num_res_blocks": int(unet.get("layers_per_block", 2)),
@@ -214,8 +218,8 @@ def config_from_diffusers(unet: dict, scheduler: dict | None, source: str) -> tu
                   "conv_size": 3, "sigma_min": float(sched["sigma_min"]), "sigma_max": float(sched["sigma_max"]),
                   "num_scales": int(sched["num_train_timesteps"]), "ema_rate": 0.9999},
         "data": {"image_size": size, "num_channels": 3, "centered": not unet.get("center_input_sample", False)},
-        "sampling": {"method": "pc", "predictor": "reverse_diffusion", "corrector": "langevin", "n_steps_each": 1,
-                     "snr": float(sched["snr"])},
+        "sampling": {"method": "pc", "predictor": "reverse_diffusion", "corrector": "langevin" if correct else "none",
+                     "n_steps_each": max(correct, 1), "snr": float(sched["snr"])},
         "training": {"sde": "vesde", "continuous": True},
     }
     differences = group_count_differences(cfg)
