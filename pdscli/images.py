@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ from PIL import Image
 
 from pdscli.errors import PdsError
 from pdscli.fsutil import atomic_save_image
+
+# Pillow's UserWarnings (e.g. "Palette images with Transparency expressed in bytes should be
+# converted to RGBA") are about conversions pds makes on purpose (alpha is dropped): they must not
+# reach the terminal raw, before pds's own lines. Decoding errors still end in pds's one line.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 # What Pillow can read that people keep data sets in (same list as pdscli.train.datasets).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

@@ -84,7 +84,15 @@ class BudgetChoice:
     def plan(self, settings: SamplingSettings, options: PCOptions | None = None, filters=None) -> Plan:
         """The run: the most steps of `sampler` whose score calls fit the budget; its reason says
         why. `filters`: the statistics a `stats` grid is fitted to."""
-        run = plan(self.sampler, settings=settings, nfe=self.nfe, schedule=self.grid, options=options, filters=filters)
+        try:
+            run = plan(self.sampler, settings=settings, nfe=self.nfe, schedule=self.grid, options=options,
+                       filters=filters)
+        except PdsError as e:
+            if not self.chosen:
+                raise
+            # The user named no sampler: say that pds picked it, not as if they had chosen it.
+            raise PdsError(f"--nfe {self.nfe} is too small for the sampler pds picks without --sampler ({self.sampler}: "
+                           f"{str(e).split(': ', 1)[-1]}); give a larger --nfe") from None
         n = len(run.steps)
         if self.chosen:
             reason = f"{self.why}, {n} steps{self.note}"
