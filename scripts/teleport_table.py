@@ -106,7 +106,7 @@ def user_check(model_name: str, budgets, *, samples: int, own: int, work: Path) 
     def pds(*args) -> dict:
         done = subprocess.run([sys.executable, "-m", "pdscli", *map(str, args), "--json"], check=True,
                               capture_output=True, text=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return json.loads(done.stdout)
 
     pds("sample", "--model", model_name, "--nfe", 50, "-n", own, "-b", 256, "--out", work / "own", "--force")
     pds("filters", work / "own", "--size", 32, "--out", work / "own.npz", "--force")
