@@ -252,3 +252,34 @@ def test_an_image_size_whose_activations_cannot_fit_is_refused_before_the_load(r
     folder = edited(exported, tmp_path / "m", unet={"sample_size": 100000})
     r = run_pds("sample", "--checkpoint", folder, "-n", "1", "--steps", "2", "--out", tmp_path / "o", "--device", "cpu")
     one_line_error(r, "100000x100000", "GiB of activations")
+
+
+# ---------------------------------------------------------------------------- exports diffusers can build
+
+
+def test_an_export_diffusers_cannot_build_is_refused_in_one_line(run_pds, tmp_path, fixture_dir):
+    r = run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
+                "--format", "diffusers", "--out", tmp_path / "p")
+    one_line_error(r, "cannot export to diffusers", "GroupNorm(32 groups) over 48 channels")
+    assert list(tmp_path.iterdir()) == []
+    # It is so: diffusers itself cannot build the config pds would have written.
+    from diffusers import UNet2DModel
+
+    unet, _ = diffusers.config_to_diffusers(json.loads((fixture_dir / "config.json").read_text()))
+    with pytest.raises(ValueError, match="divisible"):
+        UNet2DModel.from_config(unet)
+
+
+def test_the_group_count_warning_names_the_output_and_shows_without_json(run_pds, tmp_path):
+    from pdscli.models import get_preset
+
+    cfg = get_preset("ffhq-1024")  # 32 channels at the attention level: diffusers builds it, with other groups
+    cfg["data"]["image_size"] = 16
+    cfg["model"].update(nf=32, ch_mult=[1, 1], num_res_blocks=1, attn_resolutions=[8])
+    (tmp_path / "narrow.json").write_text(json.dumps(cfg))
+    out = tmp_path / "p"
+    r = run_pds("export", "--config", tmp_path / "narrow.json", "--random-weights", "--format", "diffusers",
+                "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert "warning: diffusers computes" in r.stderr and "GroupNorm" in r.stderr
+    assert ".tmp" not in r.stderr  # no temporary folder, which no longer exists, is named

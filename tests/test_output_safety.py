@@ -92,8 +92,7 @@ def _export_diffusers(run_pds, tmp_path, plant, fixture_dir):
     for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                  "scheduler/scheduler_config.json"):
         plant.link(out / name)
-    return run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
-                   "--format", "diffusers", "--out", out, "--force", "--quiet")
+    return export_diffusers(run_pds, tmp_path / "cfg", out, "--force")
 
 
 def _bench(run_pds, tmp_path, plant):
@@ -145,24 +144,37 @@ def test_no_command_writes_through_a_link_planted_at_its_outputs(run_pds, tmp_pa
 # ---------------------------------------------------------------------------- pds export --format diffusers
 
 
-def export_diffusers(run_pds, fixture_dir, out, *extra):
-    return run_pds("export", "--checkpoint", fixture_dir / "checkpoint.pth", "--config", fixture_dir / "config.json",
-                   "--format", "diffusers", "--out", out, "--quiet", *extra)
+def wide_config(folder) -> Path:
+    """A small NCSN++ diffusers can build (its attention level has 128 channels; the fixture's 32 it cannot)."""
+    from pdscli.models import get_preset
+
+    cfg = get_preset("ffhq-1024")
+    cfg["data"]["image_size"] = 16
+    cfg["model"].update(nf=32, ch_mult=[1, 4], num_res_blocks=1, attn_resolutions=[8])
+    path = Path(folder) / "wide.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def export_diffusers(run_pds, folder, out, *extra):
+    return run_pds("export", "--config", wide_config(folder), "--random-weights", "--format", "diffusers",
+                   "--out", out, "--quiet", *extra)
 
 
 def test_force_never_deletes_what_the_user_keeps_in_the_export_folder(run_pds, tmp_path, fixture_dir):
     out = tmp_path / "pipe"
-    assert export_diffusers(run_pds, fixture_dir, out).exit_code == 0
+    assert export_diffusers(run_pds, tmp_path / "cfg", out).exit_code == 0
     (out / "notes.txt").write_text("mine")
     (out / "photos").mkdir()
     (out / "photos" / "a.jpg").write_bytes(b"jpeg")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    one_line_error(export_diffusers(run_pds, fixture_dir, out, "--force"), "notes.txt", "--force replaces only")
+    one_line_error(export_diffusers(run_pds, tmp_path / "cfg", out, "--force"), "notes.txt", "--force replaces only")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     (out / "notes.txt").unlink()
     (out / "photos" / "a.jpg").unlink()
     (out / "photos").rmdir()
-    assert export_diffusers(run_pds, fixture_dir, out, "--force").exit_code == 0  # only pds's files: replaced
+    assert export_diffusers(run_pds, tmp_path / "cfg", out, "--force").exit_code == 0  # only pds's files: replaced
 
 
 def test_export_to_the_current_folder_is_refused_before_the_work(run_pds, tmp_path, fixture_dir, monkeypatch):
@@ -170,8 +182,8 @@ def test_export_to_the_current_folder_is_refused_before_the_work(run_pds, tmp_pa
     here.mkdir()
     monkeypatch.chdir(here)
     for out in (".", ".."):
-        one_line_error(export_diffusers(run_pds, fixture_dir, out, "--force"), "current folder")
-    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+        one_line_error(export_diffusers(run_pds, tmp_path / "cfg", out, "--force"), "current folder")
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cfg", "here"]
 
 
 def test_what_killed_exports_left_beside_the_folder_is_removed(run_pds, tmp_path, fixture_dir):
@@ -182,30 +194,31 @@ def test_what_killed_exports_left_beside_the_folder_is_removed(run_pds, tmp_path
     mine = tmp_path / ".pipe.notes.tmp"  # not named as an export's: kept
     for folder in (*stale, live, mine):
         (folder / "unet").mkdir(parents=True)
-    assert export_diffusers(run_pds, fixture_dir, tmp_path / "pipe").exit_code == 0
+    assert export_diffusers(run_pds, tmp_path / "cfg", tmp_path / "pipe").exit_code == 0
     assert not any(p.exists() for p in stale) and live.is_dir() and mine.is_dir()
 
 
 def test_a_full_disk_during_the_export_is_one_line_and_leaves_nothing(tmp_path, fixture_dir):
-    def small_disk():  # every write past 200 kB fails, as on a full disk (the weights are 2.6 MB)
+    def small_disk():  # every write past 200 kB fails, as on a full disk (the weights are several MB)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     out = tmp_path / "pipe"
-    r = subprocess.run([sys.executable, "-m", "pdscli", "export", "--checkpoint", str(fixture_dir / "checkpoint.pth"),
-                        "--config", str(fixture_dir / "config.json"), "--format", "diffusers", "--out", str(out),
+    config = wide_config(tmp_path / "cfg")
+    r = subprocess.run([sys.executable, "-m", "pdscli", "export", "--config", str(config), "--random-weights",
+                        "--format", "diffusers", "--out", str(out),
                         "--quiet"], capture_output=True, text=True, timeout=600, preexec_fn=small_disk,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "no space left" in lines[0] and "diffusion_pytorch_model.safetensors" in lines[0]
-    assert list(tmp_path.iterdir()) == []  # no --out, no temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg"]  # no --out, no temporary folder
 
 
 def test_replacing_an_export_never_leaves_a_moment_without_the_folder(run_pds, tmp_path, fixture_dir, monkeypatch):
     from pdscli.models import diffusers
 
     out = tmp_path / "pipe"
-    assert export_diffusers(run_pds, fixture_dir, out).exit_code == 0
+    assert export_diffusers(run_pds, tmp_path / "cfg", out).exit_code == 0
     seen = []
     real = diffusers.exchange
 
@@ -215,6 +228,6 @@ def test_replacing_an_export_never_leaves_a_moment_without_the_folder(run_pds, t
         return swapped
 
     monkeypatch.setattr(diffusers, "exchange", watched)
-    assert export_diffusers(run_pds, fixture_dir, out, "--force").exit_code == 0
+    assert export_diffusers(run_pds, tmp_path / "cfg", out, "--force").exit_code == 0
     assert seen == [(True, True)]  # one atomic swap: the folder existed before and after it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -113,7 +113,7 @@ def run_export(*, checkpoint=None, config=None, preset=None, fmt="onnx", precisi
     tolerance = None if tolerance is None else flag_rules.positive_number("--tolerance", tolerance)
     if fmt == "diffusers":
         return export_diffusers(checkpoint, config, preset, random_weights=random_weights, weights=weights,
-                                trust_checkpoint=trust_checkpoint, out=out, force=force)
+                                trust_checkpoint=trust_checkpoint, out=out, force=force, log=log)
     profile = profile or DEFAULT_PROFILE
     device = resolve_device(device)
     trt_device = device if device.type == "cuda" else torch.device("cuda")
@@ -163,23 +163,31 @@ def _same(key: str, loaded: torch.Tensor, written: torch.Tensor) -> bool:
 
 
 def export_diffusers(checkpoint=None, config=None, preset=None, *, random_weights=False, weights="ema",
-                     trust_checkpoint=False, out=None, force=False) -> dict:
+                     trust_checkpoint=False, out=None, force=False, log: Callable[[str], None] = lambda s: None) -> dict:
     """A diffusers pipeline folder, written only after pds read it back to the same tensors."""
     out = Path(out) if out is not None else default_out(
         source_stem(checkpoint, config, preset, random_weights), "fp32", "diffusers")
     diffusers.check_pipeline_out(out, force=force)  # checked before the (slow) load too
     if config is not None or preset is not None:  # refused before the (slow) load when the config says so
-        why = diffusers.exportable(resolve_config(config, preset)[0])
+        cfg = resolve_config(config, preset)[0]
+        why = diffusers.exportable(cfg) or diffusers.unbuildable(cfg)
         if why:
             raise PdsError(f"cannot export to diffusers: {why}")
     network = open_network(checkpoint, config, preset, random_weights=random_weights, weights=weights,
                            trust_checkpoint=trust_checkpoint)
+    why = diffusers.unbuildable(network.net.config)  # a folder or hf: source: known only now
+    if why:
+        raise PdsError(f"cannot export to diffusers: {why}")
     expected = network.net.state_dict()
 
     def same_tensors(folder: Path) -> None:
-        loaded = load_score_model(folder).state_dict()
+        # Quiet: its warnings would name the temporary folder; the summary carries them for --out.
+        loaded = load_score_model(folder, warn=lambda message: None).state_dict()
         differ = [k for k, v in expected.items() if not _same(k, loaded[k].to(v.device, v.dtype), v)]
         if differ:
             raise PdsError(f"the diffusers folder does not read back to the same weights ({differ[0]}); nothing written")
 
-    return {"format": "diffusers", **diffusers.write_pipeline(out, network.net, force=force, check=same_tensors)}
+    summary = {"format": "diffusers", **diffusers.write_pipeline(out, network.net, force=force, check=same_tensors)}
+    for message in summary["warnings"]:
+        log(f"warning: {message}")
+    return summary

@@ -29,7 +29,7 @@ import re
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -386,7 +386,8 @@ def _warn(message: str) -> None:
 
 
 def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = None, *, preset: str | None = None,
-                     weights: str = "ema", trust_checkpoint: bool = False, device: str | torch.device = "cpu") -> NCSNpp:
+                     weights: str = "ema", trust_checkpoint: bool = False, device: str | torch.device = "cpu",
+                     warn: Callable[[str], None] | None = None) -> NCSNpp:
     """An NCSN++ in eval mode with a checkpoint's weights; `model(x, sigma)` is the score.
 
     `checkpoint`: a score_sde / pds file (.pth, a plain state_dict, .safetensors), a diffusers
@@ -413,7 +414,7 @@ def load_score_model(checkpoint: str | Path, config: str | Path | dict | None = 
         _load_ema(model, raw.ema, source.path)
         used = "ema"
     for message in source.warnings:
-        _warn(message)
+        (warn or _warn)(message)
     model.eval()
     model.settings = settings_from_config(cfg)
     model.checkpoint_info = {

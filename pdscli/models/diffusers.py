@@ -270,22 +270,28 @@ def config_to_diffusers(cfg: dict) -> tuple[dict, dict]:
     return unet, scheduler
 
 
-def group_count_differences(cfg: dict) -> list[str]:
-    """Where diffusers' GroupNorms (built from this config) have other group counts than score_sde's."""
+def unbuildable(cfg: dict) -> str | None:
+    """Why diffusers cannot even build this config's UNet2DModel (None if it can): a GroupNorm
+    whose channels its group count does not divide, from the group counts diffusers hard-codes
+    (32 in the attention norms, min(a + b // 4, 32) in AttnSkipUpBlock2D's resnets)."""
+    for name, groups, channels in _diffusers_norms(cfg):
+        if channels % groups:
+            return (f"diffusers would build {name} as GroupNorm({groups} groups) over {channels} channels, which it "
+                    f"cannot (the channels must divide into the groups): attention levels need channel counts "
+                    f"diffusers can split (multiples of 32; at least 128 to compute as score_sde)")
+    return None
+
+
+def _diffusers_norms(cfg: dict):
+    """(name, diffusers' group count, channels) of the GroupNorms diffusers sizes its own way."""
     m = cfg["model"]
     nf, size, levels, r = m["nf"], cfg["data"]["image_size"], len(m["ch_mult"]), m["num_res_blocks"]
     ch = [nf * c for c in m["ch_mult"]]
     attn = [size // 2**i in m["attn_resolutions"] for i in range(levels)]
-    found = []
-
-    def differ(name: str, diffusers_groups: int, channels: int) -> None:
-        if diffusers_groups != _groups(channels):
-            found.append(f"{name}: {diffusers_groups} groups, score_sde {_groups(channels)}")
-
     for level in range(levels):
         if attn[level]:
             for j in range(r):
-                differ(f"down_blocks.{level}.attentions.{j}.group_norm", 32, ch[level])
+                yield f"down_blocks.{level}.attentions.{j}.group_norm", 32, ch[level]
     for u in range(levels):
         level = levels - 1 - u
         if not attn[level]:
@@ -295,9 +301,14 @@ def group_count_differences(cfg: dict) -> list[str]:
             res_in = prev if j == 0 else ch[level]
             res_skip = ch[max(level - 1, 0)] if j == r else ch[level]
             # diffusers' expression, precedence included: min(res_in + res_skip // 4, 32)
-            differ(f"up_blocks.{u}.resnets.{j}.norm1", min(res_in + res_skip // 4, 32), res_in + res_skip)
-        differ(f"up_blocks.{u}.attentions.0.group_norm", 32, ch[level])
-    return found
+            yield f"up_blocks.{u}.resnets.{j}.norm1", min(res_in + res_skip // 4, 32), res_in + res_skip
+        yield f"up_blocks.{u}.attentions.0.group_norm", 32, ch[level]
+
+
+def group_count_differences(cfg: dict) -> list[str]:
+    """Where diffusers' GroupNorms (built from this config) have other group counts than score_sde's."""
+    return [f"{name}: {groups} groups, score_sde {_groups(channels)}"
+            for name, groups, channels in _diffusers_norms(cfg) if groups != _groups(channels)]
 
 
 # ---------------------------------------------------------------------------- weights
