@@ -144,3 +144,16 @@ def full_disk_at(monkeypatch, suffix: str) -> None:
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing)
+
+
+def image_folder(path, n: int = 4, size: int = 16, seed: int = 0) -> Path:
+    """`n` random 8-bit RGB PNGs of `size` x `size` in a new folder `path`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+    return path

@@ -11,20 +11,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pdscli.evaluate import compare as C
 from pdscli.evaluate.features import save_tiny_features
 
-from conftest import one_line_error
-
-
-def image_folder(path, n=6, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3)).astype(np.uint8)).save(path / f"{i:03d}.png")
-    return path
+from conftest import image_folder, one_line_error
 
 
 @pytest.fixture

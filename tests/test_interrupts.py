@@ -7,9 +7,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import image_folder
 
 
 def assert_interrupted(code: int, stderr: str) -> None:
@@ -19,14 +18,6 @@ def assert_interrupted(code: int, stderr: str) -> None:
 
 def _raise(*args, **kwargs):
     raise KeyboardInterrupt
-
-
-def image_dir(path, n=3, size=16):
-    rng = np.random.default_rng(0)
-    path.mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / f"{i}.png")
-    return path
 
 
 @pytest.mark.parametrize("command", ["info", "bench", "fid"])
@@ -41,7 +32,7 @@ def test_ctrl_c_in_a_command_says_interrupted(run_pds, tmp_path, fixture_dir, mo
         from pdscli.evaluate.features import save_tiny_features
 
         monkeypatch.setattr("pdscli.evaluate.compare.statistics", _raise)  # while the features are computed
-        a = image_dir(tmp_path / "a")
+        a = image_folder(tmp_path / "a")
         r = run_pds("fid", a, a, "--features", save_tiny_features(tmp_path / "t.pt"), "--quiet")
     assert_interrupted(r.exit_code, r.stderr)
 

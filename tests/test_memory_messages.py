@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from conftest import one_line_error
-from PIL import Image
+from conftest import image_folder, one_line_error
 
 CPU_ALLOCATOR = RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
                              "you tried to allocate 7696581394432 bytes. Error code 12 (Cannot allocate memory)")
-
-
-def image_dir(path, n=3, size=16):
-    rng = np.random.default_rng(0)
-    path.mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / f"{i}.png")
-    return path
 
 
 def failing(error):
@@ -32,7 +22,7 @@ def failing(error):
 def test_out_of_memory_is_one_line_in_every_command(run_pds, tmp_path, monkeypatch, command, error):
     if command == "filters":
         monkeypatch.setattr("pdscli.precondition.filters.compute_statistics", failing(error))
-        r = run_pds("filters", image_dir(tmp_path / "imgs"), "--size", "8", "--out", tmp_path / "m.npz", "--quiet")
+        r = run_pds("filters", image_folder(tmp_path / "imgs"), "--size", "8", "--out", tmp_path / "m.npz", "--quiet")
         needle = "--size"
     elif command == "train":
         monkeypatch.setattr("pdscli.train.loop.train_step", failing(error))

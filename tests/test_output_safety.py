@@ -11,22 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import QUICK, one_line_error
-from PIL import Image
+from conftest import QUICK, image_folder, one_line_error
 
 import pdscli
 
 DIGITS_CONFIG = Path(pdscli.__file__).parent / "data" / "digits-config.json"
-
-
-def image_dir(path, n=4, size=10):
-    rng = np.random.default_rng(0)
-    path.mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / f"{i}.png")
-    return path
 
 
 def tiny_train_config(tmp_path) -> Path:
@@ -77,7 +67,7 @@ def _filters(run_pds, tmp_path, plant):
     for at in (out, out.with_suffix(".png"), out.parent / "faces" / "freq_mask.npy",
                out.parent / "faces" / "space_mask.npy"):
         plant.link(at)
-    return run_pds("filters", image_dir(tmp_path / "imgs"), "--size", "8", "--out", out, "--npy", "--force", "--quiet")
+    return run_pds("filters", image_folder(tmp_path / "imgs"), "--size", "8", "--out", out, "--npy", "--force", "--quiet")
 
 
 def _export(run_pds, tmp_path, plant, fixture_dir):
@@ -113,7 +103,7 @@ def _train(run_pds, tmp_path, plant):
 def _fid(run_pds, tmp_path, plant, tiny_features):
     out = tmp_path / "f" / "stats.npz"
     plant.link(out)
-    a = image_dir(tmp_path / "a", size=16)
+    a = image_folder(tmp_path / "a", size=16)
     return run_pds("fid", a, a, "--features", tiny_features, "--save-stats", out, "--force", "--quiet")
 
 
