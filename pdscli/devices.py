@@ -80,10 +80,3 @@ def memory_bytes(device: torch.device) -> int:
     except (ValueError, OSError, AttributeError):
         return 0  # unknown: the callers' out-of-memory messages are the fallback
 
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """An allocation failed: MemoryError, torch's OutOfMemoryError, or the CPU allocator's plain RuntimeError."""
-    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):  # torch.OutOfMemoryError in torch >= 2.5
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)

@@ -24,3 +24,12 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     other libraries' errors quoted inside a one-line PdsError or a report."""
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else type(e).__name__
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failed: MemoryError, torch's OutOfMemoryError (told by name, so that the command
+    line need not import torch to recognise it), or the CPU allocator's plain RuntimeError."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)

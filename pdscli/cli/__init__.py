@@ -16,8 +16,7 @@ try:  # Ctrl-C while the command line starts (torch alone takes seconds to impor
 
     from pdscli.cli.app import app, interruption_reported, report_interruption
     from pdscli.console import err_console
-    from pdscli.devices import is_out_of_memory
-    from pdscli.errors import PdsError, first_line
+    from pdscli.errors import PdsError, first_line, is_out_of_memory
 
     try:  # recent Typer carries its own copy of click
         from typer._click import exceptions as click_errors

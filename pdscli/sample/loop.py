@@ -16,8 +16,8 @@ from typing import Protocol
 
 import torch
 
-from pdscli.devices import is_out_of_memory
 from pdscli.engines.graph_step import StepGraphSampler
+from pdscli.errors import is_out_of_memory
 from pdscli.images import to_numpy
 from pdscli.noise import SampleNoise
 from pdscli.sample import outputs
