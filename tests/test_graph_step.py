@@ -22,6 +22,7 @@ from pdscli.precondition import Preconditioner
 from pdscli.precondition.operator import Filters
 from pdscli.samplers import get_sampler, pc_steps
 from pdscli.samplers.grids import make_steps
+from pdscli.samplers.pc import PCOptions
 from pdscli.score import CountingScore
 
 CUDA = torch.cuda.is_available()
@@ -139,8 +140,9 @@ def test_a_failed_compile_falls_back_to_the_eager_step(model):
 def test_the_samplers_own_errors_are_not_taken_for_compile_failures(model):
     fn, steps = get_sampler("pc"), _steps(model, "pc")
     wrapped = CompiledStepSampler(fn, "cpu", mode=None, backend="eager")
-    with pytest.raises(PdsError, match="snr must be a positive number"):
-        wrapped(model.score, SampleNoise(6, [0], model.settings.shape), steps, snr=-1.0)
+    unbuildable = PCOptions(predictor="euler_maruyama")  # no log_ratio: the sampler itself refuses it
+    with pytest.raises(PdsError, match="euler_maruyama predictor needs"):
+        wrapped(model.score, SampleNoise(6, [0], model.settings.shape), steps, options=unbuildable)
 
 
 @pytest.mark.slow

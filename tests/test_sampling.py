@@ -310,7 +310,6 @@ def test_pc_steps_steps_and_speed_up_agree():
     (dict(n_steps=10, speed_up=2), "not both"),
     (dict(n_steps=0), "at least 1"),
     (dict(speed_up=1000), "leaves no steps"),
-    (dict(speed_up=-1), "positive"),
     (dict(n_steps=10, eps=0.0), "eps"),
 ])
 def test_pc_steps_errors(kwargs, message):
@@ -372,9 +371,16 @@ def test_pds_without_preconditioner_is_pc():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_bad_snr():
-    with pytest.raises(PdsError, match="snr"):
-        pc(toy_model, SampleNoise(0, range(1), SHAPE), pc_steps(_settings(), 3), snr=0)
+@pytest.mark.parametrize("snr", [0, -1.0, float("nan"), "high"])
+def test_a_bad_snr_is_refused_where_it_comes_in(snr):
+    """The samplers trust their snr: --snr (ModelSpec) and a config's sampling.snr refuse a bad one."""
+    from pdscli.sample.model import ModelSpec
+
+    with pytest.raises(PdsError, match=r"^--snr must be a positive number, not "):
+        ModelSpec(model="gaussian", snr=snr)
+    if not isinstance(snr, str):
+        with pytest.raises(PdsError, match="snr must be"):
+            _settings_with(snr=snr)
 
 
 # -- per-sample reproducibility -------------------------------------------------------------

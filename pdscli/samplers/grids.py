@@ -59,9 +59,7 @@ def count_steps(settings: SamplingSettings, n_steps: int | None = None, speed_up
     if n_steps is not None and speed_up is not None:
         raise PdsError("give a number of steps or a speed-up, not both")
     if speed_up is not None:
-        speed_up = float(speed_up)
-        if not (math.isfinite(speed_up) and speed_up > 0):
-            raise PdsError(f"the speed-up must be a positive number, got {speed_up:g}")
+        # speed_up is a positive number here: --speed-up's rule (pdscli.flag_rules) checked it.
         n = int(settings.num_scales / speed_up)  # the reference's int(config.model.num_scales / speed_up)
         if n < 1:
             raise PdsError(f"a speed-up of {speed_up:g} leaves no steps of the model's {settings.num_scales}")

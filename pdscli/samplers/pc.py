@@ -10,7 +10,8 @@ fresh N(0, I) batch (its first draw makes the prior), `steps` a `Steps` grid, `p
 step (`pdscli.samplers.common`). The result is the denoised x of the last step (not clipped).
 The PC family's own keywords: snr and per_sample_step (the Langevin corrector's step size; not
 `predictor`, which has no corrector) and options (below). `pdscli.samplers.sampler_kwargs`
-picks a sampler's keywords out of a run's.
+picks a sampler's keywords out of a run's. The snr is trusted to be positive: it was checked
+where it came in (--snr, or a config's sampling.snr).
 
 The PC loop follows score_sde / PDS (sampling.py, sde_lib.py of the reference) step by step:
 start x = sigma_max * M z; each step `n_steps_each` corrector steps, then one predictor step,
@@ -168,13 +169,6 @@ class PCOptions:
 DEFAULT_OPTIONS = PCOptions()
 
 
-def _check_snr(snr: float) -> float:
-    snr = float(snr)
-    if not (math.isfinite(snr) and snr > 0):
-        raise PdsError(f"snr must be a positive number, got {snr:g}")
-    return snr
-
-
 def _correct(opts, score, noise, x, x_mean, sigma, *, snr, precond, per_sample_step):
     for _ in range(opts.n_steps_each if opts.corrector != "none" else 0):
         if opts.corrector == "langevin":
@@ -211,8 +205,6 @@ def _recorded(score, last: dict):
 @torch.no_grad()
 def _pc_loop(score, noise, steps: Steps, *, precond, snr, per_sample_step, callback, options: PCOptions):
     opts = options.checked()
-    if opts.corrector != "none":  # only the corrector's steps have a size from the snr
-        snr = _check_snr(snr)
     z = noise()
     x = steps.sigma_max * (precond.noise(z) if precond is not None else z)
     x_mean = x
