@@ -14,7 +14,6 @@ Bad input raises the one-line `pdscli.errors.PdsError` the command line prints.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pdscli import flag_rules
 from pdscli.devices import resolve_device
 from pdscli.engines import ONNX_SUFFIXES, TRT_SUFFIXES
 from pdscli.errors import PdsError
@@ -127,19 +127,6 @@ def _as_filters(value: Filters | str | Path | None, settings: SamplingSettings) 
     return value
 
 
-def _whole(name: str, value, low: int) -> int:
-    """A whole number of at least `low` (an int, or a float without a fraction), else a one-line PdsError."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and int(value) == value and value >= low
-    if not ok:
-        raise PdsError(f"{name} must be a whole number of at least {low}, got {value!r}")
-    return int(value)
-
-
-def _check_count(name: str, value) -> int:
-    return _whole(name, value, 1)
-
-
 def sample(model: Model, n: int, *, nfe: int | None = None, sampler: str | None = None, steps: int | None = None,
            speed_up: float | None = None, schedule: str | None = None, filters: Filters | str | Path | None = None,
            alpha: float | str | None = None, per_sample_step: bool = False, seed: int = 0,
@@ -152,19 +139,13 @@ def sample(model: Model, n: int, *, nfe: int | None = None, sampler: str | None 
     `filters`: a `Filters` or a filters .npz; None: the model's own (the built-in model's, used by
     the pds sampler as `pds sample` does). `progress`: True for a bar on stderr, or a
     pdscli.sample.loop.SampleProgress."""
-    n, batch_size = _check_count("n", n), _check_count("batch_size", batch_size)
-    seed = _whole("seed", seed, 0)
-    if nfe is not None:
-        nfe = _check_count("nfe", nfe)
-    if steps is not None:
-        steps = _check_count("steps", steps)
-    if speed_up is not None and not (isinstance(speed_up, (int, float)) and math.isfinite(speed_up) and speed_up > 0):
-        raise PdsError(f"speed_up must be a positive number, got {speed_up!r}")
-    given = _as_filters(filters, model.settings)
+    # SampleFlags checks every number by its flag's rule, as for `pds sample` (errors name the flag).
     flags = SampleFlags(out=Path(), alpha=None if alpha is None else str(alpha), sampler=sampler, steps=steps,
-                        speed_up=None if speed_up is None else float(speed_up), schedule=schedule, nfe=nfe,
-                        per_sample_step=per_sample_step, num_samples=n, batch_size=batch_size, seed=seed,
+                        speed_up=speed_up, schedule=schedule, nfe=nfe, per_sample_step=per_sample_step,
+                        num_samples=n, batch_size=batch_size, seed=seed,
                         teleport=None if teleport is None else str(teleport))
+    n, batch_size, seed = flags.num_samples, flags.batch_size, flags.seed
+    given = _as_filters(filters, model.settings)
     choice = choose_sampler(model.spec, flags, has_filters=given is not None)
     used = given if choice.given_filters else (model.filters if choice.builtin_filters else None)
     check_fits_in_memory(min(batch_size, n), model.shape, model.device)
@@ -257,6 +238,8 @@ def fid(samples, reference, *, features: str | Path | None = None, device: str |
     array). `features`: None for torch-fidelity's Inception (pip install "pds[eval]"), or a
     feature network file (docs/evaluation.md). `save_stats`: write the reference's statistics
     there (an .npz; `force` replaces one). `progress(label, done, total)` per batch."""
+    counts = fid_counts(batch_size=batch_size, kid_subsets=kid_subsets, workers=workers,
+                        kid_subset_size=kid_subset_size)
     if save_stats is not None:
         save_stats = Path(save_stats)
         if save_stats.suffix.lower() != ".npz":
@@ -265,10 +248,18 @@ def fid(samples, reference, *, features: str | Path | None = None, device: str |
     # The inputs first: a missing folder is said before a missing feature network.
     sides = [_image_side(side, name) for side, name in ((samples, "samples"), (reference, "reference"))]
     net = open_features(Path(features) if features is not None else None, resolve_device(device or "auto"))
-    result = compare(*sides, net, batch_size=_check_count("batch_size", batch_size), workers=workers,
-                     kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, save_stats=save_stats, progress=progress)
+    result = compare(*sides, net, **counts, save_stats=save_stats, progress=progress)
     result["device"] = str(net.device)
     return result
+
+
+def fid_counts(*, batch_size, kid_subsets, workers, kid_subset_size) -> dict:
+    """`fid`'s counts, typed or as text, by the rules of `pds fid`'s flags (errors name the flag)."""
+    return {"batch_size": flag_rules.whole_number("--batch-size", batch_size),
+            "kid_subsets": flag_rules.whole_number("--kid-subsets", kid_subsets),
+            "workers": None if workers is None else flag_rules.whole_number("--workers", workers),
+            "kid_subset_size": None if kid_subset_size is None
+            else flag_rules.whole_number("--kid-subset-size", kid_subset_size, 2)}
 
 
 def _image_side(side, name: str):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pdscli
+from conftest import one_line_error
 from pdscli.errors import PdsError
 from pdscli.samplers import REGISTRY
 
@@ -90,7 +91,7 @@ def test_sample_i_of_a_seed_does_not_depend_on_the_count(models):
 def test_bad_input_is_a_one_line_pds_error(models, tmp_path):
     cases = [
         lambda: pdscli.sample(models["gaussian"], 0),
-        lambda: pdscli.sample(models["gaussian"], "3"),
+        lambda: pdscli.sample(models["gaussian"], "three"),
         lambda: pdscli.sample(models["gaussian"], 2, seed=-1),
         lambda: pdscli.sample(models["gaussian"], 2, seed=2**64),
         lambda: pdscli.sample(models["gaussian"], 2, steps=2.5),
@@ -108,6 +109,36 @@ def test_bad_input_is_a_one_line_pds_error(models, tmp_path):
         with pytest.raises(PdsError) as e:
             case()
         assert "\n" not in str(e.value) and str(e.value)
+
+
+# (keywords of pdscli.sample, the same values as `pds sample` flags): both refuse them with one line.
+SAME_REFUSALS = [
+    ({"n": 0}, ["--num-samples", "0"]),
+    ({"batch_size": 1.5}, ["--batch-size", "1.5"]),
+    ({"seed": -1}, ["--seed", "-1"]),
+    ({"seed": 2**64}, ["--seed", str(2**64)]),
+    ({"steps": 2.5}, ["--steps", "2.5"]),
+    ({"nfe": 0}, ["--nfe", "0"]),
+    ({"speed_up": float("nan")}, ["--speed-up", "nan"]),
+    ({"speed_up": 0}, ["--speed-up", "0"]),
+]
+
+
+@pytest.mark.parametrize("keywords, flags", SAME_REFUSALS, ids=[" ".join(f) for _, f in SAME_REFUSALS])
+def test_the_library_and_the_command_line_refuse_with_the_same_line(models, run_pds, tmp_path, keywords, flags):
+    given = {"n": 2, **keywords}
+    with pytest.raises(PdsError) as e:
+        pdscli.sample(models["gaussian"], given.pop("n"), **given)
+    line = one_line_error(run_pds("sample", *MODELS["gaussian"], *flags, "--out", tmp_path / "out", "--quiet"))
+    assert line == f"error: {e.value}" and line.startswith(f"error: {flags[0]} must be ")
+
+
+def test_fid_refuses_its_counts_as_pds_fid_does(run_pds, tmp_path):
+    images = torch.rand(2, 1, 8, 8)
+    with pytest.raises(PdsError) as e:
+        pdscli.fid(images, images, batch_size=0)
+    line = one_line_error(run_pds("fid", tmp_path, tmp_path, "--batch-size", "0"))
+    assert line == f"error: {e.value}" == "error: --batch-size must be at least 1, not 0"
 
 
 def test_load_names_every_kind(models, fixture_dir):

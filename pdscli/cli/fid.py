@@ -50,13 +50,10 @@ def fid(
 ):
     from pdscli.api import fid as measure
     from pdscli.cli.progress import Progress
-    from pdscli.flag_rules import whole_number
 
-    # The command line's text, by the flags' one rule (the library takes typed numbers).
-    counts = {"batch_size": whole_number("--batch-size", batch_size),
-              "kid_subsets": whole_number("--kid-subsets", kid_subsets),
-              "workers": None if workers is None else whole_number("--workers", workers),
-              "kid_subset_size": None if kid_subset_size is None else whole_number("--kid-subset-size", kid_subset_size, 2)}
+    # The flags' text goes to the library as it is: pdscli.api.fid checks it by the flags' rules.
+    counts = {"batch_size": batch_size, "kid_subsets": kid_subsets, "workers": workers,
+              "kid_subset_size": kid_subset_size}
 
     with Progress(enabled=not quiet) as bars:
         lanes = {}  # one bar per image set: the measurement calls progress(label, done, total)
