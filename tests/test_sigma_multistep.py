@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pdscli.errors import PdsError
 from pdscli.evaluate.analytic import GaussianImageModel
 from pdscli.noise import SampleNoise
-from pdscli.precondition import Preconditioner
 from pdscli.samplers import REGISTRY
 from pdscli.samplers.grids import edm, geometric, steps_from_levels
 from pdscli.samplers.sigma_multistep import adams_weights, uniform_weights, variable_weights
 
-NAMES = ["ipndm", "ipndm-v", "gradient-estimation"]
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +90,6 @@ def test_ipndm_v_beats_ipndm_at_fifteen_and_ipndm_beats_2m_at_five(model):
     kl = lambda name, n: exact_spectral_kl(model, REGISTRY[name].fn, geometric(model.settings, n))
     assert kl("ipndm-v", 15) < kl("ipndm", 15)
     assert kl("ipndm", 5) < kl("dpm++2m", 5)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_refuses_a_preconditioner(model, name):
-    pre = Preconditioner(freq_filter=np.ones((1, 16, 16)))
-    with pytest.raises(PdsError, match="no preconditioner"):
-        REGISTRY[name].fn(model.score, lambda: torch.randn(2, 1, 16, 16), geometric(model.settings, 4), precond=pre)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_never_couples_a_batch(model, name):
-    steps = geometric(model.settings, 7)
-    big = REGISTRY[name].fn(model.score, SampleNoise(9, range(4), (1, 16, 16)), steps)
-    small = REGISTRY[name].fn(model.score, SampleNoise(9, [2, 3], (1, 16, 16)), steps)
-    assert torch.allclose(big[2:], small, atol=1e-5)
 
 
 # -- DPM-Solver++(2M) SDE, midpoint form (pdscli.samplers.dpm) -----------------------------------

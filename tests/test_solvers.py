@@ -16,7 +16,8 @@ from pdscli.samplers.plan import plan
 from pdscli.samplers.grids import SCHEDULES, geometric, make_steps
 from pdscli.samplers.plan import steps_for_nfe
 
-NEW = ["dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "heun", "edm-sde", "euler-a"]
+NEW = ["dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "heun", "edm-sde", "euler-a", "dpm++2m-sde-mid", "ipndm",
+       "ipndm-v", "gradient-estimation"]
 LINEAR = sorted(n for n, s in REGISTRY.items() if not s.pc_grid)  # per-sample, linear in the draws
 
 
@@ -106,8 +107,9 @@ def test_3m_beats_2m_and_2m_beats_ddim_at_equal_calls(model):
 # -- the contract ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["dpm++2m-sde", "dpm++3m-sde", "edm-sde", "euler-a"])
-def test_stochastic_new_samplers_refuse_a_preconditioner(model, name):
+@pytest.mark.parametrize("name", ["dpm++2m-sde", "dpm++3m-sde", "edm-sde", "euler-a", "dpm++2m-sde-mid", "ipndm", "ipndm-v",
+                                  "gradient-estimation"])
+def test_new_samplers_refuse_a_preconditioner(model, name):
     pre = Preconditioner(freq_filter=np.ones((1, 16, 16)))
     with pytest.raises(PdsError, match="no preconditioner"):
         REGISTRY[name].fn(model.score, lambda: torch.randn(2, 1, 16, 16), geometric(model.settings, 4), precond=pre)

@@ -112,7 +112,22 @@ def variable_weights(h: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(w)
 
 
-def _adams(name: str, score, noise, steps: Steps, precond, callback, *, variable: bool) -> torch.Tensor:
+def _ipndm_weights(nodes: tuple[float, ...]) -> tuple[float, ...]:
+    return uniform_weights(len(nodes) - 1)
+
+
+def _ipndm_v_weights(nodes: tuple[float, ...]) -> tuple[float, ...]:
+    return variable_weights(tuple(nodes[k] - nodes[k + 1] for k in range(len(nodes) - 1)))
+
+
+def _gradient_estimation_weights(nodes: tuple[float, ...]) -> tuple[float, ...]:
+    # d + (gamma - 1)(d - d_prev): the newest slope weighs gamma, the one before 1 - gamma
+    return (1.0,) if len(nodes) == 2 else (GE_GAMMA, 1.0 - GE_GAMMA)
+
+
+def _multistep_in_sigma(name: str, score, noise, steps: Steps, precond, callback, rule) -> torch.Tensor:
+    """x' = x + (sigma_lo - sigma) sum_j w_j d_j over the last slopes d_j (newest first), with
+    w = rule((sigma_lo, sigma, sigma_prev, ...)): the levels the step goes to and the slopes sit at."""
     no_precond(name, precond)
     x = steps.sigma_max * noise()
     n = len(steps)
@@ -124,18 +139,12 @@ def _adams(name: str, score, noise, steps: Steps, precond, callback, *, variable
         if lo == 0:
             x = denoised
         else:
-            d = -sigma * s
-            slopes = [(sigma, d), *slopes[: MAX_ORDER - 1]]
-            dt = lo - sigma
-            if variable:
-                nodes = [lo, *(node for node, _ in slopes)]
-                weights = variable_weights(tuple(nodes[k] - nodes[k + 1] for k in range(len(slopes))))
-            else:
-                weights = uniform_weights(len(slopes))
+            slopes = [(sigma, -sigma * s), *slopes[: MAX_ORDER - 1]]
+            weights = rule((lo, *(node for node, _ in slopes)))
             step = weights[0] * slopes[0][1]
             for w, (_, older) in zip(weights[1:], slopes[1:]):
                 step = step + w * older
-            x = x + dt * step
+            x = x + (lo - sigma) * step
         report(callback, i, n, sigma, x, denoised, i + 1)
     return x
 
@@ -143,32 +152,17 @@ def _adams(name: str, score, noise, steps: Steps, precond, callback, *, variable
 @torch.no_grad()
 def ipndm(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """iPNDM: Adams-Bashforth in sigma with equal-step weights, up to 4 slopes. n calls."""
-    return _adams("ipndm", score, noise, steps, precond, callback, variable=False)
+    return _multistep_in_sigma("ipndm", score, noise, steps, precond, callback, _ipndm_weights)
 
 
 @torch.no_grad()
 def ipndm_v(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
-    """iPNDM-v: Adams-Bashforth in sigma with the actual steps' weights, up to 4 slopes. n calls."""
-    return _adams("ipndm-v", score, noise, steps, precond, callback, variable=True)
+    """iPNDM-v: Adams-Bashforth in sigma with variable-step weights, up to 4 slopes. n calls."""
+    return _multistep_in_sigma("ipndm-v", score, noise, steps, precond, callback, _ipndm_v_weights)
 
 
 @torch.no_grad()
 def gradient_estimation(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """Permenter & Yuan's gradient-estimation sampler (gamma = 2). n calls."""
-    no_precond("gradient-estimation", precond)
-    x = steps.sigma_max * noise()
-    n = len(steps)
-    previous = None
-    for i in range(n):
-        sigma, _, lo = levels(steps, i)
-        s = eval_score(score, x, sigma)
-        denoised = tweedie(x, sigma, s)
-        if lo == 0:
-            x = denoised
-        else:
-            d = -sigma * s
-            slope = d if previous is None else d + (GE_GAMMA - 1.0) * (d - previous)
-            x = x + (lo - sigma) * slope
-            previous = d
-        report(callback, i, n, sigma, x, denoised, i + 1)
-    return x
+    return _multistep_in_sigma("gradient-estimation", score, noise, steps, precond, callback,
+                               _gradient_estimation_weights)
