@@ -33,12 +33,17 @@ def refusal(flag: str, rule: str, value) -> PdsError:
     return PdsError(f"{flag} must be {rule}, not {_shown(value)}")
 
 
+def not_one_of(flag: str, value, names: Iterable[str]) -> PdsError:
+    """The one wording of a name that is not among a flag's choices."""
+    return refusal(flag, f"one of {', '.join(names)}", value)
+
+
 def one_of(flag: str, value, names: Iterable[str]) -> str:
     """`value` (any case, surrounding space ignored) if it is one of `names`."""
     names = list(names)
     chosen = str(value).strip().lower()
     if chosen not in names:
-        raise refusal(flag, f"one of {', '.join(names)}", value)
+        raise not_one_of(flag, value, names)
     return chosen
 
 

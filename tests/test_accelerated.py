@@ -128,7 +128,7 @@ def test_make_steps_and_errors(model):
     st = model.settings
     assert set(SCHEDULES) == {"geometric", "edm"}
     assert torch.equal(make_steps("edm", st, 5).sigma, edm(st, 5).sigma)
-    with pytest.raises(PdsError, match="unknown schedule"):
+    with pytest.raises(PdsError, match="--schedule must be one of "):
         make_steps("linear", st, 5)
     with pytest.raises(PdsError, match="at least 2"):
         geometric(st, 1)

@@ -282,7 +282,7 @@ def test_gpu_backends_use_cuda_events(run_pds, fixture_dir, tmp_path):
     (["--batch-sizes", "1,x"], "--batch-sizes must be a whole number"),
     (["--batch-sizes", "0"], "at least 1"),
     (["--skip", "lunch"], "--skip must be one of nfe, overhead, e2e, samplers, not 'lunch'"),
-    (["--samplers", "pc,magic"], "unknown sampler 'magic'"),
+    (["--samplers", "pc,magic"], "--samplers must be one of pc, pds, predictor, corrector"),
     (["--steps", "10", "--speed-up", "4"], "exclude each other"),
     (["--random-weights"], "--random-weights builds an architecture"),
     (["--preset", "cifar10"], "--config / --preset describe a --checkpoint"),

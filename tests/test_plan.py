@@ -82,7 +82,7 @@ def test_make_steps_knows_the_pc_grid():
         a, b = make_steps("pc", SETTINGS, n, speed_up=speed_up), pc_steps(SETTINGS, n, speed_up=speed_up)
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("sigma", "sigma_hi", "sigma_lo"))
     assert len(make_steps("geometric", SETTINGS, speed_up=3.0)) == 66
-    with pytest.raises(PdsError, match="unknown schedule 'nope'; choose one of: pc, geometric, edm"):
+    with pytest.raises(PdsError, match="--schedule must be one of pc, geometric, edm, not 'nope'"):
         make_steps("nope", SETTINGS, 4)
 
 

@@ -358,7 +358,7 @@ def test_callback_nfe_and_sigmas(name):
 
 
 def test_get_sampler_unknown_lists_choices():
-    with pytest.raises(PdsError, match="unknown sampler 'nope'.*pc, pds, predictor, corrector"):
+    with pytest.raises(PdsError, match="--sampler must be one of pc, pds, predictor, corrector, .*, not 'nope'"):
         get_sampler("nope")
     assert get_sampler("pds") is pds
 

@@ -16,7 +16,7 @@ from pdscli.errors import PdsError, first_line
 from pdscli.fsutil import prepare_out_file
 from pdscli.images import image_files
 from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags, scale_count
-from pdscli.samplers import get_sampler
+from pdscli.samplers import sampler_info
 from pdscli.samplers.plan import check_counts
 
 NETWORK_BACKENDS = (
@@ -171,7 +171,7 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.e2e_backend is not None:
         flag_rules.one_of("--e2e-backend", cfg.e2e_backend, KNOWN_BACKENDS)
     for name in cfg.samplers or []:
-        get_sampler(name)  # unknown names fail here, listing the choices
+        sampler_info(name, "--samplers")  # unknown names fail here, listing the choices
     if cfg.reference is not None:
         if cfg.spec.model in ANALYTIC_MODELS:
             raise PdsError("--reference is for network models: the analytic model's quality figure is exact already")

@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdscli.errors import PdsError
+from pdscli import flag_rules
 from pdscli.samplers import accelerated, dpm, edm, pc, sigma_multistep
 from pdscli.samplers.grids import VE_EPS, Steps, pc_steps
 
@@ -106,12 +106,13 @@ REGISTRY: dict[str, SamplerInfo] = {
     )
 }
 
-def sampler_info(name: str) -> SamplerInfo:
-    """The registry entry for `name`; a PdsError listing the choices if unknown."""
+def sampler_info(name: str, flag: str = "--sampler") -> SamplerInfo:
+    """The registry entry for `name`; a PdsError listing the choices if unknown (`flag` is what
+    the user typed the name in)."""
     try:
         return REGISTRY[name]
     except KeyError:
-        raise PdsError(f"unknown sampler {name!r}; choose one of: {', '.join(REGISTRY)}") from None
+        raise flag_rules.not_one_of(flag, name, REGISTRY) from None
 
 
 def sampler_kwargs(name: str, **available) -> dict:

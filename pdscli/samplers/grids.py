@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from pdscli import flag_rules
 from pdscli.errors import PdsError
 from pdscli.settings import SamplingSettings
 
@@ -157,7 +158,7 @@ GRIDS = (PC_GRID, *SCHEDULES)  # every grid `--schedule` names
 def check_grid(name: str) -> str:
     """`name` if it names a grid, else a PdsError listing the choices."""
     if name not in GRIDS:
-        raise PdsError(f"unknown schedule {name!r}; choose one of: {', '.join(GRIDS)}")
+        raise flag_rules.not_one_of("--schedule", name, GRIDS)
     return name
 
 

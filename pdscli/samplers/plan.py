@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdscli import flag_rules
 from pdscli.errors import PdsError
 from pdscli.samplers import sampler_info
 from pdscli.samplers import fitted
@@ -83,7 +84,7 @@ def grid_name(sampler: str, schedule: str | None = None) -> str:
                            f"not {sampler}")
         return name
     if name not in GRIDS:
-        raise PdsError(f"unknown schedule {name!r}; choose one of: {', '.join((*GRIDS, fitted.STATS_GRID))}")
+        raise flag_rules.not_one_of("--schedule", name, (*GRIDS, fitted.STATS_GRID))
     return name
 
 
