@@ -13,7 +13,7 @@ import torch
 
 from pdscli.devices import TF32_POLICIES, set_tf32, tf32_state
 from pdscli.engines.graph_step import (
-    COMPILED, CUDA_GRAPH, EAGER, CompiledStepSampler, StepGraphSampler, step_sampler,
+    COMPILED, CUDA_GRAPH, EAGER, STEP_PATHS, CompiledStepSampler, StepGraphSampler, step_sampler,
 )
 from pdscli.errors import PdsError
 from pdscli.evaluate.analytic import gaussian_score_model
@@ -64,17 +64,50 @@ def test_a_run_records_the_path_and_makes_the_same_images(model, tmp_path):
     from pdscli.sample.run import run
 
     records, samples = [], []
-    for graphs in (False, True):
-        out = tmp_path / f"graphs-{graphs}"
+    for path in STEP_PATHS:
+        out = tmp_path / path
         job = SampleJob(model=model, sampler="pc", steps=_steps(model, "pc"), out=out, num_samples=3,
-                        batch_size=2, seed=2, snr=model.settings.snr, step_graphs=graphs)
+                        batch_size=2, seed=2, snr=model.settings.snr, step_path=path)
         records.append(run(job))
         samples.append(np.load(out / "samples.npz")["samples"])
         assert json.loads((out / "run.json").read_text())["step_graph"] == records[-1]["step_graph"]
     np.testing.assert_array_equal(samples[0], samples[1])
-    off, on = (r["step_graph"] for r in records)
-    assert off["reason"] == "step graphs off" and on["path"] == EAGER and "CUDA" in on["reason"]
+    np.testing.assert_array_equal(samples[0], samples[2])
+    off, graphs, compiled = (r["step_graph"] for r in records)
+    assert off["reason"] == "step graphs off" and graphs["path"] == EAGER and "CUDA" in graphs["reason"]
+    assert compiled["path"] == EAGER and compiled["mode"] == "reduce-overhead"
+    assert "needs a CUDA device (this run is on cpu)" in compiled["reason"]
     assert records[1]["tf32"]["applies"] is False
+
+
+@pytest.mark.parametrize("flags, path", [
+    ([], "off"),
+    (["--step-graphs"], CUDA_GRAPH),
+    (["--whole-step", "cuda-graph", "--step-graphs"], CUDA_GRAPH),
+    (["--whole-step", "Compile"], COMPILED),
+])
+def test_whole_step_picks_the_path_from_the_command_line(run_pds, tmp_path, flags, path):
+    out = tmp_path / "out"
+    r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--channels", "1", "--steps", "3", "-n", "2",
+                "-b", "2", "--device", "cpu", "--out", out, "--quiet", *flags)
+    assert r.exit_code == 0, r.stderr
+    record = json.loads((out / "run.json").read_text())["step_graph"]
+    assert record["path"] == EAGER  # a CPU runs every path eagerly, and says why
+    expected = {"off": "step graphs off", CUDA_GRAPH: "CUDA graphs need a CUDA device (this run is on cpu)",
+                COMPILED: "needs a CUDA device (this run is on cpu)"}[path]
+    assert expected in record["reason"] and ("mode" in record) == (path == COMPILED)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--whole-step", "graphs"], "error: --whole-step must be one of off, cuda-graph, compile, not 'graphs'"),
+    (["--whole-step", "compile", "--step-graphs"],
+     "error: --step-graphs is --whole-step cuda-graph: drop it to run --whole-step compile"),
+])
+def test_whole_step_refusals(run_pds, tmp_path, flags, message):
+    from conftest import one_line_error
+
+    r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "--out", tmp_path / "out", *flags)
+    assert one_line_error(r) == message and not (tmp_path / "out").exists()
 
 
 # -- the torch.compile(mode="reduce-overhead") variant --------------------------------------------

@@ -99,10 +99,12 @@ def sample(
         "Corrector step size per sample. Default: the reference's batch-mean step size (for fidelity), which couples "
         "the samples of a batch, so images then depend on --batch-size; with this flag a seed gives the same images "
         "at any batch size."))] = False,
-    step_graphs: Annotated[bool, _opt("--step-graphs", help=(
-        "On a GPU: capture each whole step (score call and sampler update) in CUDA graphs after one eager batch, and "
-        "replay them for every batch of the same size; eager where that cannot be done (run.json says which path ran)."),
-        panel=RUN)] = False,
+    whole_step: Annotated[str, _opt("--whole-step", metavar="PATH", help=(
+        "How each whole step (score call and sampler update) runs on a GPU: off (eager, the default); cuda-graph "
+        "(captured in CUDA graphs after one eager batch and replayed for every batch of the same size); compile "
+        "(torch.compile mode reduce-overhead: compiled on the first batch, Inductor replays CUDA graphs). Eager where "
+        "the path cannot run; run.json's step_graph says which path ran and why."), panel=RUN)] = "off",
+    step_graphs: Annotated[bool, _opt("--step-graphs", help="The same as --whole-step cuda-graph.", panel=RUN)] = False,
     num_samples: Annotated[str, _opt("--num-samples", "-n", metavar="N", help="How many images.", panel=RUN)] = 16,
     batch_size: Annotated[str, _opt("--batch-size", "-b", metavar="N", help="Images per batch.", panel=RUN)] = 16,
     seed: Annotated[str, _opt("--seed", metavar="N", help="Run seed (0 or more); sample i's noise is a function of (seed, i), whatever the batch.",
@@ -136,7 +138,8 @@ def sample(
     flags = SampleFlags(
         out=out, masks=masks, freq_mask=freq_mask, space_mask=space_mask, alpha=alpha, sampler=sampler, steps=steps, nfe=nfe,
         speed_up=speed_up, schedule=schedule, per_sample_step=per_sample_step, num_samples=num_samples,
-        batch_size=batch_size, seed=seed, force=force, resume=resume, step_graphs=step_graphs, teleport=teleport,
+        batch_size=batch_size, seed=seed, force=force, resume=resume, step_graphs=step_graphs, whole_step=whole_step,
+        teleport=teleport,
     )
     try:
         with Progress(enabled=not quiet and dist.is_main) as bars:

@@ -53,7 +53,7 @@ class SampleJob:
     per_sample_step: bool = False
     resume: bool = False
     force: bool = False
-    step_graphs: bool = False  # replay whole steps from CUDA graphs where possible (pdscli.engines.graph_step)
+    step_path: str = "off"  # how whole steps run where possible: off, cuda-graph or compile (pdscli.engines.graph_step)
     # For run.json: what the flags asked for and where things came from.
     schedule: str = "pc"
     alpha: float | None = None  # the filter strength used (None without a preconditioner)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from pdscli.engines.graph_step import StepGraphSampler
+from pdscli.engines.graph_step import step_sampler
 from pdscli.errors import is_out_of_memory
 from pdscli.images import to_numpy
 from pdscli.noise import SampleNoise
@@ -137,8 +137,8 @@ def step_callback(indices: range, score: CountingScore, progress: SampleProgress
 def sample_batches(job: SampleJob, batch_numbers: Iterable[int], *, sampler_fn, progress: SampleProgress) -> Stats:
     """Make the planned batches `batch_numbers` and write their missing files."""
     score = CountingScore(job.model.score)
-    # Eager unless asked; on a CPU, or where capture fails, it says why and runs eagerly.
-    sampler_fn = StepGraphSampler(sampler_fn, job.model.device, enabled=job.step_graphs)
+    # Eager unless asked; on a CPU, or where capture or compile fails, it says why and runs eagerly.
+    sampler_fn = step_sampler(sampler_fn, job.model.device, job.step_path)
     stats = Stats()
     t0 = time.perf_counter()
     for k in batch_numbers:

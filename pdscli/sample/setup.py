@@ -19,6 +19,7 @@ import torch
 
 from pdscli import flag_rules
 from pdscli.devices import memory_bytes
+from pdscli.engines.graph_step import CUDA_GRAPH, STEP_PATHS
 from pdscli.errors import PdsError
 from pdscli.fsutil import LOCK_NAME, FolderLock, prepare_out_dir
 from pdscli.models import builtin
@@ -57,7 +58,8 @@ class SampleFlags:
     seed: int = 0
     force: bool = False
     resume: bool = False
-    step_graphs: bool = False
+    step_graphs: bool = False  # --step-graphs: the same as whole_step="cuda-graph"
+    whole_step: str = "off"  # how whole steps run: off, cuda-graph or compile (pdscli.engines.graph_step.STEP_PATHS)
     teleport: str | None = None  # "auto" (None), "off" or a noise level (pdscli.samplers.teleport)
 
     def __post_init__(self):
@@ -72,12 +74,24 @@ class SampleFlags:
                 checked[name] = rule(getattr(self, name))
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "whole_step", whole_step_path(self.whole_step, self.step_graphs))
         check_counts(steps=self.steps, nfe=self.nfe, speed_up=self.speed_up)
         check_filter_flags(self.masks, self.freq_mask, self.space_mask)
 
     @property
     def has_filter_files(self) -> bool:
         return bool(self.masks or self.freq_mask or self.space_mask)
+
+
+def whole_step_path(whole_step, step_graphs: bool) -> str:
+    """--whole-step's path; --step-graphs alone is --whole-step cuda-graph (its meaning before
+    --whole-step), and with another path the two flags disagree."""
+    path = flag_rules.one_of("--whole-step", whole_step, STEP_PATHS)
+    if not step_graphs:
+        return path
+    if path not in ("off", CUDA_GRAPH):
+        raise PdsError(f"--step-graphs is --whole-step {CUDA_GRAPH}: drop it to run --whole-step {path}")
+    return CUDA_GRAPH
 
 
 def resolve_sampler_name(name: str | None, *, has_filters: bool) -> str:
@@ -253,7 +267,7 @@ def build_job(spec: ModelSpec, flags: SampleFlags, *, lock: bool = True) -> Samp
         model=model, sampler=start.sampler, steps=start.steps, out=out, num_samples=flags.num_samples,
         batch_size=flags.batch_size, seed=flags.seed, snr=settings.snr,  # --snr is already in the settings
         precond=parts.precond, per_sample_step=flags.per_sample_step, resume=flags.resume, force=flags.force,
-        step_graphs=flags.step_graphs,
+        step_path=flags.whole_step,
         schedule=start.grid, alpha=alpha.alpha if parts.precond is not None else None,
         alpha_given=alpha.given if alpha is not None else None, filters=filters_info,
         precision=model.info.get("precision") or spec.precision or "fp32",  # what the model says it runs at
