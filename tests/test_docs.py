@@ -200,13 +200,13 @@ def test_every_sampler_reports_the_callback_keys_design_md_lists():
     from pdscli.evaluate.analytic import GaussianImageModel
     from pdscli.noise import SampleNoise
     from pdscli.samplers import REGISTRY
-    from pdscli.samplers.grids import make_steps, pc_steps
+    from pdscli.samplers.grids import make_steps
 
     design = (REPO / "docs" / "design.md").read_text()
     listed = set(re.findall(r'"(\w+)"', re.search(r"`info = \{([^}]*)\}`", design).group(1)))
     model = GaussianImageModel(4, 1)
     for name, info in REGISTRY.items():
-        steps = pc_steps(model.settings, 4) if info.grid == "pc" else make_steps(info.grid, model.settings, 4)
+        steps = make_steps(info.grid, model.settings, 4)
         seen = []
         info.fn(model.score, SampleNoise(0, range(2), model.shape), steps, callback=lambda i: seen.append(set(i)))
         assert seen and all(keys == listed for keys in seen), (name, seen[:1], listed)
