@@ -145,9 +145,23 @@ WHAT = {
 }
 
 
+def user_markdown(record: dict) -> list[str]:
+    """--user-check's table: each budget with --teleport auto and off."""
+    rows = record["rows"]
+    model = rows[0]["model"]
+    out = [f"**{model}, as a user would** ({WHAT[model].replace(' (sampled)', '')}): `{record['command']}`", "",
+           "| NFE | --teleport | sampler | sigma_t | " + ("KL / TV" if "tv" in rows[0] else "KL") + " |", "|---|---|---|---|---|"]
+    for r in rows:
+        sigma = f"{r['sigma_t']:.3g}" if r["sigma_t"] is not None else "-"
+        out.append(f"| {r['nfe']} | {r['teleport']} | {r['sampler']} | {sigma} | {cell(r)} |")
+    return out + [""]
+
+
 def markdown(record: dict) -> str:
     """The measured tables as markdown, one per model: rows sampler x budget, columns the target level."""
     out = []
+    for user in record.get("user", []):
+        out += user_markdown(user)
     for run in record["runs"]:
         rows = run["rows"]
         model = rows[0]["model"]
