@@ -301,3 +301,17 @@ def test_nfe_on_a_strong_engine_with_statistics_is_as_good_as_2m(run_pds, tmp_pa
     reference, _ = kl("--sampler", "dpm++2m", "--teleport", "off")
     assert record["nfe_budget"]["pilot"]["chosen"] == "dpm++2m"
     assert ours <= 1.25 * reference, (ours, reference)
+
+
+@pytest.mark.slow
+def test_nfe_5_on_the_builtin_model_passes_the_digit_check(run_pds, tmp_path):
+    """docs/builtin-model.md's classifier check at 256 samples: `pds sample --nfe 5` (the pilot and auto teleport)."""
+    from pdscli.evaluate import digits
+
+    out = tmp_path / "five"
+    result = run_pds("sample", "--nfe", 5, "-n", 256, "-b", 128, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    with np.load(out / "samples.npz") as z:
+        images = torch.from_numpy(z["samples"])
+    clf, _ = digits.digit_classifier(heldout=False)
+    assert digits.failures(digits.evaluate(clf, images)) == []
