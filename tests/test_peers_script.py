@@ -5,6 +5,7 @@ grid ends with 0 like pds's with the denoise, and the budget is found by countin
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -82,3 +83,21 @@ def test_the_budget_is_the_most_levels_whose_counted_calls_fit(peers):
     grid = lambda n: module.peer_grid(sources, "geometric", model.settings, n)
     assert module.fit_budget(run, model, grid, 7, {}) == (7, 7)
     assert module.fit_budget(run, model, grid, 1, {}) is None
+
+
+# A real ComfyUI checkout, where one is at hand (scripts/peers.py's --comfyui): PDS_PEERS names the folder holding it.
+COMFYUI = Path(os.environ.get("PDS_PEERS", "/tmp/peers")) / "ComfyUI"
+
+
+@pytest.mark.skipif(not (COMFYUI / "comfy" / "k_diffusion" / "sampling.py").is_file(),
+                    reason=f"no ComfyUI checkout at {COMFYUI} (set PDS_PEERS to the folder holding ComfyUI/)")
+def test_res_multistep_agrees_with_comfyuis(peers):
+    module, _ = peers
+    found, _ = module.peers(None, str(COMFYUI))  # loaded once: its imports do not load twice in a process
+    peer = next(p for p in found if p.name == "sample_res_multistep")
+    model = GaussianImageModel(8, 1)
+    for n in (2, 3, 8):
+        steps = geometric(model.settings, n)
+        theirs = peer.sampler()(model.score, SampleNoise(0, range(3), model.shape), steps)
+        ours = REGISTRY["res-multistep"].fn(model.score, SampleNoise(0, range(3), model.shape), steps)
+        assert torch.allclose(theirs, ours, atol=1e-4), (n, (theirs - ours).abs().max())

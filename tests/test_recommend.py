@@ -131,6 +131,30 @@ def test_sample_nfe_records_the_plan(run_pds, tmp_path):
     assert "recommended" in record["nfe_budget"]["reason"]
 
 
+def best_peer_kl(nfe: int) -> float:
+    """The best other library's exact KL at `nfe` on the 3x32x32 Gaussian (docs/data/peers-gaussian.json)."""
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / "docs" / "data" / "peers-gaussian.json").read_text())["rows"]
+    return min(r["kl"] for r in rows if r["library"] != "pds" and r["nfe"] == nfe)
+
+
+@pytest.mark.parametrize("nfe", [5, 8, 10])
+def test_sample_nfe_without_statistics_is_within_a_quarter_of_the_best_peer(run_pds, tmp_path, nfe):
+    """`pds sample --model gaussian --teleport off --nfe N`: the run's own sampler and grid (run.json),
+    measured by their exact output spectrum, against the best peer's exact KL at N."""
+    out = tmp_path / "g"
+    r = run_pds("sample", "--model", "gaussian", "--teleport", "off", "--nfe", nfe, "-n", 2, "--out", out, "--quiet",
+                "--json")
+    assert r.exit_code == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["teleport"]["sigma_t"] is None and record["nfe"]["per_sample"] <= nfe
+    model = GaussianImageModel()
+    steps = make_steps(record["schedule"], model.settings, record["steps"]["count"])
+    kl = exact_spectral_kl(model, REGISTRY[record["sampler"]].fn, steps)
+    assert kl <= 1.25 * best_peer_kl(nfe), (record["sampler"], kl, best_peer_kl(nfe))
+
+
 def test_sample_nfe_with_a_sampler_and_the_mixture(run_pds, tmp_path):
     r = run_pds("sample", "--model", "mixture", "--image-size", 8, "--channels", 1, "--nfe", 10, "--sampler", "heun",
                 "-n", 2, "--out", tmp_path / "m", "--quiet", "--json")

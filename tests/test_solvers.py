@@ -17,7 +17,7 @@ from pdscli.samplers.grids import SCHEDULES, geometric, make_steps
 from pdscli.samplers.plan import steps_for_nfe
 
 NEW = ["dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "heun", "edm-sde", "euler-a", "dpm++2m-sde-mid", "ipndm",
-       "ipndm-v", "gradient-estimation"]
+       "ipndm-v", "gradient-estimation", "res-multistep"]
 LINEAR = sorted(n for n, s in REGISTRY.items() if not s.pc_grid)  # per-sample, linear in the draws
 
 
@@ -80,7 +80,8 @@ def slope(ns, errs) -> float:
     return float(np.polyfit(np.log(ns), np.log(errs), 1)[0])
 
 
-@pytest.mark.parametrize("name,low,high", [("dpm++2m", -2.3, -1.8), ("heun", -2.4, -1.8), ("dpm++3m", -4.0, -2.7)])
+@pytest.mark.parametrize("name,low,high", [("dpm++2m", -2.3, -1.8), ("heun", -2.4, -1.8), ("dpm++3m", -4.0, -2.7),
+                                           ("res-multistep", -2.3, -1.8)])
 def test_order_on_the_exact_ode(model, name, low, high):
     """Log-log slope of the error against the closed form over 20-160 steps, same x_T."""
     z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -104,11 +105,23 @@ def test_3m_beats_2m_and_2m_beats_ddim_at_equal_calls(model):
     assert err("dpm++3m", 40) < err("dpm++2m", 40) < err("accel-ode", 40) < err("ddim", 40)
 
 
+def test_res_multistep_is_2m_with_another_correction(model):
+    """res-multistep and dpm++2m share the first step and differ in the correction (phi2 against the
+    midpoint's (1 - e^-h) / 2): other outputs, of the same accuracy to within a small factor."""
+    z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    exact = exact_output(model, z)
+    out = {name: REGISTRY[name].fn(model.score, iter([z]).__next__, geometric(model.settings, 40))
+           for name in ("res-multistep", "dpm++2m")}
+    err = {name: float((x - exact).double().pow(2).mean().sqrt()) for name, x in out.items()}
+    assert (out["res-multistep"] - out["dpm++2m"]).abs().max() > 1e-4
+    assert 1 / 3 < err["res-multistep"] / err["dpm++2m"] < 3, err
+
+
 # -- the contract ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["dpm++2m-sde", "dpm++3m-sde", "edm-sde", "euler-a", "dpm++2m-sde-mid", "ipndm", "ipndm-v",
-                                  "gradient-estimation"])
+                                  "gradient-estimation", "res-multistep"])
 def test_new_samplers_refuse_a_preconditioner(model, name):
     pre = Preconditioner(freq_filter=np.ones((1, 16, 16)))
     with pytest.raises(PdsError, match="no preconditioner"):

@@ -375,5 +375,6 @@ def _apply_budget(spec: ModelSpec, flags: SampleFlags, *, has_filters: bool):
     come with the model's settings, `SamplerChoice.plan`). A recommended sampler that takes no
     filters runs without them (`choice.filters`; its reason says so)."""
     budget = choose_for_budget(flags.nfe, sampler=flags.sampler, schedule=flags.schedule,
-                               filters=has_filters or spec.uses_builtin, analytic=spec.model in ANALYTIC_MODELS)
+                               filters=has_filters or spec.uses_builtin, analytic=spec.model in ANALYTIC_MODELS,
+                               statistics=parse_teleport(flags.teleport) != "off")
     return dataclasses.replace(flags, sampler=budget.sampler, schedule=budget.grid), budget

@@ -91,6 +91,8 @@ REGISTRY: dict[str, SamplerInfo] = {
                     summary="DPM-Solver++(2M) SDE (eta 1) with the midpoint correction"),
         SamplerInfo("dpm++3m-sde", dpm.dpmpp_3m_sde, 1, False, False,
                     summary="DPM-Solver++(3M) SDE (eta 1)"),
+        SamplerInfo("res-multistep", dpm.res_multistep, 1, True, False,
+                    summary="RES multistep (Zhang et al.): 2M with the exact phi2 weight on D's difference, 2nd order"),
         SamplerInfo("heun", edm.heun, 2, True, False, nfe_offset=-1,
                     summary="EDM Algorithm 1: Heun in sigma, 2nd order"),
         SamplerInfo("edm-sde", edm.edm_sde, 2, False, False, nfe_offset=-1,

@@ -13,6 +13,7 @@ The common signature of `pdscli.samplers` (no keywords of their own):
     dpm++2m-sde       stochastic     n                              -
     dpm++2m-sde-mid   stochastic     n                              -  (the paper's midpoint correction)
     dpm++3m-sde       stochastic     n                              -
+    res-multistep     deterministic  n                              2 (two-step multistep)
 
 On a VE model (alpha_t = 1) the data prediction is Tweedie's D(x, sigma) = x + sigma^2 s(x, sigma)
 and the time variable is lambda = -log sigma; a step sigma -> sigma_lo has h = log(sigma / sigma_lo).
@@ -25,6 +26,14 @@ The SDE variant with noise share eta >= 0 integrates the reverse SDE the same wa
 
     x' = (sigma_lo / sigma) e^(-eta h) x + (1 - e^(-H)) D + ... + sigma_lo sqrt(1 - e^(-2 eta h)) z,
     H = (1 + eta) h.
+
+res-multistep (Zhang et al. 2023, "Improved order analysis and design of exponential integrator
+for diffusion models sampling", arXiv 2308.02157; ComfyUI's `sample_res_multistep`) writes the same
+two-step step as x' = e^-h x + h (b1 D + b2 D_prev) with b2 = phi2(-h) / c2, c2 the previous step
+over this one (negative: it lies behind), phi1(-h) = (1 - e^-h) / h, phi2(-h) = (1 - phi1(-h)) / h.
+Multiplied out, h b2 = -phi2(h) / r, so on a VE model without noise it is exactly 2M with the
+exact linear-in-lambda correction; its first step is Euler in sigma, which on a VE model is the
+exponential step x' = (sigma_lo / sigma) x + (1 - sigma_lo / sigma) D taken here.
 
 3M: with D1 ~ h D' and D2 ~ h^2 D'' from three evaluations, the exact integral of D quadratic in
 lambda adds phi2(H) D1 - phi3(H) D2 (phi3 ~ -H/6). The published 3M update (and k-diffusion's)
@@ -143,3 +152,10 @@ def dpmpp_2m_sde_midpoint(score, noise, steps: Steps, *, precond=None, callback=
 def dpmpp_3m_sde(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
     """DPM-Solver++(3M) SDE (eta = 1). n calls."""
     return _multistep("dpm++3m-sde", 3, 1.0, score, noise, steps, precond, callback, midpoint=False)
+
+
+@torch.no_grad()
+def res_multistep(score, noise, steps: Steps, *, precond=None, callback=None) -> torch.Tensor:
+    """RES multistep (Zhang et al.'s second-order exponential multistep): 2M with the exact
+    linear-in-lambda correction phi2(h) / r (D - D_prev), the ODE. n calls."""
+    return _multistep("res-multistep", 2, 0.0, score, noise, steps, precond, callback, midpoint=False)
