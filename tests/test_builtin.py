@@ -67,6 +67,19 @@ def test_the_check_fails_on_noise_and_passes_real_digits():
     assert any("one class" in f for f in qc.failures(blank))
 
 
+def test_fd_of_real_digits_sits_at_the_floor_and_noise_far_above_it():
+    clf, _ = qc.digit_classifier(heldout=False)
+    real = qc.real_images()
+    assert qc.fd(clf, real) < 1e-6  # the reference itself
+    floor = qc.fd_floor(clf, 128, splits=4)
+    assert floor["mean"] > 0 and floor["std"] > 0 and floor["splits"] == 4
+    other = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[:128]]  # a draw the floor did not use
+    assert qc.fd(clf, other) < floor["mean"] + 4 * floor["std"]
+    noisy = (real[:128] + 0.3 * torch.randn(128, 1, 16, 16, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    assert qc.fd(clf, noisy) > floor["mean"] + 10 * floor["std"]
+    assert qc.fd(clf, torch.rand(128, 1, 16, 16)) > qc.fd(clf, noisy)
+
+
 @pytest.mark.slow  # 128 samples of the built-in network
 def test_pds_at_the_default_steps_passes_and_vanilla_at_the_same_steps_does_worse():
     """The quick quality check (64 samples, about 10 s alone on a CPU core); figures in docs/builtin-model.md."""

@@ -17,17 +17,19 @@ docs/builtin-model.md with it.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
 import numpy as np
 import torch
 
+from pdscli.evaluate.fid import frechet_distance, statistics_of
 from pdscli.models import builtin
 from pdscli.noise import SampleNoise
 from pdscli.samplers import fitted, sampler_info, sampler_kwargs
 from pdscli.samplers.grids import make_steps
-from pdscli.train.datasets import downscale_to_8x8, load_digits_8x8, upscale_digits
+from pdscli.train.datasets import downscale_to_8x8, load_digits, load_digits_8x8, upscale_digits
 
 CONFIDENCE = 0.8  # a sample counts as a recognisable digit when the classifier is this sure
 MIN_CONFIDENT_SHARE = 0.7  # real digits (held out): about 0.98; uniform noise: about 0.02
@@ -132,6 +134,49 @@ def failures(m: dict) -> list[str]:
     if m["high_freq_ratio"] > MAX_HIGH_FREQ:
         out.append(f"{m['high_freq_ratio']:.1f}x the real digits' high-frequency energy (at most {MAX_HIGH_FREQ:g}x)")
     return out
+
+
+# -- the Fréchet distance in the classifier's features -------------------------------------------
+
+FLOOR_SPLITS = 5  # real subsets drawn for the sampling floor
+
+
+def features(clf, images: torch.Tensor) -> np.ndarray:
+    """The classifier's features of images [N, 1, 16, 16] in [0, 1]: the 45 pairwise (one-vs-one)
+    decision values of its SVMs, averaged over its calibration folds.
+
+    The pairwise values, not the 10 per-class scores: sklearn's one-vs-rest scores are vote counts
+    plus a small confidence term, nearly discrete, and a Gaussian fits them badly."""
+    x = downscale_to_8x8(images.clamp(0, 1)).reshape(len(images), -1).numpy()
+    out = []
+    for calibrated in clf.calibrated_classifiers_:
+        svm = copy.copy(calibrated.estimator)  # the fitted SVM, asked for its pairwise values
+        svm.decision_function_shape = "ovo"
+        out.append(svm.decision_function(x))
+    return np.mean(out, axis=0)
+
+
+def real_images() -> torch.Tensor:
+    """All 1,797 real digits at the model's size, as the check sees them."""
+    return load_digits(size=IMAGE_SIZE)
+
+
+def fd(clf, images: torch.Tensor, reference: np.ndarray | None = None) -> float:
+    """The Fréchet distance between the features of `images` and of `reference` (features; None:
+    all the real digits)."""
+    ref = features(clf, real_images()) if reference is None else reference
+    a, b = (statistics_of(f, feature="digits-svm", image_size=images.shape[-2:]) for f in (features(clf, images), ref))
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def fd_floor(clf, n: int, splits: int = FLOOR_SPLITS, seed: int = 0) -> dict:
+    """The FD that `n` real digits reach against all of them (mean and std over `splits` random
+    subsets drawn without replacement): what a perfect sampler's n samples would score."""
+    real = real_images()
+    ref = features(clf, real)
+    rng = np.random.default_rng(seed)
+    values = [fd(clf, real[torch.as_tensor(rng.choice(len(real), n, replace=False))], ref) for _ in range(splits)]
+    return {"n": n, "mean": float(np.mean(values)), "std": float(np.std(values)), "splits": splits}
 
 
 # -- sampling ----------------------------------------------------------------------------------
