@@ -69,7 +69,7 @@ from pdscli.samplers.plan import steps_for_nfe  # noqa: E402
 
 DATA = REPO / "docs" / "data"
 BUDGETS = [5, 8, 10, 15, 20, 35, 50]
-PDS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "ipndm-v", "gradient-estimation", "heun", "dpm++2m-sde",
+PDS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "ipndm-v", "gradient-estimation", "res-multistep", "heun", "dpm++2m-sde",
                 "dpm++2m-sde-mid", "euler-a"]
 PDS_GRIDS = ["geometric", "edm"]
 STATS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "gradient-estimation"]  # fitted grids: deterministic ones
