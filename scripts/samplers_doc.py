@@ -45,7 +45,7 @@ from pdscli.precondition import alpha as AL  # noqa: E402
 from pdscli.samplers import REGISTRY, nfe_count, sampler_info, sampler_kwargs  # noqa: E402
 from pdscli.samplers.grids import make_steps  # noqa: E402
 from pdscli.samplers.plan import steps_for_nfe  # noqa: E402
-from pdscli.samplers.recommend import EXACT, FILTERS, NETWORK, TABLE, recommend  # noqa: E402
+from pdscli.samplers.recommend import EXACT, FILTERS, NETWORK, PLAIN_EXACT, TABLE, recommend  # noqa: E402
 
 DATA = REPO / "docs" / "data"  # samplers-{gaussian,mixture,builtin}.json
 DOC = REPO / "docs" / "samplers.md"
@@ -179,6 +179,12 @@ def render(data: dict) -> str:
         span = f"{low}-{bound}" if bound < 10**9 else f"{low}+"
         out.append(f"| {span} | " + " | ".join(cells) + " |")
         low = bound + 1
+    plain, low = [], 1
+    for bound, c in PLAIN_EXACT:
+        plain.append(f"{low}-{bound} NFE `{c.sampler}` ({c.grid})")
+        low = bound + 1
+    out += ["", (f"*exact* without the data's statistics (`--teleport off`; `pdscli.samplers.recommend.PLAIN_EXACT`, "
+                 f"from the peers' table below): {', '.join(plain)}, then as above.")]
     out.append("")
     if g:
         out += ["### Exact Gaussian model: spectral KL without floor", "",
