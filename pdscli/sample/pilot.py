@@ -16,6 +16,7 @@ stays a function of its seed; its network calls are counted and reported in run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +79,10 @@ def run_candidate(model: ScoreModel, gaussian: DataGaussian, candidate: Candidat
 
 
 def choose_by_pilot(model: ScoreModel, gaussian: DataGaussian, candidates: list[Candidate], *, seed: int,
-                    samples: int = PILOT_SAMPLES) -> tuple[Candidate, dict]:
+                    samples: int = PILOT_SAMPLES, statistics_calls: int = 0) -> tuple[Candidate, dict]:
     """The candidate whose pilot samples are closest to the data's spectrum, and the pilot's record
-    for run.json (each candidate's distance, the network calls spent)."""
+    for run.json (each candidate's distance, the network calls spent). `statistics_calls`: the calls
+    `own_gaussian` spent on `samples` images to find the data's Gaussian (0: the statistics were at hand)."""
     scores, calls = {}, 0
     for c in candidates:
         scores[c.sampler], spent = run_candidate(model, gaussian, c, seed=seed, samples=samples)
@@ -93,4 +95,57 @@ def choose_by_pilot(model: ScoreModel, gaussian: DataGaussian, candidates: list[
         "distance": {k: round(v, 6) for k, v in scores.items()},
         "chosen": best.sampler,
     }
+    if statistics_calls:
+        record["statistics"] = {"from": "the model's own denoiser", "network_calls": statistics_calls,
+                                "nfe": statistics_calls * samples}
+        record["network_calls"] += statistics_calls
+        record["nfe"] += statistics_calls * samples
     return best, record
+
+
+# The model's own statistics, for a network that comes without a filters file: its denoiser
+# D(x, sigma) = x + sigma^2 score(x, sigma) on the data's Gaussian is, per orthonormal Fourier
+# coefficient k, mean_k + G_k (x_k - mean_k) with the channels' gain G_k = S_k (S_k + sigma^2)^-1
+# (S_k the channels' covariance there). Antithetic inputs x = c +- sigma z give G_k from the
+# difference alone (whatever the centre c), by least squares over the pairs, and (1 - G_k) mean_k
+# from the sum. One level resolves only the variances near sigma^2 (a gain far from 0 and 1), so a
+# few levels from sigma_max down are read and each coefficient takes the level where its gain is
+# best conditioned. Exact on a Gaussian model; on a network, what it learned.
+OWN_LEVELS = 6  # noise levels read, one batched network call each
+OWN_GAIN = 0.5  # the gain a level reads best at
+
+
+def own_gaussian(model: ScoreModel, *, seed: int, samples: int = PILOT_SAMPLES,
+                 levels: int = OWN_LEVELS) -> tuple[DataGaussian, int]:
+    """(the data's Gaussian as the model's denoiser sees it, network calls spent: one per level, on
+    `samples` images: samples // 2 antithetic pairs)."""
+    settings = model.settings
+    pairs = max(settings.num_channels + 1, samples // 2)
+    z = SampleNoise(seed, range(PILOT_INDEX - pairs, PILOT_INDEX), settings.shape, model.device)().double().cpu()
+    z_hat = torch.fft.fft2(z, norm="ortho")
+    zz = torch.einsum("bchw,bdhw->hwcd", z_hat, z_hat.conj())
+    eye = torch.eye(settings.num_channels, dtype=torch.complex128)
+    sigmas = torch.logspace(math.log10(settings.sigma_max), math.log10(max(settings.sigma_min, 1e-3)), levels,
+                            dtype=torch.float64).tolist()
+    mean = torch.zeros(settings.shape, dtype=torch.float64)
+    best_gain = torch.full(settings.shape, math.inf, dtype=torch.float64)
+    spectrum = torch.zeros(settings.shape, dtype=torch.float64)
+    for i, sigma in enumerate(sigmas):
+        x = torch.cat([mean + sigma * z, mean - sigma * z])
+        with torch.no_grad():
+            score = model.score(x.float().to(model.device), torch.full((2 * pairs,), sigma, device=model.device))
+        d_hat = torch.fft.fft2(x + sigma**2 * score.double().cpu(), norm="ortho")
+        half = (d_hat[:pairs] - d_hat[pairs:]) / (2 * sigma)  # G z_hat
+        gain = torch.linalg.solve(zz, torch.einsum("bchw,bdhw->hwcd", half, z_hat.conj()), left=False)  # [H, W, C, C]
+        rest = eye - gain
+        if i == 0:  # far above the data's spread: G ~ 0, the sum gives the mean
+            total = (d_hat[:pairs] + d_hat[pairs:]).mean(0) / 2  # (1 - G) mean_hat, [C, H, W]
+            centre = torch.linalg.solve(rest, total.permute(1, 2, 0).unsqueeze(-1)).squeeze(-1).permute(2, 0, 1)
+            mean = torch.fft.ifft2(centre, norm="ortho").real
+        cov = sigma**2 * torch.linalg.solve(rest, gain, left=False)  # S = sigma^2 G (1 - G)^-1
+        variance = torch.diagonal(cov, dim1=-2, dim2=-1).real.permute(2, 0, 1)
+        conditioning = (torch.diagonal(gain, dim1=-2, dim2=-1).real.permute(2, 0, 1) - OWN_GAIN).abs()
+        better = conditioning < best_gain
+        best_gain = torch.where(better, conditioning, best_gain)
+        spectrum = torch.where(better, variance, spectrum)
+    return DataGaussian(mean, spectrum.clamp(min=0.0)), levels

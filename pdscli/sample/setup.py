@@ -26,7 +26,7 @@ from pdscli.models import builtin
 from pdscli.precondition import Preconditioner
 from pdscli.precondition.alpha import AlphaChoice, choose_alpha
 from pdscli.sample.job import SampleJob
-from pdscli.sample.pilot import Candidate, choose_by_pilot
+from pdscli.sample.pilot import Candidate, choose_by_pilot, own_gaussian
 from pdscli.sample.model import ANALYTIC_MODELS, ModelSpec, check_filter_flags, scale_count, data_gaussian, open_filters, open_model, refresh_hint
 from pdscli.samplers import Steps, fitted, sampler_info
 from pdscli.samplers.pc import corrector_stalls
@@ -297,7 +297,7 @@ def start_for(spec: ModelSpec, flags: SampleFlags, model, choice: SamplerChoice,
     start = start_at(settings, choice.teleport, gaussian, sampler=choice.sampler, schedule=parts.plan.grid,
                      n_steps=len(parts.steps), grid=parts.steps, blocked=blocked)
     pilot = None
-    if pilot_applies(spec, choice.budget, gaussian, parts.precond):
+    if pilot_applies(spec, choice.budget, parts.precond):
         start, pilot = pick_by_pilot(model, gaussian, start, settings, choice.teleport, nfe=flags.nfe,
                                      schedule=flags.schedule, seed=flags.seed)
     return start, gaussian, pilot, hint
@@ -337,23 +337,27 @@ def start_at(settings: SamplingSettings, teleport_flag, gaussian, *, sampler: st
     return Candidate(sampler, schedule, grid, teleport)
 
 
-def pilot_applies(spec: ModelSpec, budget, gaussian, precond) -> bool:
-    """--nfe without --sampler (a chosen plan) on a network, with the data's statistics at hand: the pilot picks
-    between the samplers measured best on exact scores and on a weak network."""
-    return (budget is not None and budget.chosen and spec.model not in ANALYTIC_MODELS and gaussian is not None
-            and precond is None)
+def pilot_applies(spec: ModelSpec, budget, precond) -> bool:
+    """--nfe without --sampler (a chosen plan) on a network: the pilot picks between the samplers measured
+    best on exact scores and on a weak network."""
+    return budget is not None and budget.chosen and spec.model not in ANALYTIC_MODELS and precond is None
 
 
 def pick_by_pilot(model, gaussian, planned: Candidate, settings: SamplingSettings, teleport_flag, *, nfe: int,
                   schedule: str | None, seed: int) -> tuple[Candidate, dict | None]:
-    """The planned start against the exact-score recommendation at the same budget, by a pilot."""
+    """The planned start against the exact-score recommendation at the same budget, by a pilot judged
+    against the data's Gaussian: the statistics at hand, else the one the model's own denoiser shows
+    (its network calls counted in the pilot's; it only judges, the run does not teleport with it)."""
     exact = recommend(nfe, filters=False, analytic=True)
     if exact.sampler == planned.sampler:
         return planned, None
     grid = grid_name(exact.sampler, schedule or exact.grid)
     other = start_at(settings, teleport_flag, gaussian, sampler=exact.sampler, schedule=grid,
                      n_steps=steps_for_nfe(exact.sampler, nfe, grid=grid))
-    return choose_by_pilot(model, gaussian, [planned, other], seed=seed)
+    if gaussian is not None:
+        return choose_by_pilot(model, gaussian, [planned, other], seed=seed)
+    own, calls = own_gaussian(model, seed=seed)
+    return choose_by_pilot(model, own, [planned, other], seed=seed, statistics_calls=calls)
 
 
 def budget_record(nfe: int, planned: Plan, start: Candidate, pilot: dict | None) -> dict:
