@@ -290,17 +290,72 @@ def test_nfe_on_a_strong_engine_with_statistics_is_as_good_as_2m(run_pds, tmp_pa
     assert run_pds("sample", "--model", "gaussian", "--nfe", 50, "-n", 512, "-b", 256, "--out", own, "--quiet").exit_code == 0
     assert run_pds("filters", own, "--size", 32, "--out", tmp_path / "f.npz").exit_code == 0
 
-    def kl(*flags) -> tuple[float, dict]:
-        out = tmp_path / "-".join(map(str, flags)).replace("/", "_")
-        result = run_pds("sample", "--engine", engine, "--nfe", nfe, "-n", 512, "-b", 512, "--out", out, "--quiet", *flags)
-        assert result.exit_code == 0, result.stderr
-        with np.load(out / "samples.npz") as z:
-            return g.spectral_kl(torch.from_numpy(z["samples"])), json.loads((out / "run.json").read_text())
-
-    ours, record = kl("--masks", tmp_path / "f.npz")
-    reference, _ = kl("--sampler", "dpm++2m", "--teleport", "off")
+    ours, record = engine_kl(run_pds, tmp_path, engine, g, nfe, "--masks", tmp_path / "f.npz")
+    reference, _ = engine_kl(run_pds, tmp_path, engine, g, nfe, "--sampler", "dpm++2m", "--teleport", "off")
     assert record["nfe_budget"]["pilot"]["chosen"] == "dpm++2m"
     assert ours <= 1.25 * reference, (ours, reference)
+
+
+def engine_kl(run_pds, tmp_path, engine, g: GaussianImageModel, nfe: int, *flags) -> tuple[float, dict]:
+    """(exact spectral KL of 512 samples, run.json) of `pds sample --engine ENGINE --nfe N FLAGS`."""
+    out = tmp_path / "-".join(map(str, (nfe, *flags))).replace("/", "_")
+    result = run_pds("sample", "--engine", engine, "--nfe", nfe, "-n", 512, "-b", 512, "--out", out, "--quiet", *flags)
+    assert result.exit_code == 0, result.stderr
+    with np.load(out / "samples.npz") as z:
+        return g.spectral_kl(torch.from_numpy(z["samples"])), json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nfe", [10, 20, 35])
+def test_nfe_on_a_strong_engine_without_statistics_is_as_good_as_2m(run_pds, tmp_path, nfe):
+    """The exact Gaussian as an ONNX engine, no filters file: the pilot judges by the Gaussian the
+    engine's own denoiser shows, picks DPM-Solver++(2M) and is at most 1.25x its KL (without
+    teleporting: the model's statistics only judge)."""
+    g = GaussianImageModel()
+    engine = exact_gaussian_onnx(tmp_path / "g.onnx", g)
+    ours, record = engine_kl(run_pds, tmp_path, engine, g, nfe)
+    reference, _ = engine_kl(run_pds, tmp_path, engine, g, nfe, "--sampler", "dpm++2m", "--teleport", "off")
+    pilot = record["nfe_budget"]["pilot"]
+    assert pilot["chosen"] == "dpm++2m" and pilot["statistics"]["network_calls"] > 0, pilot
+    assert pilot["nfe"] == pilot["network_calls"] * pilot["samples"]
+    assert record["teleport"]["sigma_t"] is None
+    assert ours <= 1.25 * reference, (ours, reference)
+
+
+@pytest.mark.parametrize("name", ["gaussian"])
+def test_the_models_own_denoiser_shows_the_gaussians_statistics(name):
+    """On an exact Gaussian the denoiser's gains give back its mean and spectrum (per channel)."""
+    from pdscli.sample.model import ModelSpec, data_gaussian, open_model
+    from pdscli.sample.pilot import own_gaussian
+
+    spec = ModelSpec(model=name, device="cpu")
+    model = open_model(spec)
+    truth = data_gaussian(spec, model.settings, None)
+    own, calls = own_gaussian(model, seed=3)
+    assert calls >= 2
+    assert torch.allclose(own.mean, truth.mean, atol=1e-4)
+    assert torch.allclose(own.spectrum, truth.spectrum, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_nfe_10_on_the_builtin_network_without_its_filters_passes_the_digit_check(run_pds, tmp_path):
+    """The built-in weights as a plain checkpoint (no statistics at hand): the pilot, judged by the
+    network's own denoiser, still picks the stochastic solver, and its samples pass
+    docs/builtin-model.md's classifier check at 256 samples."""
+    from pdscli.evaluate import digits
+    from pdscli.models import builtin
+
+    out = tmp_path / "ten"
+    result = run_pds("sample", "--checkpoint", builtin.WEIGHTS, "--config", builtin.CONFIG, "--nfe", 10, "-n", 256,
+                     "-b", 128, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["nfe_budget"]["pilot"]["chosen"] == record["sampler"] == "dpm++2m-sde"
+    assert "statistics" in record["nfe_budget"]["pilot"]
+    with np.load(out / "samples.npz") as z:
+        images = torch.from_numpy(z["samples"])
+    clf, _ = digits.digit_classifier(heldout=False)
+    assert digits.failures(digits.evaluate(clf, images)) == []
 
 
 @pytest.mark.slow
