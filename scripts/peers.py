@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """k-diffusion's and ComfyUI's samplers, run from their own code, beside pds's on the exact models.
 
-    python scripts/peers.py --k-diffusion PATH --comfyui PATH [--only gaussian,mixture] [--samples 256]
+    python scripts/peers.py --k-diffusion PATH --comfyui PATH [--only gaussian,mixture,builtin] [--samples 256]
 
 PATH is a checkout (a folder holding `k_diffusion/` or `comfy/`; its commit is read with git) or
 the word `installed` (the package on sys.path; its version from the package metadata). Their code
@@ -25,6 +25,11 @@ renders them into docs/samplers.md):
   * mixture: the mixture model (3x32x32), N samples (default 128) from the same noise for every
     sampler at 5-50 NFE: mode TV and the weight-averaged per-mode spectral KL; N exact draws give the
     sampling floor. The samplers that trail on the Gaussian at every budget are left out here.
+  * builtin: the built-in digits network (1x16x16), N samples (256 recorded) from the same noise for
+    every peer at 5, 8 and 10 NFE on both grids, and `pds sample --nfe N` as a user runs it
+    (pdscli.sample: the planner, the built-in filters, --teleport auto): the Fréchet distance in the
+    digit classifier's features against all real digits, with its floor (N real digits), and the
+    classifier check's figures (pdscli.evaluate.digits). Writes docs/data/peers-builtin.json.
 pds itself is measured in the same harness: its samplers on the geometric and edm grids, and
 the grids fitted to the data statistics (`--schedule stats`, pdscli.samplers.fitted) and
 `--teleport auto` (pdscli.samplers.teleport, the samplers and budgets it teleports); on the
@@ -57,10 +62,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pdscli.evaluate import digits as qc  # noqa: E402
 from pdscli.evaluate.analytic import GaussianImageModel  # noqa: E402
 from pdscli.evaluate.measures import mixture_quality  # noqa: E402
 from pdscli.evaluate.moments import exact_second_moments, kl_of_moments  # noqa: E402
 from pdscli.evaluate.mixture import MixtureImageModel  # noqa: E402
+from pdscli.models import builtin  # noqa: E402
 from pdscli.noise import SampleNoise  # noqa: E402
 from pdscli.samplers import REGISTRY, fitted  # noqa: E402
 from pdscli.samplers.teleport import DataGaussian, TeleportNoise, auto_ratio, spread  # noqa: E402
@@ -77,6 +84,7 @@ STATS_SAMPLERS = ["dpm++2m", "dpm++3m", "ipndm", "gradient-estimation"]  # fitte
 MIXTURE_SKIP = {"sample_euler", "sample_heun", "sample_lms", "sample_dpmpp_2m_sde solver_type=heun", "sample_dpmpp_3m_sde",
                 "sample_euler_ancestral", "heun", "euler-a"}
 TABLE_BUDGETS = [5, 8, 10, 15, 20]  # the grid comparison (AYS, GITS, fitted): from 35 NFE all sit at the floor
+BUILTIN_BUDGETS = [5, 8, 10]  # the few-step frontier on the network
 MIXTURE_BUDGETS = BUDGETS  # sampled runs: 128 samples each (the 35-50 NFE runs take most of the time)
 
 # (library, function name, keyword arguments, stochastic). Samplers that need ComfyUI's
@@ -389,6 +397,68 @@ def measure(model, measure_fn, peer_list, sources, grids, log, skip=frozenset(),
     return rows
 
 
+def digit_figures(clf, reference: np.ndarray, images: torch.Tensor) -> dict:
+    """FD against the real digits' features and the classifier check of images in [0, 1]."""
+    if not torch.isfinite(images).all():
+        return {"fd": None, "passes": False, "failures": ["non-finite samples"]}
+    m = qc.evaluate(clf, images)
+    fails = qc.failures(m)
+    return {"fd": qc.fd(clf, images, reference), **m, "passes": not fails, "failures": fails}
+
+
+def pds_choice(nfe: int) -> dict:
+    """What `pds sample --nfe nfe` picks on the built-in model (its run.json): sampler, steps, sigma_t."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        subprocess.run([sys.executable, "-m", "pdscli", "sample", "--nfe", str(nfe), "-n", "1", "--out", str(out),
+                        "--quiet", "--device", "cpu"], check=True, capture_output=True)
+        record = json.loads((out / "run.json").read_text())
+    return {"picked": record["sampler"], "levels": record["steps"]["count"], "teleport": record["teleport"]}
+
+
+def measure_builtin(peer_list, sources, n_samples: int, log) -> dict:
+    """Peers on both grids and `pdscli.sample(builtin, n, nfe=N)`, all from SampleNoise(0, range(n))."""
+    import pdscli
+
+    network = builtin.default_score_model("cpu")
+    # The harness reads .score, .shape and .settings of a model.
+    model = types.SimpleNamespace(score=network.score, shape=network.settings.shape, settings=network.settings)
+    clf, _ = qc.digit_classifier(heldout=False)
+    reference = qc.features(clf, qc.real_images())
+    rows = []
+    for grid in ("geometric", "edm"):
+        for peer in peer_list:
+            run, cache = peer.sampler(), {}
+            for nfe in BUILTIN_BUDGETS:
+                fit = fit_budget(run, model, lambda n: peer_grid(sources, grid, model.settings, n), nfe, cache)
+                if fit is None:
+                    continue
+                n, spent = fit
+                t0 = time.perf_counter()
+                try:
+                    out = run(model.score, SampleNoise(0, range(n_samples), model.shape), peer_grid(sources, grid, model.settings, n))
+                    m = digit_figures(clf, reference, out.clamp(0, 1))
+                except Exception as e:  # recorded, not fatal
+                    m = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                rows.append({"library": peer.library, "sampler": peer.name, "grid": grid, "nfe": nfe, "spent": spent,
+                             "levels": n, **m, "seconds": round(time.perf_counter() - t0, 2)})
+            log(f"{peer.library} {peer.name} {grid}: " + " ".join(
+                f"{r['fd']:.2f}" if r.get("fd") is not None else "nan"
+                for r in rows if r["sampler"] == peer.name and r["grid"] == grid))
+    loaded = pdscli.load("builtin", device="cpu")
+    for nfe in BUILTIN_BUDGETS:
+        t0 = time.perf_counter()
+        out = pdscli.sample(loaded, n_samples, nfe=nfe, seed=0)
+        m = digit_figures(clf, reference, out)
+        rows.append({"library": "pds", "sampler": f"--nfe {nfe}", "grid": "default", "nfe": nfe, "spent": nfe,
+                     **pds_choice(nfe), **m, "seconds": round(time.perf_counter() - t0, 2)})
+        log(f"pds --nfe {nfe}: {m['fd']:.2f}")
+    return {"model": "builtin:digits 1x16x16", "settings": model.settings.to_dict(), "num_samples": n_samples,
+            "floor": {"fd": qc.fd_floor(clf, n_samples)}, "rows": rows}
+
+
 def _short(row: dict) -> str:
     value = row.get("kl", row.get("mode_tv"))
     return "nan" if value is None else f"{value:.2e}"
@@ -410,8 +480,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k-diffusion", help="a k-diffusion checkout, or 'installed'")
     ap.add_argument("--comfyui", help="a ComfyUI checkout")
-    ap.add_argument("--only", default="gaussian,mixture", help="comma list of gaussian, mixture")
-    ap.add_argument("--samples", type=int, default=128, help="mixture samples per run")
+    ap.add_argument("--only", default="gaussian,mixture", help="comma list of gaussian, mixture, builtin")
+    ap.add_argument("--samples", type=int, default=128, help="samples per run (mixture, builtin)")
     ap.add_argument("--out", type=Path, default=DATA)
     args = ap.parse_args(argv)
     if not (args.k_diffusion or args.comfyui):
@@ -444,6 +514,8 @@ def main(argv=None) -> int:
             rows = measure(model, fn, kept, sources, ["geometric"], log, skip=MIXTURE_SKIP, budgets=MIXTURE_BUDGETS)
             result = {"model": model.describe(), "num_samples": args.samples,
                       "floor": {"mode_tv": floor["mode_tv"], "mean_mode_kl": floor["mean_mode_kl"]}, "rows": rows}
+        elif part == "builtin":
+            result = measure_builtin(peer_list, sources, args.samples, log)
         else:
             raise SystemExit(f"--only: unknown part {part!r}")
         path = args.out / f"peers-{part}.json"
