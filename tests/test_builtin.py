@@ -95,6 +95,25 @@ def test_pds_at_the_default_steps_passes_and_vanilla_at_the_same_steps_does_wors
     assert m_vanilla["confident_share"] < m_pds["confident_share"]
 
 
+@pytest.mark.slow  # 256 samples at 10 NFE and the --nfe pilot: about 30 s on a CPU core
+def test_nfe_10_is_within_noise_of_the_best_peer_fd():
+    """docs/samplers.md's built-in peers table (docs/data/peers-builtin.json, scripts/peers.py --only
+    builtin): `pdscli.sample(builtin, 256, nfe=10)` reproduces pds's recorded FD, and that FD is at most
+    the best peer's plus two standard deviations of the floor."""
+    import pdscli
+
+    record = json.loads((REPO / "docs" / "data" / "peers-builtin.json").read_text())
+    n, floor = record["num_samples"], record["floor"]["fd"]
+    at_10 = [r for r in record["rows"] if r["nfe"] == 10 and r.get("fd") is not None]
+    best_peer = min(r["fd"] for r in at_10 if r["library"] != "pds")
+    recorded = next(r["fd"] for r in at_10 if r["library"] == "pds")
+    images = pdscli.sample(pdscli.load("builtin", device="cpu"), n, nfe=10, seed=0)
+    clf, _ = qc.digit_classifier(heldout=False)
+    ours = qc.fd(clf, images)
+    assert ours == pytest.approx(recorded, rel=1e-3), (ours, recorded)
+    assert ours <= best_peer + 2 * floor["std"], (ours, best_peer, floor)
+
+
 def test_pds_sample_without_a_model_flag_uses_the_builtin_model(run_pds, tmp_path):
     out = tmp_path / "demo"
     r = run_pds("sample", "--steps", 3, "-n", 2, "--out", out, "--quiet", "--device", "cpu")
