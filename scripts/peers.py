@@ -34,7 +34,8 @@ pds itself is measured in the same harness: its samplers on the geometric and ed
 the grids fitted to the data statistics (`--schedule stats`, pdscli.samplers.fitted) and
 `--teleport auto` (pdscli.samplers.teleport, the samplers and budgets it teleports); on the
 Gaussian also on ComfyUI's AYS and GITS tables (read from its scheduler nodes' files as data).
-One thread; the Gaussian part takes ~15 minutes, the mixture part ~20 on a shared 2-core machine.
+One thread; the Gaussian part takes ~15 minutes, the mixture part ~20, the builtin part (256 samples) ~7
+on a shared 2-core machine.
 """
 
 from __future__ import annotations

@@ -418,7 +418,10 @@ def render_builtin_peers(b: dict | None) -> str:
         out.append(f"| {nfe} | {cell(best)} | {pds['fd']:.2f} ({picked}; HF {pds['high_freq_ratio']:.2f}, check "
                    f"{'passes' if pds['passes'] else 'fails'}) | {(pds['fd'] - best['fd']) / floor['std']:+.1f} |")
     budgets = sorted({r["nfe"] for r in rows})
-    out += ["", "<details><summary>Every run: FD / HF, check</summary>", "",
+    out += ["", ("The last column is (pds's FD - the best peer's) / the floor's std: within about 2 is sampling noise. "
+                 "`tests/test_builtin.py::test_nfe_10_is_within_noise_of_the_best_peer_fd` (slow) samples `--nfe 10` "
+                 "again, checks that it reproduces the recorded FD, and that it is at most the best peer's + 2 floor stds."),
+            "", "<details><summary>Every run: FD / HF, check</summary>", "",
             "| library | sampler | grid | " + " | ".join(f"NFE {n}" for n in budgets) + " |",
             "|---|---|---|" + "---|" * len(budgets)]
 
