@@ -86,9 +86,14 @@ def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: floa
 
 
 def list_images(folder) -> list[Path]:
-    """Image files under `folder`, recursively, sorted (so statistics are deterministic)."""
+    """Image files under `folder`, recursively, sorted (so statistics are deterministic). In a
+    `pds sample` output folder (it holds run.json) grid.png is left out: a mosaic, not a sample,
+    it would enter the filters', FID's and training's statistics as one more image."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if (folder / "run.json").is_file():
+        files = [p for p in files if p != folder / "grid.png"]
+    return files
 
 
 def image_files(folder, *, hint: str = "") -> list[Path]:

@@ -33,6 +33,23 @@ def test_filters_writes_npz_preview_and_npy(run_pds, tmp_path):
     assert str(out) in r.stdout
 
 
+def test_a_sample_folders_grid_is_not_one_of_its_images(run_pds, tmp_path):
+    # `pds filters` on what `pds sample` wrote: the mosaic grid.png is no sample.
+    out = tmp_path / "own"
+    r = run_pds("sample", "--model", "gaussian", "--image-size", "8", "-n", "3", "-b", "3", "--sampler", "dpm++2m",
+                "--steps", "3", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert (out / "grid.png").is_file()
+    r = run_pds("filters", out, "--size", "8", "--out", tmp_path / "f.npz", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert load_filters(tmp_path / "f.npz").count == 3
+    plain = image_dir(tmp_path / "plain", n=2, size=8)
+    (plain / "grid.png").write_bytes((plain / "0.png").read_bytes())  # no run.json: an ordinary image
+    r = run_pds("filters", plain, "--size", "8", "--out", tmp_path / "g.npz", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert load_filters(tmp_path / "g.npz").count == 3
+
+
 def test_default_output_is_masks_folder_size(run_pds, tmp_path, monkeypatch):
     data = image_dir(tmp_path / "church")
     monkeypatch.chdir(tmp_path)

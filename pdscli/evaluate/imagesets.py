@@ -82,22 +82,13 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise PdsError(f"cannot read image {path}: {first_line(e)}") from None
 
 
-def _sample_folder_files(folder: Path, files: list[Path]) -> list[Path]:
-    """A `pds sample` output folder: its images, without grid.png (a mosaic, not a sample)."""
-    if (folder / "run.json").is_file():
-        return [p for p in files if p != folder / "grid.png"]
-    return files
-
-
 @dataclass
 class FolderSet(ImageSet):
     files: tuple[Path, ...] = ()
 
     @classmethod
     def open(cls, folder: Path) -> FolderSet:
-        files = _sample_folder_files(folder, image_files(folder))
-        if not files:
-            raise PdsError(f"no images other than grid.png in {folder}")
+        files = image_files(folder)
         size = _image_size(files[0])
         return cls(folder, "folder", len(files), size, 3, tuple(files))
 
