@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdscli.evaluate.divergence import gaussian_kl
 from pdscli.noise import SampleNoise
 from pdscli.samplers import Steps, sampler_info, sampler_kwargs
 from pdscli.samplers.teleport import DataGaussian, TeleportChoice, TeleportNoise
@@ -61,7 +62,7 @@ def spectral_distance(samples: torch.Tensor, gaussian: DataGaussian) -> float:
         return total[:, keep] / count[keep]
 
     r = per_band(power) / per_band(gaussian.spectrum).clamp(min=1e-12)
-    return float((0.5 * (r - 1 - torch.log(r))).mean())
+    return float(gaussian_kl(r).mean())
 
 
 def run_candidate(model: ScoreModel, gaussian: DataGaussian, candidate: Candidate, *, seed: int,
